@@ -1,1 +1,34 @@
-pub fn placeholder() {}
+//! infergate: a gRPC inference gateway for pools of GPU model servers.
+//!
+//! It speaks the KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`,
+//! with Triton's streaming extension) on both sides, so stock clients and servers work
+//! with it unchanged, and decides call by call which backend serves each inference.
+//!
+//! Where things are, following a call from the outside in:
+//! - [`front`]: the front door, which splits forwarded RPCs from the ones the gateway
+//!   answers itself;
+//! - [`path`]: the request path of forwarded calls, the layer order written once;
+//! - [`wire`]: reading routing fields from raw bytes; [`proxy`]: HTTP/2 plumbing;
+//! - [`pool`]: backends and per-model routes; [`balance`]: the pick;
+//!   [`endpoint`]: one backend, its connection and in-flight accounting;
+//! - beside the path: [`health`] (active checks), [`discovery`] (who serves what),
+//!   [`telemetry`] (metrics), [`admin`] (control plane), [`config`];
+//! - [`server`]: starting and stopping it all; [`sim`]: the simulated GPU backend;
+//!   [`demo`]: gateway + three simulated backends with nothing to configure.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod endpoint;
+pub mod front;
+pub mod health;
+pub mod path;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+pub mod sim;
+pub mod telemetry;
+pub mod wire;

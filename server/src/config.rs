@@ -1,0 +1,405 @@
+//! The gateway's configuration: one TOML file, every field with a documented default,
+//! validated on load with errors that name the file, the field and the reason.
+//!
+//! Command-line flags are applied on top of the file by `main.rs`; [`Config::validate`]
+//! runs after that, so a bad flag is reported the same way as a bad file.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem: where it is (file and field) and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or `command line` for flags.
+    pub source: String,
+    /// Dotted path of the field, e.g. `backends[1].address`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.source, self.reason)
+        } else {
+            write!(f, "{}: field `{}`: {}", self.source, self.field, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Balancing policy names accepted in config and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Each candidate in turn.
+    RoundRobin,
+    /// Fewest in-flight requests among `choice_count` random candidates (or all).
+    #[default]
+    LeastRequest,
+}
+
+impl PolicyKind {
+    /// The name used in config files and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::RoundRobin => "round_robin",
+            PolicyKind::LeastRequest => "least_request",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round_robin" => Ok(PolicyKind::RoundRobin),
+            "least_request" => Ok(PolicyKind::LeastRequest),
+            other => Err(format!(
+                "unknown policy `{other}`; expected round_robin or least_request"
+            )),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Inference front door (KServe v2 gRPC). Default 127.0.0.1:8001.
+    pub listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`). Default 127.0.0.1:8002.
+    pub metrics_listen: SocketAddr,
+    /// Admin gRPC API. Default 127.0.0.1:8003.
+    pub admin_listen: SocketAddr,
+    /// Tokio worker threads; absent = one per core.
+    pub worker_threads: Option<usize>,
+    /// Largest request message accepted, in bytes. Default 64 MiB.
+    pub max_message_bytes: usize,
+    /// How long in-flight calls may run on after SIGTERM/SIGINT. Default 10 s.
+    pub shutdown_grace_ms: u64,
+    /// Pool-wide balancing.
+    pub balancer: BalancerConfig,
+    /// Active health checks of backends.
+    pub health: HealthConfig,
+    /// Learning which backend serves which model.
+    pub discovery: DiscoveryConfig,
+    /// The backends.
+    pub backends: Vec<BackendConfig>,
+    /// Per-model settings, by model name.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8002)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8003)),
+            worker_threads: None,
+            max_message_bytes: 64 << 20,
+            shutdown_grace_ms: 10_000,
+            balancer: BalancerConfig::default(),
+            health: HealthConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            backends: Vec::new(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[balancer]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancerConfig {
+    /// Default policy for every model. Default `least_request`.
+    pub policy: PolicyKind,
+    /// Candidates sampled by least_request; 0 = scan all. Default 2.
+    pub choice_count: usize,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        BalancerConfig {
+            policy: PolicyKind::LeastRequest,
+            choice_count: 2,
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between checks of one backend. Default 1000 ms.
+    pub interval_ms: u64,
+    /// Time a check may take. Default 500 ms.
+    pub timeout_ms: u64,
+    /// Consecutive failed checks that mark a ready backend not ready. Default 2.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passed checks that mark a not-ready backend ready. Default 1.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// `interval_ms` as a Duration.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+    /// `timeout_ms` as a Duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// `[discovery]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often each backend's model list is re-read (`RepositoryIndex`). Default 10 s.
+    pub refresh_interval_ms: u64,
+    /// How long "no backend serves model X" is remembered before probing again.
+    /// Default 2000 ms.
+    pub negative_cache_ms: u64,
+    /// Time one `ModelReady` probe may take. Default 500 ms.
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh_interval_ms: 10_000,
+            negative_cache_ms: 2_000,
+            probe_timeout_ms: 500,
+        }
+    }
+}
+
+/// One `[[backends]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port` of the backend's KServe v2 gRPC endpoint.
+    pub address: String,
+    /// Models it serves; when empty they are discovered (`RepositoryIndex`, `ModelReady`).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Static weight (used by weighted policies). Default 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One `[models.NAME]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// The model only answers on ModelStreamInfer (learned from the backend's
+    /// ModelConfig when not set here).
+    pub decoupled: Option<bool>,
+    /// Balancing policy for this model; absent = `[balancer].policy`.
+    pub policy: Option<PolicyKind>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: source.clone(),
+            field: String::new(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        let config = Config::parse(&text, &source)?;
+        config.validate(&source)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let reason = e.message().to_owned();
+            let location = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            ConfigError {
+                source: source.to_owned(),
+                field: field_from_message(&reason),
+                reason: format!("{reason}{location}"),
+            }
+        })
+    }
+
+    /// Checks values serde cannot check. `source` names the file in errors.
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let err = |field: String, reason: String| ConfigError {
+            source: source.to_owned(),
+            field,
+            reason,
+        };
+        if self.max_message_bytes == 0 || self.max_message_bytes > (u32::MAX as usize) {
+            return Err(err(
+                "max_message_bytes".into(),
+                format!("must be between 1 and {} bytes", u32::MAX),
+            ));
+        }
+        if self.worker_threads == Some(0) {
+            return Err(err("worker_threads".into(), "must be at least 1".into()));
+        }
+        if self.health.interval_ms == 0 {
+            return Err(err("health.interval_ms".into(), "must be above 0".into()));
+        }
+        if self.health.timeout_ms == 0 {
+            return Err(err("health.timeout_ms".into(), "must be above 0".into()));
+        }
+        if self.health.healthy_threshold == 0 || self.health.unhealthy_threshold == 0 {
+            return Err(err(
+                "health.healthy_threshold".into(),
+                "thresholds must be at least 1".into(),
+            ));
+        }
+        if self.discovery.refresh_interval_ms == 0 {
+            return Err(err(
+                "discovery.refresh_interval_ms".into(),
+                "must be above 0".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, backend) in self.backends.iter().enumerate() {
+            parse_host_port(&backend.address)
+                .map_err(|reason| err(format!("backends[{i}].address"), reason))?;
+            if !seen.insert(backend.address.as_str()) {
+                return Err(err(
+                    format!("backends[{i}].address"),
+                    format!("`{}` is listed twice", backend.address),
+                ));
+            }
+            if backend.weight == 0 {
+                return Err(err(
+                    format!("backends[{i}].weight"),
+                    "must be at least 1".into(),
+                ));
+            }
+            for (j, model) in backend.models.iter().enumerate() {
+                if model.is_empty() {
+                    return Err(err(
+                        format!("backends[{i}].models[{j}]"),
+                        "model name is empty".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a `host:port` string; returns the reason when it is not one.
+pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` is not host:port (no port)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("`{address}` is not host:port (no host)"));
+    }
+    if host.contains('/') {
+        return Err(format!(
+            "`{address}` is not host:port (give it without a scheme or path)"
+        ));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{address}`: port `{port}` is not a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(format!("`{address}`: port 0 cannot be dialled"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn field_from_message(message: &str) -> String {
+    // serde names the offending key in backticks: "unknown field `x`", "missing field `y`".
+    message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("field"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Where a config came from, for error messages and the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file, when there was one.
+    pub path: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_a_full_file_parse() {
+        let text = r#"
+            listen = "127.0.0.1:9001"
+            max_message_bytes = 1048576
+            [balancer]
+            policy = "round_robin"
+            [[backends]]
+            address = "127.0.0.1:8101"
+            models = ["simple"]
+            [models.tiny_llm]
+            decoupled = true
+        "#;
+        let config = Config::parse(text, "gw.toml").expect("parses");
+        config.validate("gw.toml").expect("valid");
+        assert_eq!(config.balancer.policy, PolicyKind::RoundRobin);
+        assert_eq!(config.backends[0].weight, 1);
+        assert_eq!(config.models["tiny_llm"].decoupled, Some(true));
+        assert_eq!(config.metrics_listen.port(), 8002);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let err = Config::parse("[health]\ninterval = 5\n", "gw.toml").expect_err("unknown");
+        assert_eq!(err.source, "gw.toml");
+        assert_eq!(err.field, "interval");
+        assert!(err.to_string().contains("line 2"), "{err}");
+
+        let config = Config::parse(
+            "[[backends]]\naddress = \"http://x:1\"\n[[backends]]\naddress = \"b:99999\"\n",
+            "gw.toml",
+        )
+        .expect("parses");
+        let err = config.validate("gw.toml").expect_err("bad address");
+        assert_eq!(err.field, "backends[0].address");
+        assert!(err.to_string().starts_with("gw.toml: field `backends[0].address`"));
+
+        let err = Config::parse("[balancer]\npolicy = \"fastest\"\n", "gw.toml")
+            .expect_err("bad policy");
+        assert!(err.reason.contains("fastest"), "{err}");
+    }
+}

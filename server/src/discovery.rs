@@ -1,0 +1,122 @@
+//! Discovery: which backend serves which model. Runs beside the request path, plus one
+//! on-demand probe when a call names a model the pool has not seen.
+//!
+//! Sources, in order of authority: the config file (`backends[].models`, never
+//! overridden), the backend's own `RepositoryIndex` (re-read every
+//! `discovery.refresh_interval_ms`), and `ModelReady` probes for a model nobody has
+//! listed (servers without `RepositoryIndex`, such as some KServe runtimes, are covered
+//! by this). Whether a model is decoupled comes from config or from its `ModelConfig`.
+
+use crate::endpoint::Endpoint;
+use crate::pool::Pool;
+use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use infergate_proto::inference::{ModelConfigRequest, ModelReadyRequest, RepositoryIndexRequest};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+fn client(endpoint: &Endpoint) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
+    GrpcInferenceServiceClient::new(endpoint.channel())
+}
+
+/// Asks every endpoint `ModelReady(model)` at once; returns those that said yes.
+pub async fn probe_model(
+    endpoints: &[Arc<Endpoint>],
+    model: &str,
+    timeout: Duration,
+) -> Vec<Arc<Endpoint>> {
+    let probes = endpoints.iter().map(|endpoint| async move {
+        let request = ModelReadyRequest {
+            name: model.to_owned(),
+            version: String::new(),
+        };
+        let ready = tokio::time::timeout(timeout, client(endpoint).model_ready(request))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|r| r.into_inner().ready);
+        ready.then(|| Arc::clone(endpoint))
+    });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Reads `model_transaction_policy.decoupled` from the backend's `ModelConfig`.
+pub async fn learn_decoupled(endpoint: &Endpoint, model: &str, timeout: Duration) -> Option<bool> {
+    let request = ModelConfigRequest {
+        name: model.to_owned(),
+        version: String::new(),
+    };
+    let response = tokio::time::timeout(timeout, client(endpoint).model_config(request))
+        .await
+        .ok()?
+        .ok()?;
+    Some(
+        response
+            .into_inner()
+            .config
+            .and_then(|c| c.model_transaction_policy)
+            .is_some_and(|p| p.decoupled),
+    )
+}
+
+/// The models a backend's `RepositoryIndex` lists as ready. `Err` when the backend
+/// cannot say (unreachable, or no such RPC).
+pub async fn index(endpoint: &Endpoint, timeout: Duration) -> Result<BTreeSet<String>, tonic::Status> {
+    let request = RepositoryIndexRequest {
+        repository_name: String::new(),
+        ready: true,
+    };
+    let response = tokio::time::timeout(timeout, client(endpoint).repository_index(request))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("RepositoryIndex timed out"))??;
+    Ok(response
+        .into_inner()
+        .models
+        .into_iter()
+        .filter(|m| m.state.is_empty() || m.state.eq_ignore_ascii_case("READY"))
+        .map(|m| m.name)
+        .collect())
+}
+
+/// Re-reads every backend's index once, and learns the decoupled flag of new models.
+pub async fn refresh_all(pool: &Pool, timeout: Duration) {
+    let endpoints = pool.endpoints();
+    let reads = endpoints
+        .iter()
+        .map(|endpoint| async move { (endpoint, index(endpoint, timeout).await) });
+    for (endpoint, result) in futures_util::future::join_all(reads).await {
+        match result {
+            Ok(models) => {
+                for model in &models {
+                    if !pool.decoupled_known(model) {
+                        if let Some(decoupled) = learn_decoupled(endpoint, model, timeout).await {
+                            pool.set_decoupled(model, decoupled);
+                        }
+                    }
+                }
+                pool.update_models(endpoint, models);
+            }
+            Err(status) => tracing::debug!(
+                backend = endpoint.address(),
+                code = ?status.code(),
+                "repository index not available: {}",
+                status.message()
+            ),
+        }
+    }
+}
+
+/// Refreshes every `interval` until `shutdown` turns true.
+pub async fn run(pool: Arc<Pool>, interval: Duration, timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => refresh_all(&pool, timeout).await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! One backend as the gateway holds it: its connection, its counters and its state.
+//! Sits at the bottom of the request path, after the balancer's pick.
+//!
+//! The in-flight count that least-request balancing reads is kept by [`InFlightGuard`]:
+//! it is taken when a call is sent and released when the guard drops, which happens on
+//! every path (answer, error, the caller hanging up mid-stream), because the guard lives
+//! inside the response body that the server drops when the call ends.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// What active health checks last concluded about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked yet.
+    Unknown,
+    /// Passed `healthy_threshold` checks in a row.
+    Ready,
+    /// Failed `unhealthy_threshold` checks in a row.
+    NotReady,
+}
+
+impl Health {
+    /// Lower-case name for logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Ready => "ready",
+            Health::NotReady => "not_ready",
+        }
+    }
+}
+
+/// A backend in the pool.
+#[derive(Debug)]
+pub struct Endpoint {
+    address: String,
+    source: String,
+    channel: Channel,
+    health: AtomicU8,
+    draining: AtomicBool,
+    weight: AtomicU32,
+    in_flight: AtomicU64,
+    requests_total: AtomicU64,
+    failures_total: AtomicU64,
+    /// Models it serves (configured, indexed or probed).
+    models: RwLock<BTreeSet<String>>,
+    /// Whether `models` came from config (then discovery leaves it alone).
+    models_pinned: bool,
+}
+
+impl Endpoint {
+    /// A backend at `address` (`host:port`); the connection is opened on first use and
+    /// re-opened by the channel after failures.
+    pub fn new(
+        address: &str,
+        source: &str,
+        models: Vec<String>,
+        weight: u32,
+    ) -> Result<Arc<Endpoint>, String> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("backend `{address}`: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let models_pinned = !models.is_empty();
+        Ok(Arc::new(Endpoint {
+            address: address.to_owned(),
+            source: source.to_owned(),
+            channel,
+            health: AtomicU8::new(Health::Unknown as u8),
+            draining: AtomicBool::new(false),
+            weight: AtomicU32::new(weight.max(1)),
+            in_flight: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+            models: RwLock::new(models.into_iter().collect()),
+            models_pinned,
+        }))
+    }
+
+    /// `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Where the backend came from (`config`, `flag`, `demo`, ...).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// A handle on the connection (cheap to clone).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Ready,
+            2 => Health::NotReady,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Sets health; returns the previous value.
+    pub fn set_health(&self, health: Health) -> Health {
+        let previous = self.health.swap(health as u8, Ordering::Relaxed);
+        match previous {
+            1 => Health::Ready,
+            2 => Health::NotReady,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Whether the balancer may send it a new call. Health is one input; administrative
+    /// drain is another, kept apart so a drained backend is never counted as failed.
+    pub fn is_eligible(&self) -> bool {
+        self.health() == Health::Ready && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Stops (or resumes) new calls to this backend; in-flight calls finish.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Whether it is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Static weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Calls sent and not yet finished.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls sent since it joined.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    /// Calls that ended in an error.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total.load(Ordering::Relaxed)
+    }
+
+    /// Records the end of a call.
+    pub fn record_outcome(&self, ok: bool) {
+        if !ok {
+            self.failures_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes an in-flight slot, released when the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            endpoint: Arc::clone(self),
+        }
+    }
+
+    /// Whether it serves `model` (as far as the gateway knows).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.read().is_ok_and(|m| m.contains(model))
+    }
+
+    /// The models it serves, sorted.
+    pub fn models(&self) -> Vec<String> {
+        self.models
+            .read()
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Adds a model learned by probing. Returns true if it was new.
+    pub fn add_model(&self, model: &str) -> bool {
+        self.models
+            .write()
+            .is_ok_and(|mut m| m.insert(model.to_owned()))
+    }
+
+    /// Replaces the model set with what the backend's index says, unless the set was
+    /// fixed in config. Returns true if anything changed.
+    pub fn set_indexed_models(&self, models: BTreeSet<String>) -> bool {
+        if self.models_pinned {
+            return false;
+        }
+        match self.models.write() {
+            Ok(mut current) if *current != models => {
+                *current = models;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An in-flight slot on one endpoint; dropping it ends the call for accounting.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    endpoint: Arc<Endpoint>,
+}
+
+impl InFlightGuard {
+    /// The endpoint this slot is on.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn guard_counts_and_releases() {
+        let e = Endpoint::new("127.0.0.1:9", "test", vec![], 1).expect("endpoint");
+        let a = e.begin();
+        let b = e.begin();
+        assert_eq!(e.in_flight(), 2);
+        drop(a);
+        assert_eq!(e.in_flight(), 1);
+        drop(b);
+        assert_eq!(e.in_flight(), 0);
+        assert_eq!(e.requests_total(), 2);
+    }
+
+    #[tokio::test]
+    async fn drain_is_separate_from_health() {
+        let e = Endpoint::new("127.0.0.1:9", "test", vec!["simple".into()], 1).expect("endpoint");
+        assert!(!e.is_eligible(), "unknown health is not eligible");
+        e.set_health(Health::Ready);
+        assert!(e.is_eligible());
+        e.set_draining(true);
+        assert!(!e.is_eligible());
+        assert_eq!(e.health(), Health::Ready);
+        assert!(!e.set_indexed_models(BTreeSet::new()), "configured models stay");
+        assert!(e.serves("simple"));
+    }
+}

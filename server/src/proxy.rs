@@ -1,0 +1,236 @@
+//! HTTP/2 plumbing for forwarded calls: which headers cross the gateway, how a request
+//! body is read into messages, and the response body wrapper that watches a backend's
+//! answer go by without touching it.
+//!
+//! Responses are passed through frame by frame: the gateway neither decodes nor copies
+//! them. [`ObservedBody`] reads only the trailers (for `grpc-status`) and owns the call's
+//! in-flight guard and its accounting, so both end exactly when the body ends or is
+//! dropped by a caller that went away.
+
+use crate::endpoint::InFlightGuard;
+use crate::wire::{Deframer, FrameError, Message};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+/// Headers that belong to one connection, not to the call, and never cross the gateway.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Copies call metadata from `src` to `dst`, leaving out hop-by-hop headers.
+pub fn forward_headers(src: &HeaderMap, dst: &mut HeaderMap) {
+    for (name, value) in src {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            dst.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// The status to answer when a request body cannot be cut into messages.
+pub fn frame_status(err: &FrameError) -> Status {
+    match err {
+        FrameError::TooLarge { .. } => Status::resource_exhausted(err.to_string()),
+        _ => Status::invalid_argument(err.to_string()),
+    }
+}
+
+/// Reads a unary request body: exactly one message, within the size limit.
+pub async fn read_unary(mut body: Body, limit: usize, method: &str) -> Result<Message, Status> {
+    let mut deframer = Deframer::new(limit);
+    let mut messages = Vec::with_capacity(1);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Status::cancelled(format!("request body failed: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            deframer.push(data, &mut messages).map_err(|e| frame_status(&e))?;
+            if messages.len() > 1 {
+                return Err(Status::invalid_argument(format!(
+                    "{method} is unary but the request carried more than one message"
+                )));
+            }
+        }
+    }
+    deframer.finish().map_err(|e| frame_status(&e))?;
+    messages
+        .pop()
+        .ok_or_else(|| Status::invalid_argument(format!("{method} request carried no message")))
+}
+
+/// Reads `grpc-status` from a header map, if present.
+pub fn grpc_code(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// A trailers frame carrying `status`.
+pub fn status_trailers(status: &Status) -> Frame<Bytes> {
+    let mut trailers = HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+    }
+    Frame::trailers(trailers)
+}
+
+/// Trailers of a successful call.
+pub fn ok_trailers() -> Frame<Bytes> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert(HeaderName::from_static("grpc-status"), HeaderValue::from_static("0"));
+    Frame::trailers(trailers)
+}
+
+/// Called once when a forwarded call ends, with its gRPC code (None: the caller left
+/// before the backend finished).
+pub type OnEnd = Box<dyn FnOnce(Option<Code>) + Send + Sync>;
+
+/// A backend's response body on its way to the caller, passed through unchanged.
+pub struct ObservedBody {
+    inner: Body,
+    guard: Option<InFlightGuard>,
+    on_end: Option<OnEnd>,
+    code: Option<Code>,
+}
+
+impl ObservedBody {
+    /// Wraps `inner`; `code` is the status already known from the response headers
+    /// (a trailers-only answer), if any.
+    pub fn new(inner: Body, guard: InFlightGuard, code: Option<Code>, on_end: OnEnd) -> Self {
+        ObservedBody {
+            inner,
+            guard: Some(guard),
+            on_end: Some(on_end),
+            code,
+        }
+    }
+
+    fn finish(&mut self, code: Option<Code>) {
+        if let Some(guard) = self.guard.take() {
+            if let Some(code) = code {
+                guard.endpoint().record_outcome(code == Code::Ok);
+            }
+        }
+        if let Some(on_end) = self.on_end.take() {
+            on_end(code);
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.code = grpc_code(trailers).or(Some(Code::Unknown));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                let code = status.code();
+                this.finish(Some(code));
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                let code = this.code.unwrap_or(Code::Unknown);
+                this.finish(Some(code));
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the caller hung up (or its deadline passed). The
+        // backend sees the stream reset when `inner` drops right after this.
+        self.finish(None);
+    }
+}
+
+/// A body of gateway-made frames fed from a channel (used for streams).
+pub fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>>) -> Body {
+    Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
+/// A body that is one ready-made message.
+pub fn full_body(bytes: Bytes) -> Body {
+    Body::new(http_body_util::Full::new(bytes))
+}
+
+/// A 200 response whose body is `body`, with gRPC's content type.
+pub fn grpc_response(body: Body) -> http::Response<Body> {
+    let mut response = http::Response::new(body);
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// Turns a transport error into the status a caller sees, naming the backend.
+pub fn transport_status(address: &str, err: &(dyn std::error::Error + 'static)) -> Status {
+    let mut message = format!("backend {address} unreachable: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Status::unavailable(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut src = HeaderMap::new();
+        src.insert("connection", HeaderValue::from_static("keep-alive"));
+        src.insert("te", HeaderValue::from_static("trailers"));
+        src.insert("x-tenant", HeaderValue::from_static("a"));
+        src.append("x-tenant", HeaderValue::from_static("b"));
+        let mut dst = HeaderMap::new();
+        forward_headers(&src, &mut dst);
+        assert!(dst.get("connection").is_none());
+        assert_eq!(dst.get_all("x-tenant").iter().count(), 2);
+        assert_eq!(dst.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn status_trailers_carry_code_and_message() {
+        let frame = status_trailers(&Status::not_found("unknown model 'x'"));
+        let trailers = frame.trailers_ref().expect("trailers");
+        assert_eq!(grpc_code(trailers), Some(Code::NotFound));
+        assert!(trailers.get("grpc-message").is_some());
+    }
+}

@@ -1,0 +1,188 @@
+//! Starting and stopping a gateway: binds the three ports (inference, admin, metrics),
+//! runs the first health and discovery round before taking traffic, starts the
+//! background loops, and shuts down gracefully.
+//!
+//! Used by the `infergate` binary and, in-process, by the end-to-end tests.
+
+use crate::admin::AdminService;
+use crate::config::Config;
+use crate::discovery;
+use crate::front::InferenceFront;
+use crate::health::Checker;
+use crate::path::Gateway;
+use crate::pool::Pool;
+use crate::telemetry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Why a gateway could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    reporter: HealthReporter,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError(format!("cannot listen on {addr} for {what} (--{flag}): {e}")))
+}
+
+/// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
+pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
+    let pool = Pool::new(&config, source).map_err(StartError)?;
+    let gateway = Gateway::new(Arc::clone(&pool), config.max_message_bytes);
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+
+    // Learn the pool before taking traffic: one health round and one index read.
+    let mut checker = Checker::new(Arc::clone(&pool), config.health.clone(), reporter.clone());
+    let probe_timeout = Duration::from_millis(config.discovery.probe_timeout_ms);
+    tokio::join!(checker.round(), discovery::refresh_all(&pool, probe_timeout));
+    checker.publish().await;
+
+    let listener = bind(config.listen, "inference gRPC", "listen").await?;
+    let admin_listener = bind(config.admin_listen, "the admin API", "admin-listen").await?;
+    let metrics_listener = bind(config.metrics_listen, "metrics", "metrics-listen").await?;
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
+    let (addr, admin_addr, metrics_addr) = (local(&listener)?, local(&admin_listener)?, local(&metrics_listener)?);
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(infergate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = |_: ()| {
+        let v1 = builder()
+            .build_v1()
+            .map_err(|e| StartError(format!("reflection: {e}")))?;
+        let v1alpha = builder()
+            .build_v1alpha()
+            .map_err(|e| StartError(format!("reflection: {e}")))?;
+        Ok::<_, StartError>((v1, v1alpha))
+    };
+
+    let mut servers = Vec::new();
+    let (v1, v1alpha) = reflection(())?;
+    let front = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .add_service(health_service.clone())
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(InferenceFront::new(Arc::clone(&gateway)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal(shutdown_rx.clone()));
+    servers.push(tokio::spawn(async move {
+        if let Err(e) = front.await {
+            tracing::error!("inference server failed: {e}");
+        }
+    }));
+
+    let (v1, v1alpha) = reflection(())?;
+    let admin = Server::builder()
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(AdminService::server(Arc::clone(&pool)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), signal(shutdown_rx.clone()));
+    servers.push(tokio::spawn(async move {
+        if let Err(e) = admin.await {
+            tracing::error!("admin server failed: {e}");
+        }
+    }));
+
+    if let Some(handle) = telemetry::install() {
+        tokio::spawn(telemetry::serve(metrics_listener, handle, shutdown_rx.clone()));
+    } else {
+        tracing::warn!("metrics recorder unavailable; /metrics is not served");
+    }
+    tokio::spawn(checker.run(shutdown_rx.clone()));
+    tokio::spawn(discovery::run(
+        Arc::clone(&pool),
+        Duration::from_millis(config.discovery.refresh_interval_ms),
+        probe_timeout,
+        shutdown_rx,
+    ));
+
+    tracing::info!(%addr, %admin_addr, %metrics_addr, backends = pool.endpoints().len(), "gateway listening");
+    Ok(GatewayHandle {
+        addr,
+        admin_addr,
+        metrics_addr,
+        gateway,
+        reporter,
+        shutdown,
+        servers,
+    })
+}
+
+impl GatewayHandle {
+    /// Inference gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Admin gRPC address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Metrics HTTP address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The pool (for tests and the admin API).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.gateway.pool
+    }
+
+    /// Graceful shutdown: health turns NOT_SERVING, new calls are refused, in-flight
+    /// calls get up to `grace` to finish, then whatever is left is cut.
+    pub async fn shutdown(self, grace: Duration) {
+        self.gateway.begin_shutdown();
+        self.reporter.set_service_status("", ServingStatus::NotServing).await;
+        for route in self.gateway.pool.models() {
+            self.reporter
+                .set_service_status(&route.model, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.shutdown.send(true);
+        let mut servers = self.servers;
+        let all = futures_util::future::join_all(servers.iter_mut());
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "grace period over; cutting the calls still in flight");
+            for server in &servers {
+                server.abort();
+            }
+        }
+    }
+}
