@@ -1,0 +1,120 @@
+//! Shared set-up for the end-to-end tests: simulated backends and gateways on
+//! 127.0.0.1:0, clients, and polling with a deadline (never sleeps as synchronisation).
+#![allow(dead_code)]
+
+use infergate::config::{BackendConfig, Config};
+use infergate::server::{self, GatewayHandle};
+use infergate::sim::{self, SimConfig, SimHandle};
+use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use infergate_proto::inference::model_infer_request::InferInputTensor;
+use infergate_proto::inference::{InferTensorContents, ModelInferRequest};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A simulated backend named `name`, adjusted by `tweak`.
+pub fn sim(name: &str, tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
+    let mut cfg = SimConfig {
+        listen: loopback(),
+        metrics_listen: Some(loopback()),
+        name: name.to_owned(),
+        latency_ms: 1.0,
+        ..SimConfig::default()
+    };
+    tweak(&mut cfg);
+    sim::spawn(cfg).expect("simulated backend starts")
+}
+
+/// A gateway config over `backends` with every port on 127.0.0.1:0 and fast checks.
+pub fn config(backends: &[SocketAddr]) -> Config {
+    let mut config = Config {
+        listen: loopback(),
+        metrics_listen: loopback(),
+        admin_listen: loopback(),
+        ..Config::default()
+    };
+    config.health.interval_ms = 100;
+    config.health.timeout_ms = 200;
+    config.backends = backends
+        .iter()
+        .map(|a| BackendConfig {
+            address: a.to_string(),
+            models: Vec::new(),
+            weight: 1,
+        })
+        .collect();
+    config
+}
+
+pub async fn gateway(config: Config) -> GatewayHandle {
+    server::start(config, "test").await.expect("gateway starts")
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+pub async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(channel(addr).await).max_decoding_message_size(256 << 20)
+}
+
+/// Triton's classic `simple` request: INPUT0 = 0..16, INPUT1 = `b`, as raw contents.
+pub fn simple_request(id: &str, b: i32) -> ModelInferRequest {
+    let input0: Vec<i32> = (0..16).collect();
+    let input1 = vec![b; 16];
+    let raw = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    ModelInferRequest {
+        model_name: "simple".into(),
+        id: id.into(),
+        inputs: ["INPUT0", "INPUT1"]
+            .iter()
+            .map(|name| InferInputTensor {
+                name: (*name).into(),
+                datatype: "INT32".into(),
+                shape: vec![1, 16],
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: vec![raw(&input0), raw(&input1)],
+        ..Default::default()
+    }
+}
+
+/// The same request with typed contents instead of raw bytes.
+pub fn simple_request_typed(b: i32) -> ModelInferRequest {
+    let mut request = simple_request("typed", b);
+    request.raw_input_contents.clear();
+    request.inputs[0].contents = Some(InferTensorContents {
+        int_contents: (0..16).collect(),
+        ..Default::default()
+    });
+    request.inputs[1].contents = Some(InferTensorContents {
+        int_contents: vec![b; 16],
+        ..Default::default()
+    });
+    request
+}
+
+pub fn decode_i32(bytes: &[u8]) -> Vec<i32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Polls `check` every 10 ms until it holds or `limit` passes; panics with `what`.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
