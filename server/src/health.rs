@@ -90,6 +90,9 @@ pub struct Checker {
     cfg: HealthConfig,
     reporter: HealthReporter,
     counters: HashMap<String, Thresholds>,
+    /// What was last published per health service name, so Watch streams see changes
+    /// only.
+    published: HashMap<String, bool>,
 }
 
 impl Checker {
@@ -100,6 +103,7 @@ impl Checker {
             cfg,
             reporter,
             counters: HashMap::new(),
+            published: HashMap::new(),
         }
     }
 
@@ -125,7 +129,7 @@ impl Checker {
     }
 
     /// Sets the gateway's grpc.health.v1 entries from the pool.
-    pub async fn publish(&self) {
+    pub async fn publish(&mut self) {
         let status = |up: bool| {
             if up {
                 tonic_health::ServingStatus::Serving
@@ -133,10 +137,15 @@ impl Checker {
                 tonic_health::ServingStatus::NotServing
             }
         };
-        self.reporter.set_service_status("", status(self.pool.any_ready())).await;
+        let mut states = vec![(String::new(), self.pool.any_ready())];
         for route in self.pool.models() {
             let up = route.endpoints.iter().any(|e| e.is_eligible());
-            self.reporter.set_service_status(&route.model, status(up)).await;
+            states.push((route.model.clone(), up));
+        }
+        for (service, up) in states {
+            if self.published.insert(service.clone(), up) != Some(up) {
+                self.reporter.set_service_status(&service, status(up)).await;
+            }
         }
     }
 

@@ -74,12 +74,16 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(infergate_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = |_: ()| {
+    // Reflection advertises only what each port serves.
+    let reflection = |services: &[&str]| {
+        let builder = || {
+            services.iter().chain(REFLECTION).fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(infergate_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, name| b.with_service_name(*name),
+            )
+        };
         let v1 = builder()
             .build_v1()
             .map_err(|e| StartError(format!("reflection: {e}")))?;
@@ -88,9 +92,14 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
             .map_err(|e| StartError(format!("reflection: {e}")))?;
         Ok::<_, StartError>((v1, v1alpha))
     };
+    const HEALTH: &str = "grpc.health.v1.Health";
+    const REFLECTION: &[&str] = &[
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
 
     let mut servers = Vec::new();
-    let (v1, v1alpha) = reflection(())?;
+    let (v1, v1alpha) = reflection(&["inference.GRPCInferenceService", HEALTH])?;
     let front = Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
@@ -106,7 +115,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         }
     }));
 
-    let (v1, v1alpha) = reflection(())?;
+    let (v1, v1alpha) = reflection(&["infergate.admin.v1.Admin", HEALTH])?;
     let admin = Server::builder()
         .add_service(health_service)
         .add_service(v1)
