@@ -10,7 +10,10 @@ use infergate_proto::inference::*;
 use std::time::Duration;
 use tonic::Code;
 
-async fn pool_of_three() -> (Vec<infergate::sim::SimHandle>, infergate::server::GatewayHandle) {
+async fn pool_of_three() -> (
+    Vec<infergate::sim::SimHandle>,
+    infergate::server::GatewayHandle,
+) {
     let sims: Vec<_> = (0..3).map(|i| sim(&format!("gpu-{i}"), |_| {})).collect();
     let gw = gateway(config(&sims.iter().map(|s| s.addr()).collect::<Vec<_>>())).await;
     (sims, gw)
@@ -21,18 +24,52 @@ async fn every_unary_rpc_answers_through_the_gateway() {
     let (_sims, gw) = pool_of_three().await;
     let mut c = client(gw.addr()).await;
 
-    assert!(c.server_live(ServerLiveRequest {}).await.expect("live").into_inner().live);
-    assert!(c.server_ready(ServerReadyRequest {}).await.expect("ready").into_inner().ready);
-    let ready = |name: &str| ModelReadyRequest { name: name.into(), version: String::new() };
-    assert!(c.model_ready(ready("simple")).await.expect("model ready").into_inner().ready);
-    assert!(!c.model_ready(ready("nobody_serves_this")).await.expect("model ready").into_inner().ready);
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .expect("live")
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .expect("ready")
+            .into_inner()
+            .ready
+    );
+    let ready = |name: &str| ModelReadyRequest {
+        name: name.into(),
+        version: String::new(),
+    };
+    assert!(
+        c.model_ready(ready("simple"))
+            .await
+            .expect("model ready")
+            .into_inner()
+            .ready
+    );
+    assert!(
+        !c.model_ready(ready("nobody_serves_this"))
+            .await
+            .expect("model ready")
+            .into_inner()
+            .ready
+    );
 
-    let meta = c.server_metadata(ServerMetadataRequest {}).await.expect("metadata").into_inner();
+    let meta = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .expect("metadata")
+        .into_inner();
     assert_eq!(meta.name, "infergate");
     assert!(!meta.version.is_empty());
 
     let model = c
-        .model_metadata(ModelMetadataRequest { name: "simple".into(), version: String::new() })
+        .model_metadata(ModelMetadataRequest {
+            name: "simple".into(),
+            version: String::new(),
+        })
         .await
         .expect("model metadata")
         .into_inner();
@@ -41,7 +78,10 @@ async fn every_unary_rpc_answers_through_the_gateway() {
     assert_eq!(model.inputs[0].shape, vec![-1, 16]);
 
     let config = c
-        .model_config(ModelConfigRequest { name: "tiny_llm".into(), version: String::new() })
+        .model_config(ModelConfigRequest {
+            name: "tiny_llm".into(),
+            version: String::new(),
+        })
         .await
         .expect("model config")
         .into_inner()
@@ -50,7 +90,10 @@ async fn every_unary_rpc_answers_through_the_gateway() {
     assert!(config.model_transaction_policy.expect("policy").decoupled);
 
     let stats = c
-        .model_statistics(ModelStatisticsRequest { name: "simple".into(), version: String::new() })
+        .model_statistics(ModelStatisticsRequest {
+            name: "simple".into(),
+            version: String::new(),
+        })
         .await
         .expect("statistics")
         .into_inner();
@@ -63,7 +106,10 @@ async fn every_unary_rpc_answers_through_the_gateway() {
     assert!(all.model_stats.len() >= 3);
 
     let index = c
-        .repository_index(RepositoryIndexRequest { repository_name: String::new(), ready: true })
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        })
         .await
         .expect("index")
         .into_inner();
@@ -117,13 +163,21 @@ async fn calls_spread_over_the_pool_and_in_flight_returns_to_zero() {
         result.expect("infer");
     }
     for s in &sims {
-        assert!(s.control().per_model_started("simple") > 0, "every backend got calls");
+        assert!(
+            s.control().per_model_started("simple") > 0,
+            "every backend got calls"
+        );
     }
     eventually("in-flight back to zero", Duration::from_secs(5), || {
         gw.pool().endpoints().iter().all(|e| e.in_flight() == 0)
     })
     .await;
-    let total: u64 = gw.pool().endpoints().iter().map(|e| e.requests_total()).sum();
+    let total: u64 = gw
+        .pool()
+        .endpoints()
+        .iter()
+        .map(|e| e.requests_total())
+        .sum();
     assert_eq!(total, 60);
 }
 
@@ -132,9 +186,14 @@ async fn metadata_and_trailers_pass_through() {
     let (sims, gw) = pool_of_three().await;
     let mut c = client(gw.addr()).await;
     let mut request = tonic::Request::new(simple_request("hdr", 1));
-    request.metadata_mut().insert("x-request-tag", "abc-123".parse().expect("value"));
+    request
+        .metadata_mut()
+        .insert("x-request-tag", "abc-123".parse().expect("value"));
     let response = c.model_infer(request).await.expect("infer");
-    assert!(response.metadata().get("sim-name").is_some(), "backend header reached the caller");
+    assert!(
+        response.metadata().get("sim-name").is_some(),
+        "backend header reached the caller"
+    );
     let seen: Vec<_> = sims
         .iter()
         .filter_map(|s| s.control().last_request_metadata("x-request-tag"))
@@ -156,8 +215,15 @@ async fn metadata_and_trailers_pass_through() {
     while let Some(item) = stream.next().await {
         item.expect("response");
     }
-    let trailers = stream.trailers().await.expect("trailers").expect("some trailers");
-    assert!(trailers.get("sim-name").is_some(), "backend trailer reached the caller");
+    let trailers = stream
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("some trailers");
+    assert!(
+        trailers.get("sim-name").is_some(),
+        "backend trailer reached the caller"
+    );
 }
 
 fn tiny_llm_request(id: &str, prompt: &str, max_tokens: i32) -> ModelInferRequest {
@@ -187,7 +253,9 @@ fn tiny_llm_request(id: &str, prompt: &str, max_tokens: i32) -> ModelInferReques
 
 fn is_final(r: &ModelInferResponse) -> bool {
     matches!(
-        r.parameters.get("triton_final_response").and_then(|p| p.parameter_choice.clone()),
+        r.parameters
+            .get("triton_final_response")
+            .and_then(|p| p.parameter_choice.clone()),
         Some(infer_parameter::ParameterChoice::BoolParam(true))
     )
 }
@@ -207,13 +275,25 @@ async fn stream_infer_carries_concurrent_decoupled_requests_and_survives_unknown
     let mut unknown = tiny_llm_request("u-1", "x", 1);
     unknown.model_name = "no_such_model".into();
     tx.send(unknown).await.expect("send");
-    let first = responses.next().await.expect("a response").expect("in-stream, not a status");
-    assert!(first.error_message.contains("no_such_model"), "{}", first.error_message);
+    let first = responses
+        .next()
+        .await
+        .expect("a response")
+        .expect("in-stream, not a status");
+    assert!(
+        first.error_message.contains("no_such_model"),
+        "{}",
+        first.error_message
+    );
     assert_eq!(first.infer_response.expect("id echoed").id, "u-1");
 
     // Two generations in flight at once on the same stream.
-    tx.send(tiny_llm_request("a", "hello", 4)).await.expect("send");
-    tx.send(tiny_llm_request("b", "world", 3)).await.expect("send");
+    tx.send(tiny_llm_request("a", "hello", 4))
+        .await
+        .expect("send");
+    tx.send(tiny_llm_request("b", "world", 3))
+        .await
+        .expect("send");
     let mut tokens = std::collections::BTreeMap::<String, (usize, bool)>::new();
     while tokens.values().filter(|(_, done)| *done).count() < 2 {
         let r = responses.next().await.expect("more").expect("ok");
@@ -227,7 +307,10 @@ async fn stream_infer_carries_concurrent_decoupled_requests_and_survives_unknown
     assert_eq!(tokens["a"], (4, true));
     assert_eq!(tokens["b"], (3, true));
     drop(tx);
-    assert!(responses.next().await.is_none(), "stream ends after the client half-closes");
+    assert!(
+        responses.next().await.is_none(),
+        "stream ends after the client half-closes"
+    );
 }
 
 #[tokio::test]
@@ -239,17 +322,32 @@ async fn bad_input_gets_precise_statuses() {
     request.model_name = "resnet_nobody_has".into();
     let status = c.model_infer(request).await.expect_err("unknown model");
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("resnet_nobody_has"), "{}", status.message());
+    assert!(
+        status.message().contains("resnet_nobody_has"),
+        "{}",
+        status.message()
+    );
 
-    let status = c.model_infer(tiny_llm_request("d", "x", 2)).await.expect_err("decoupled");
+    let status = c
+        .model_infer(tiny_llm_request("d", "x", 2))
+        .await
+        .expect_err("decoupled");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("ModelStreamInfer"), "{}", status.message());
+    assert!(
+        status.message().contains("ModelStreamInfer"),
+        "{}",
+        status.message()
+    );
 
     let mut request = simple_request("x", 1);
     request.model_name.clear();
     let status = c.model_infer(request).await.expect_err("no model name");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("model_name"), "{}", status.message());
+    assert!(
+        status.message().contains("model_name"),
+        "{}",
+        status.message()
+    );
 
     // Bytes that are not a ModelInferRequest.
     let garbage = bytes::Bytes::from_static(&[0x0a, 0x50, b's', b'i']);
@@ -261,8 +359,15 @@ async fn bad_input_gets_precise_statuses() {
     .await
     .expect_err("malformed");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("does not parse"), "{}", status.message());
-    assert!(sims.iter().all(|s| s.control().started() == 0), "nothing bad reached a backend");
+    assert!(
+        status.message().contains("does not parse"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        sims.iter().all(|s| s.control().started() == 0),
+        "nothing bad reached a backend"
+    );
 }
 
 #[tokio::test]
@@ -293,18 +398,42 @@ async fn no_backend_available_says_why() {
     cfg.backends[0].models = vec!["simple".into()];
     let gw = gateway(cfg).await;
     let mut c = client(gw.addr()).await;
-    let status = c.model_infer(simple_request("x", 1)).await.expect_err("no backend");
+    let status = c
+        .model_infer(simple_request("x", 1))
+        .await
+        .expect_err("no backend");
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("model simple"), "{}", status.message());
-    assert!(status.message().contains("1 not ready"), "{}", status.message());
-    assert!(!c.server_ready(ServerReadyRequest {}).await.expect("ready").into_inner().ready);
+    assert!(
+        status.message().contains("model simple"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("1 not ready"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        !c.server_ready(ServerReadyRequest {})
+            .await
+            .expect("ready")
+            .into_inner()
+            .ready
+    );
 
     // And a gateway with no backends at all.
     let gw = gateway(config(&[])).await;
     let mut c = client(gw.addr()).await;
-    let status = c.model_infer(simple_request("x", 1)).await.expect_err("empty pool");
+    let status = c
+        .model_infer(simple_request("x", 1))
+        .await
+        .expect_err("empty pool");
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("no backends"), "{}", status.message());
+    assert!(
+        status.message().contains("no backends"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -322,10 +451,15 @@ async fn a_cancelled_call_releases_its_in_flight_slot_and_the_backend_sees_it() 
     })
     .await;
     call.abort();
-    eventually("in-flight released", Duration::from_secs(5), || endpoint.in_flight() == 0).await;
-    eventually("backend saw the cancellation", Duration::from_secs(5), || {
-        s.control().cancelled() == 1
+    eventually("in-flight released", Duration::from_secs(5), || {
+        endpoint.in_flight() == 0
     })
+    .await;
+    eventually(
+        "backend saw the cancellation",
+        Duration::from_secs(5),
+        || s.control().cancelled() == 1,
+    )
     .await;
 }
 
@@ -340,15 +474,27 @@ async fn graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones() {
         async move { c.model_infer(simple_request("inflight", 3)).await }
     });
     let endpoint = gw.pool().endpoints()[0].clone();
-    eventually("call in flight", Duration::from_secs(5), || endpoint.in_flight() == 1).await;
+    eventually("call in flight", Duration::from_secs(5), || {
+        endpoint.in_flight() == 1
+    })
+    .await;
     let stopping = tokio::spawn(gw.shutdown(Duration::from_secs(10)));
-    let response = call.await.expect("join").expect("the in-flight call finished");
+    let response = call
+        .await
+        .expect("join")
+        .expect("the in-flight call finished");
     assert_eq!(response.into_inner().id, "inflight");
     stopping.await.expect("shutdown completes");
     let mut late = c.clone();
-    let status = late.model_infer(simple_request("late", 1)).await.expect_err("refused");
+    let status = late
+        .model_infer(simple_request("late", 1))
+        .await
+        .expect_err("refused");
     assert!(
-        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled),
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
         "{status:?}"
     );
 }

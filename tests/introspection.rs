@@ -17,7 +17,9 @@ async fn list_services_v1(addr: std::net::SocketAddr) -> Vec<String> {
     let mut client = r1::server_reflection_client::ServerReflectionClient::new(channel(addr).await);
     let request = r1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut responses = client
         .server_reflection_info(tokio_stream::iter(vec![request]))
@@ -61,12 +63,15 @@ async fn reflection_lists_every_service_on_both_ports() {
     );
 
     // v1alpha answers too, and can return the file that defines a symbol.
-    let mut client = r1a::server_reflection_client::ServerReflectionClient::new(channel(gw.addr()).await);
+    let mut client =
+        r1a::server_reflection_client::ServerReflectionClient::new(channel(gw.addr()).await);
     let request = r1a::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(r1a::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "inference.ModelInferRequest".into(),
-        )),
+        message_request: Some(
+            r1a::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "inference.ModelInferRequest".into(),
+            ),
+        ),
     };
     let response = client
         .server_reflection_info(tokio_stream::iter(vec![request]))
@@ -89,22 +94,46 @@ async fn health_follows_the_pool_with_check_and_watch() {
     let s = sim("gpu-0", |_| {});
     let gw = gateway(config(&[s.addr()])).await;
     let mut health = HealthClient::new(channel(gw.addr()).await);
-    let check = |service: &str| HealthCheckRequest { service: service.into() };
-    let status = health.check(check("")).await.expect("check").into_inner().status();
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = health
+        .check(check(""))
+        .await
+        .expect("check")
+        .into_inner()
+        .status();
     assert_eq!(status, ServingStatus::Serving);
-    let status = health.check(check("simple")).await.expect("check model").into_inner().status();
+    let status = health
+        .check(check("simple"))
+        .await
+        .expect("check model")
+        .into_inner()
+        .status();
     assert_eq!(status, ServingStatus::Serving);
-    let missing = health.check(check("no_such_model")).await.expect_err("unknown service");
+    let missing = health
+        .check(check("no_such_model"))
+        .await
+        .expect_err("unknown service");
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
     let mut admin_health = HealthClient::new(channel(gw.admin_addr()).await);
     assert_eq!(
-        admin_health.check(check("")).await.expect("admin check").into_inner().status(),
+        admin_health
+            .check(check(""))
+            .await
+            .expect("admin check")
+            .into_inner()
+            .status(),
         ServingStatus::Serving
     );
 
     // Watch sees the backend going away and coming back.
-    let mut watch = health.watch(check("simple")).await.expect("watch").into_inner();
+    let mut watch = health
+        .watch(check("simple"))
+        .await
+        .expect("watch")
+        .into_inner();
     let first = watch.next().await.expect("first").expect("ok").status();
     assert_eq!(first, ServingStatus::Serving);
     s.control().set_ready(false);

@@ -42,14 +42,21 @@ impl Admin for AdminService {
         Ok(Response::new(ListBackendsResponse { backends }))
     }
 
-    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
         let models = self
             .pool
             .models()
             .iter()
             .map(|route| Model {
                 name: route.model.clone(),
-                backends: route.endpoints.iter().map(|e| e.address().to_owned()).collect(),
+                backends: route
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address().to_owned())
+                    .collect(),
                 decoupled: route.decoupled,
                 policy: route.policy.kind().as_str().to_owned(),
             })

@@ -41,7 +41,11 @@ impl Policy {
     }
 
     /// Picks an eligible endpoint from `endpoints`, or None when none is eligible.
-    pub fn pick(&self, endpoints: &[Arc<Endpoint>], rng: &mut fastrand::Rng) -> Option<Arc<Endpoint>> {
+    pub fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        rng: &mut fastrand::Rng,
+    ) -> Option<Arc<Endpoint>> {
         match self.kind {
             PolicyKind::RoundRobin => self.round_robin(endpoints),
             PolicyKind::LeastRequest => least_request(endpoints, self.choice_count, rng),
@@ -97,7 +101,10 @@ fn least_request<'a>(
     best.or_else(|| scan_least(endpoints, rng))
 }
 
-fn scan_least<'a>(endpoints: &'a [Arc<Endpoint>], rng: &mut fastrand::Rng) -> Option<&'a Arc<Endpoint>> {
+fn scan_least<'a>(
+    endpoints: &'a [Arc<Endpoint>],
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Arc<Endpoint>> {
     // Start at a random offset so ties do not always go to the first endpoint.
     let n = endpoints.len();
     if n == 0 {
@@ -147,11 +154,17 @@ mod tests {
         let mut counts = [0usize; 4];
         for _ in 0..400 {
             let e = policy.pick(&endpoints, &mut rng).expect("pick");
-            let i = endpoints.iter().position(|x| Arc::ptr_eq(x, &e)).expect("member");
+            let i = endpoints
+                .iter()
+                .position(|x| Arc::ptr_eq(x, &e))
+                .expect("member");
             counts[i] += 1;
         }
         assert_eq!(counts[2], 0, "not-ready endpoint never picked");
-        assert!(counts.iter().enumerate().all(|(i, c)| i == 2 || *c > 50), "{counts:?}");
+        assert!(
+            counts.iter().enumerate().all(|(i, c)| i == 2 || *c > 50),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]
@@ -160,7 +173,13 @@ mod tests {
         let policy = Policy::new(PolicyKind::RoundRobin, 0);
         let mut rng = fastrand::Rng::with_seed(1);
         let picks: Vec<_> = (0..6)
-            .map(|_| policy.pick(&endpoints, &mut rng).expect("pick").address().to_owned())
+            .map(|_| {
+                policy
+                    .pick(&endpoints, &mut rng)
+                    .expect("pick")
+                    .address()
+                    .to_owned()
+            })
             .collect();
         assert_eq!(picks[0], picks[3]);
         assert_ne!(picks[0], picks[1]);
@@ -168,7 +187,9 @@ mod tests {
             e.set_draining(true);
         }
         assert!(policy.pick(&endpoints, &mut rng).is_none());
-        assert!(Policy::new(PolicyKind::LeastRequest, 2).pick(&[], &mut rng).is_none());
+        assert!(Policy::new(PolicyKind::LeastRequest, 2)
+            .pick(&[], &mut rng)
+            .is_none());
     }
 
     #[tokio::test]

@@ -27,7 +27,11 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.source, self.reason)
         } else {
-            write!(f, "{}: field `{}`: {}", self.source, self.field, self.reason)
+            write!(
+                f,
+                "{}: field `{}`: {}",
+                self.source, self.field, self.reason
+            )
         }
     }
 }
@@ -396,10 +400,12 @@ mod tests {
         .expect("parses");
         let err = config.validate("gw.toml").expect_err("bad address");
         assert_eq!(err.field, "backends[0].address");
-        assert!(err.to_string().starts_with("gw.toml: field `backends[0].address`"));
+        assert!(err
+            .to_string()
+            .starts_with("gw.toml: field `backends[0].address`"));
 
-        let err = Config::parse("[balancer]\npolicy = \"fastest\"\n", "gw.toml")
-            .expect_err("bad policy");
+        let err =
+            Config::parse("[balancer]\npolicy = \"fastest\"\n", "gw.toml").expect_err("bad policy");
         assert!(err.reason.contains("fastest"), "{err}");
     }
 }

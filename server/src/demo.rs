@@ -27,7 +27,8 @@ pub async fn start(mut config: Config) -> Result<Demo, StartError> {
             seed: 1 + i as u64,
             ..SimConfig::default()
         };
-        let sim = sim::spawn(cfg).map_err(|e| StartError(format!("simulated backend gpu-{i}: {e}")))?;
+        let sim =
+            sim::spawn(cfg).map_err(|e| StartError(format!("simulated backend gpu-{i}: {e}")))?;
         sims.push(sim);
     }
     config.backends = sims
@@ -58,7 +59,10 @@ impl Demo {
                 .metrics_addr()
                 .map(|a| format!(" (metrics and fault control on http://{a}/metrics, /control)"))
                 .unwrap_or_default();
-            out.push_str(&format!("  simulated backend gpu-{i}    {}{metrics}\n", sim.addr()));
+            out.push_str(&format!(
+                "  simulated backend gpu-{i}    {}{metrics}\n",
+                sim.addr()
+            ));
         }
         out.push_str("models: simple, identity_fp32, tiny_llm (decoupled, streaming)\n");
         out.push_str(&format!(

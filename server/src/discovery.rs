@@ -66,7 +66,10 @@ pub async fn learn_decoupled(endpoint: &Endpoint, model: &str, timeout: Duration
 
 /// The models a backend's `RepositoryIndex` lists as ready. `Err` when the backend
 /// cannot say (unreachable, or no such RPC).
-pub async fn index(endpoint: &Endpoint, timeout: Duration) -> Result<BTreeSet<String>, tonic::Status> {
+pub async fn index(
+    endpoint: &Endpoint,
+    timeout: Duration,
+) -> Result<BTreeSet<String>, tonic::Status> {
     let request = RepositoryIndexRequest {
         repository_name: String::new(),
         ready: true,
@@ -112,7 +115,12 @@ pub async fn refresh_all(pool: &Pool, timeout: Duration) {
 }
 
 /// Refreshes every `interval` until `shutdown` turns true.
-pub async fn run(pool: Arc<Pool>, interval: Duration, timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    pool: Arc<Pool>,
+    interval: Duration,
+    timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => refresh_all(&pool, timeout).await,

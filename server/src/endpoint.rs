@@ -253,7 +253,10 @@ mod tests {
         e.set_draining(true);
         assert!(!e.is_eligible());
         assert_eq!(e.health(), Health::Ready);
-        assert!(!e.set_indexed_models(BTreeSet::new()), "configured models stay");
+        assert!(
+            !e.set_indexed_models(BTreeSet::new()),
+            "configured models stay"
+        );
         assert!(e.serves("simple"));
     }
 }

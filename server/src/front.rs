@@ -59,7 +59,9 @@ impl Service<http::Request<Body>> for InferenceFront {
     fn call(&mut self, request: http::Request<Body>) -> BoxFuture {
         let gateway = Arc::clone(&self.gateway);
         match Forwarded::from_path(request.uri().path()) {
-            Some(Forwarded::ModelStreamInfer) => Box::pin(async move { Ok(gateway.stream(request).await) }),
+            Some(Forwarded::ModelStreamInfer) => {
+                Box::pin(async move { Ok(gateway.stream(request).await) })
+            }
             Some(rpc) => Box::pin(async move { Ok(gateway.unary(rpc, request).await) }),
             None => Box::pin(self.local.call(request)),
         }
@@ -77,22 +79,34 @@ fn forwarded_elsewhere() -> Status {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for LocalInference {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
         let ready = !self.gateway.is_shutting_down() && self.gateway.pool.any_ready();
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
-    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let name = request.into_inner().name;
         if name.is_empty() {
-            return Err(Status::invalid_argument("ModelReadyRequest.name is empty: name the model"));
+            return Err(Status::invalid_argument(
+                "ModelReadyRequest.name is empty: name the model",
+            ));
         }
         // A model not seen yet is looked for once; one nobody serves is simply not ready.
-        let ready = self.gateway.pool.route(&name).await.is_ok() && self.gateway.pool.model_ready(&name);
+        let ready =
+            self.gateway.pool.route(&name).await.is_ok() && self.gateway.pool.model_ready(&name);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -103,9 +117,14 @@ impl GrpcInferenceService for LocalInference {
         Ok(Response::new(ServerMetadataResponse {
             name: "infergate".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: ["model_configuration", "statistics", "parameters", "streaming"]
-                .map(String::from)
-                .to_vec(),
+            extensions: [
+                "model_configuration",
+                "statistics",
+                "parameters",
+                "streaming",
+            ]
+            .map(String::from)
+            .to_vec(),
         }))
     }
 
@@ -116,7 +135,10 @@ impl GrpcInferenceService for LocalInference {
         Err(forwarded_elsewhere())
     }
 
-    async fn model_infer(&self, _: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        _: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         Err(forwarded_elsewhere())
     }
 
@@ -130,7 +152,10 @@ impl GrpcInferenceService for LocalInference {
         Err(forwarded_elsewhere())
     }
 
-    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        _: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         Err(forwarded_elsewhere())
     }
 
@@ -160,7 +185,10 @@ impl GrpcInferenceService for LocalInference {
                     reason: if ready {
                         String::new()
                     } else {
-                        format!("no backend can take calls ({} serve it)", route.endpoints.len())
+                        format!(
+                            "no backend can take calls ({} serve it)",
+                            route.endpoints.len()
+                        )
                     },
                 })
             })

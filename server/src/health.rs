@@ -38,13 +38,18 @@ impl Thresholds {
         if passed {
             self.passes += 1;
             self.failures = 0;
-            (current != Health::Ready && self.passes >= cfg.healthy_threshold).then_some(Health::Ready)
+            (current != Health::Ready && self.passes >= cfg.healthy_threshold)
+                .then_some(Health::Ready)
         } else {
             self.failures += 1;
             self.passes = 0;
             // A backend never seen healthy goes straight to not ready: there is nothing
             // to protect by waiting.
-            let limit = if current == Health::Unknown { 1 } else { cfg.unhealthy_threshold };
+            let limit = if current == Health::Unknown {
+                1
+            } else {
+                cfg.unhealthy_threshold
+            };
             (current != Health::NotReady && self.failures >= limit).then_some(Health::NotReady)
         }
     }
@@ -55,7 +60,11 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     let request = HealthCheckRequest {
         service: String::new(),
     };
-    let health = tokio::time::timeout(timeout, HealthClient::new(endpoint.channel()).check(request)).await;
+    let health = tokio::time::timeout(
+        timeout,
+        HealthClient::new(endpoint.channel()).check(request),
+    )
+    .await;
     match health {
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
         Ok(Ok(response)) => {
@@ -69,7 +78,8 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
         Ok(Err(status)) if status.code() == Code::Unimplemented => {
             let ready = tokio::time::timeout(
                 timeout,
-                GrpcInferenceServiceClient::new(endpoint.channel()).server_ready(ServerReadyRequest {}),
+                GrpcInferenceServiceClient::new(endpoint.channel())
+                    .server_ready(ServerReadyRequest {}),
             )
             .await
             .map_err(|_| format!("ServerReady timed out after {timeout:?}"))?
@@ -80,7 +90,11 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
                 Err("ServerReady says not ready".into())
             }
         }
-        Ok(Err(status)) => Err(format!("health check failed: {:?} {}", status.code(), status.message())),
+        Ok(Err(status)) => Err(format!(
+            "health check failed: {:?} {}",
+            status.code(),
+            status.message()
+        )),
     }
 }
 
@@ -112,16 +126,29 @@ impl Checker {
         let endpoints = self.pool.endpoints();
         let timeout = self.cfg.timeout();
         let results = futures_util::future::join_all(
-            endpoints.iter().map(|e| async move { (e, check(e, timeout).await) }),
+            endpoints
+                .iter()
+                .map(|e| async move { (e, check(e, timeout).await) }),
         )
         .await;
         for (endpoint, result) in results {
-            let counter = self.counters.entry(endpoint.address().to_owned()).or_default();
+            let counter = self
+                .counters
+                .entry(endpoint.address().to_owned())
+                .or_default();
             if let Some(next) = counter.observe(endpoint.health(), result.is_ok(), &self.cfg) {
                 let previous = endpoint.set_health(next);
                 match &result {
-                    Ok(()) => tracing::info!(backend = endpoint.address(), from = previous.as_str(), "backend is ready"),
-                    Err(reason) => tracing::warn!(backend = endpoint.address(), from = previous.as_str(), "backend is not ready: {reason}"),
+                    Ok(()) => tracing::info!(
+                        backend = endpoint.address(),
+                        from = previous.as_str(),
+                        "backend is ready"
+                    ),
+                    Err(reason) => tracing::warn!(
+                        backend = endpoint.address(),
+                        from = previous.as_str(),
+                        "backend is not ready: {reason}"
+                    ),
                 }
             }
         }
@@ -180,14 +207,24 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(t.observe(Health::Ready, false, &cfg), None);
         }
-        assert_eq!(t.observe(Health::Ready, false, &cfg), Some(Health::NotReady));
-        assert_eq!(t.observe(Health::NotReady, false, &cfg), None, "no repeat flip");
+        assert_eq!(
+            t.observe(Health::Ready, false, &cfg),
+            Some(Health::NotReady)
+        );
+        assert_eq!(
+            t.observe(Health::NotReady, false, &cfg),
+            None,
+            "no repeat flip"
+        );
     }
 
     #[test]
     fn unknown_backend_failing_is_not_ready_at_once() {
         let cfg = HealthConfig::default();
         let mut t = Thresholds::default();
-        assert_eq!(t.observe(Health::Unknown, false, &cfg), Some(Health::NotReady));
+        assert_eq!(
+            t.observe(Health::Unknown, false, &cfg),
+            Some(Health::NotReady)
+        );
     }
 }

@@ -82,7 +82,9 @@ impl Ports {
 fn init_logs(format: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         "text" => builder.init(),
         "json" => builder.json().init(),
@@ -139,7 +141,10 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let (mut config, source) = match &args.config {
-        Some(path) => (Config::load(path).map_err(|e| e.to_string())?, path.display().to_string()),
+        Some(path) => (
+            Config::load(path).map_err(|e| e.to_string())?,
+            path.display().to_string(),
+        ),
         None => (Config::default(), "command line".to_owned()),
     };
     args.ports.apply(&mut config);
@@ -155,16 +160,24 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     config.validate(&source).map_err(|e| e.to_string())?;
     if config.backends.is_empty() {
-        return Err("no backends: give --backend HOST:PORT or a --config file with [[backends]] \
+        return Err(
+            "no backends: give --backend HOST:PORT or a --config file with [[backends]] \
                     (or run `infergate demo` for a simulated pool)"
-            .into());
+                .into(),
+        );
     }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    let tag = if args.config.is_some() { "config" } else { "flag" };
+    let tag = if args.config.is_some() {
+        "config"
+    } else {
+        "flag"
+    };
     runtime(config.worker_threads)
         .map_err(|e| e.to_string())?
         .block_on(async move {
-            let handle = server::start(config, tag).await.map_err(|e| e.to_string())?;
+            let handle = server::start(config, tag)
+                .await
+                .map_err(|e| e.to_string())?;
             println!(
                 "infergate listening on {} (admin {}, metrics http://{}/metrics)",
                 handle.addr(),

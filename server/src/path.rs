@@ -54,14 +54,16 @@ pub enum Forwarded {
 impl Forwarded {
     /// The forwarded RPC for a request path, if it is one.
     pub fn from_path(path: &str) -> Option<Forwarded> {
-        Some(match path.strip_prefix("/inference.GRPCInferenceService/")? {
-            "ModelInfer" => Forwarded::ModelInfer,
-            "ModelMetadata" => Forwarded::ModelMetadata,
-            "ModelConfig" => Forwarded::ModelConfig,
-            "ModelStatistics" => Forwarded::ModelStatistics,
-            "ModelStreamInfer" => Forwarded::ModelStreamInfer,
-            _ => return None,
-        })
+        Some(
+            match path.strip_prefix("/inference.GRPCInferenceService/")? {
+                "ModelInfer" => Forwarded::ModelInfer,
+                "ModelMetadata" => Forwarded::ModelMetadata,
+                "ModelConfig" => Forwarded::ModelConfig,
+                "ModelStatistics" => Forwarded::ModelStatistics,
+                "ModelStreamInfer" => Forwarded::ModelStreamInfer,
+                _ => return None,
+            },
+        )
     }
 
     /// The method name.
@@ -88,7 +90,9 @@ impl Forwarded {
     /// The request message and its model-name field, for error messages.
     fn request_field(self) -> (&'static str, &'static str) {
         match self {
-            Forwarded::ModelInfer | Forwarded::ModelStreamInfer => ("ModelInferRequest", "model_name"),
+            Forwarded::ModelInfer | Forwarded::ModelStreamInfer => {
+                ("ModelInferRequest", "model_name")
+            }
             Forwarded::ModelMetadata => ("ModelMetadataRequest", "name"),
             Forwarded::ModelConfig => ("ModelConfigRequest", "name"),
             Forwarded::ModelStatistics => ("ModelStatisticsRequest", "name"),
@@ -131,13 +135,19 @@ impl Gateway {
 
     fn admit(&self) -> Result<(), Status> {
         if self.is_shutting_down() {
-            return Err(Status::unavailable("the gateway is shutting down; retry on another replica"));
+            return Err(Status::unavailable(
+                "the gateway is shutting down; retry on another replica",
+            ));
         }
         Ok(())
     }
 
     /// A forwarded unary call, start to end.
-    pub async fn unary(self: Arc<Self>, rpc: Forwarded, request: http::Request<Body>) -> http::Response<Body> {
+    pub async fn unary(
+        self: Arc<Self>,
+        rpc: Forwarded,
+        request: http::Request<Body>,
+    ) -> http::Response<Body> {
         let started = Instant::now();
         telemetry::call_started(rpc.name());
         let mut label = UNKNOWN_MODEL.to_owned();
@@ -181,7 +191,13 @@ impl Gateway {
         };
         // 5. endpoint
         let guard = endpoint.begin();
-        let response = send(&endpoint, rpc, &parts.headers, proxy::full_body(message.framed())).await;
+        let response = send(
+            &endpoint,
+            rpc,
+            &parts.headers,
+            proxy::full_body(message.framed()),
+        )
+        .await;
         let response = match response {
             Ok(response) => response,
             Err(status) => {
@@ -232,7 +248,12 @@ impl Gateway {
             telemetry::call_started(Forwarded::ModelStreamInfer.name());
             let mut label = UNKNOWN_MODEL.to_owned();
             let code = self.pump(&parts.headers, body, &tx, &mut label).await;
-            telemetry::call_ended(Forwarded::ModelStreamInfer.name(), &label, code, started.elapsed());
+            telemetry::call_ended(
+                Forwarded::ModelStreamInfer.name(),
+                &label,
+                code,
+                started.elapsed(),
+            );
         });
         proxy::grpc_response(proxy::channel_body(rx))
     }
@@ -325,7 +346,11 @@ impl Gateway {
             .peek(Forwarded::ModelStreamInfer, &message)
             .map_err(|s| (RouteKey::default(), s))?;
         let fail = |status: Status| (key.clone(), status);
-        let route = self.pool.route(&key.model).await.map_err(|e| fail(route_status(e)))?;
+        let route = self
+            .pool
+            .route(&key.model)
+            .await
+            .map_err(|e| fail(route_status(e)))?;
         let endpoint = self.pool.pick(&route).map_err(|e| fail(route_status(e)))?;
         label.clone_from(&route.model);
         let guard = endpoint.begin();
@@ -390,7 +415,9 @@ fn in_stream_error(key: &RouteKey, status: &Status) -> Frame<Bytes> {
 pub fn route_status(err: RouteError) -> Status {
     match err {
         RouteError::UnknownModel { .. } => Status::not_found(err.to_string()),
-        RouteError::NoBackends | RouteError::NoneEligible { .. } => Status::unavailable(err.to_string()),
+        RouteError::NoBackends | RouteError::NoneEligible { .. } => {
+            Status::unavailable(err.to_string())
+        }
     }
 }
 

@@ -200,7 +200,10 @@ impl Pool {
         let found = discovery::probe_model(&endpoints, model, self.settings.probe_timeout).await;
         if found.is_empty() {
             if let Ok(mut negative) = self.negative.lock() {
-                negative.insert(model.to_owned(), Instant::now() + self.settings.negative_cache);
+                negative.insert(
+                    model.to_owned(),
+                    Instant::now() + self.settings.negative_cache,
+                );
             }
             return Err(unknown());
         }
@@ -301,7 +304,10 @@ impl Pool {
         let mut by_model: HashMap<String, Vec<Arc<Endpoint>>> = HashMap::new();
         for endpoint in &endpoints {
             for model in endpoint.models() {
-                by_model.entry(model).or_default().push(Arc::clone(endpoint));
+                by_model
+                    .entry(model)
+                    .or_default()
+                    .push(Arc::clone(endpoint));
             }
         }
         let decoupled = self.decoupled.read().map(|d| d.clone()).unwrap_or_default();
@@ -371,7 +377,10 @@ mod tests {
     #[tokio::test]
     async fn routes_follow_configured_models_and_explain_unavailability() {
         let pool = Pool::new(
-            &config(&[("127.0.0.1:1", &["simple", "a"]), ("127.0.0.1:2", &["simple"])]),
+            &config(&[
+                ("127.0.0.1:1", &["simple", "a"]),
+                ("127.0.0.1:2", &["simple"]),
+            ]),
             "test",
         )
         .expect("pool");
@@ -394,6 +403,9 @@ mod tests {
     #[tokio::test]
     async fn empty_pool_says_so() {
         let pool = Pool::new(&config(&[]), "test").expect("pool");
-        assert_eq!(pool.route("simple").await.expect_err("empty"), RouteError::NoBackends);
+        assert_eq!(
+            pool.route("simple").await.expect_err("empty"),
+            RouteError::NoBackends
+        );
     }
 }

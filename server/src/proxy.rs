@@ -53,7 +53,9 @@ pub async fn read_unary(mut body: Body, limit: usize, method: &str) -> Result<Me
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Status::cancelled(format!("request body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {
-            deframer.push(data, &mut messages).map_err(|e| frame_status(&e))?;
+            deframer
+                .push(data, &mut messages)
+                .map_err(|e| frame_status(&e))?;
             if messages.len() > 1 {
                 return Err(Status::invalid_argument(format!(
                     "{method} is unary but the request carried more than one message"
@@ -88,7 +90,10 @@ pub fn status_trailers(status: &Status) -> Frame<Bytes> {
 /// Trailers of a successful call.
 pub fn ok_trailers() -> Frame<Bytes> {
     let mut trailers = HeaderMap::new();
-    trailers.insert(HeaderName::from_static("grpc-status"), HeaderValue::from_static("0"));
+    trailers.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from_static("0"),
+    );
     Frame::trailers(trailers)
 }
 
@@ -190,9 +195,10 @@ pub fn full_body(bytes: Bytes) -> Body {
 /// A 200 response whose body is `body`, with gRPC's content type.
 pub fn grpc_response(body: Body) -> http::Response<Body> {
     let mut response = http::Response::new(body);
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     response
 }
 

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 /// Why a gateway could not start.
 #[derive(Debug)]
@@ -47,9 +47,11 @@ pub struct GatewayHandle {
 }
 
 async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| StartError(format!("cannot listen on {addr} for {what} (--{flag}): {e}")))
+    TcpListener::bind(addr).await.map_err(|e| {
+        StartError(format!(
+            "cannot listen on {addr} for {what} (--{flag}): {e}"
+        ))
+    })
 }
 
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
@@ -61,14 +63,21 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
     // Learn the pool before taking traffic: one health round and one index read.
     let mut checker = Checker::new(Arc::clone(&pool), config.health.clone(), reporter.clone());
     let probe_timeout = Duration::from_millis(config.discovery.probe_timeout_ms);
-    tokio::join!(checker.round(), discovery::refresh_all(&pool, probe_timeout));
+    tokio::join!(
+        checker.round(),
+        discovery::refresh_all(&pool, probe_timeout)
+    );
     checker.publish().await;
 
     let listener = bind(config.listen, "inference gRPC", "listen").await?;
     let admin_listener = bind(config.admin_listen, "the admin API", "admin-listen").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics", "metrics-listen").await?;
     let local = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
-    let (addr, admin_addr, metrics_addr) = (local(&listener)?, local(&admin_listener)?, local(&metrics_listener)?);
+    let (addr, admin_addr, metrics_addr) = (
+        local(&listener)?,
+        local(&admin_listener)?,
+        local(&metrics_listener)?,
+    );
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -108,7 +117,10 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(InferenceFront::new(Arc::clone(&gateway)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            signal(shutdown_rx.clone()),
+        );
     servers.push(tokio::spawn(async move {
         if let Err(e) = front.await {
             tracing::error!("inference server failed: {e}");
@@ -121,7 +133,10 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(AdminService::server(Arc::clone(&pool)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), signal(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(admin_listener),
+            signal(shutdown_rx.clone()),
+        );
     servers.push(tokio::spawn(async move {
         if let Err(e) = admin.await {
             tracing::error!("admin server failed: {e}");
@@ -129,7 +144,11 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
     }));
 
     if let Some(handle) = telemetry::install() {
-        tokio::spawn(telemetry::serve(metrics_listener, handle, shutdown_rx.clone()));
+        tokio::spawn(telemetry::serve(
+            metrics_listener,
+            handle,
+            shutdown_rx.clone(),
+        ));
     } else {
         tracing::warn!("metrics recorder unavailable; /metrics is not served");
     }
@@ -178,7 +197,9 @@ impl GatewayHandle {
     /// calls get up to `grace` to finish, then whatever is left is cut.
     pub async fn shutdown(self, grace: Duration) {
         self.gateway.begin_shutdown();
-        self.reporter.set_service_status("", ServingStatus::NotServing).await;
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         for route in self.gateway.pool.models() {
             self.reporter
                 .set_service_status(&route.model, ServingStatus::NotServing)
@@ -188,7 +209,10 @@ impl GatewayHandle {
         let mut servers = self.servers;
         let all = futures_util::future::join_all(servers.iter_mut());
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(?grace, "grace period over; cutting the calls still in flight");
+            tracing::warn!(
+                ?grace,
+                "grace period over; cutting the calls still in flight"
+            );
             for server in &servers {
                 server.abort();
             }

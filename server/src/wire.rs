@@ -207,7 +207,9 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
         match wire_type {
             0 => {
                 read_varint(&mut payload).ok_or_else(|| {
-                    PeekError(format!("malformed protobuf: truncated varint in field {field}"))
+                    PeekError(format!(
+                        "malformed protobuf: truncated varint in field {field}"
+                    ))
                 })?;
             }
             1 | 5 => {
@@ -221,7 +223,9 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
             }
             2 => {
                 let len = read_varint(&mut payload).ok_or_else(|| {
-                    PeekError(format!("malformed protobuf: truncated length of field {field}"))
+                    PeekError(format!(
+                        "malformed protobuf: truncated length of field {field}"
+                    ))
                 })? as usize;
                 if payload.remaining() < len {
                     return Err(PeekError(format!(
@@ -336,11 +340,20 @@ mod tests {
         let err = d
             .push(Bytes::from_static(&[0, 0, 0, 1, 0]), &mut out)
             .expect_err("too large");
-        assert_eq!(err, FrameError::TooLarge { len: 256, limit: 10 });
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: 256,
+                limit: 10
+            }
+        );
         let mut d = Deframer::new(10);
         d.push(Bytes::from_static(&[0, 0, 0, 0, 4, 1]), &mut out)
             .expect("partial");
-        assert!(matches!(d.finish(), Err(FrameError::Truncated { have: 6, want: 9 })));
+        assert!(matches!(
+            d.finish(),
+            Err(FrameError::Truncated { have: 6, want: 9 })
+        ));
         assert!(matches!(
             Deframer::new(10).push(Bytes::from_static(&[9, 0, 0, 0, 0]), &mut out),
             Err(FrameError::BadFlag(9))

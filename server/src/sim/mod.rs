@@ -1,0 +1,614 @@
+//! A simulated GPU model server: a real KServe v2 gRPC server whose "GPU" is a pool of
+//! execution slots and a clock.
+//!
+//! The gateway's tests, demo and benchmarks need backends that behave like Triton under
+//! load and under failure, reproducibly and without a GPU. The simulator serves
+//! `inference.GRPCInferenceService` (three models: Triton's classic `simple`,
+//! `identity_fp32` for payload-size work and the decoupled `tiny_llm` for streams),
+//! `grpc.health.v1`, ORCA load reports (per-call trailer and out of band) and a
+//! Prometheus endpoint with Triton's metric names. Service time, queueing behind a FIFO
+//! of slots, invisible load, injected faults, hangs, refused connections and abrupt
+//! death can all be set at start and changed while it runs, through [`SimControl`] or
+//! `GET /control` on the metrics port.
+//!
+//! Two ways to run it:
+//! - [`spawn`] starts one on its own runtime and OS thread, so [`SimHandle::kill`] can
+//!   drop every connection at once, as when a process dies;
+//! - [`run_cli`] serves on the caller's runtime until Ctrl-C or SIGTERM (`infergate sim`).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use infergate::sim::{spawn, SimConfig};
+//! let sim = spawn(SimConfig { slots: 2, latency_ms: 20.0, ..SimConfig::default() })?;
+//! let url = format!("http://{}", sim.addr());
+//! sim.control().set_error_rate(0.1);
+//! // ... point a client or the gateway at `url` ...
+//! sim.kill();
+//! # let _ = url; Ok(()) }
+//! ```
+
+mod control;
+mod grpc;
+mod http;
+mod models;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infergate_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use infergate_proto::orca::open_rca_service_server::OpenRcaServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+pub use control::SimControl;
+
+use grpc::{Engine, InferenceSvc, OrcaSvc, Timing, TrailerLayer};
+use http::ExitHook;
+use models::{Model, ALL_MODELS};
+
+/// How long a graceful shutdown waits for open calls and streams before it cuts them.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Largest gRPC message the simulator accepts or sends.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Everything a simulator is started with. Faults can be changed later through
+/// [`SimControl`].
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// gRPC address; port 0 picks a free one (see [`SimHandle::addr`]).
+    pub listen: SocketAddr,
+    /// Prometheus (`/metrics`) and control (`/control`) HTTP address; `None` turns it off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Shows in logs, in the `gpu_uuid` label (`GPU-sim-NAME`) and in `sim-name` metadata.
+    pub name: String,
+    /// Concurrent executions; further requests queue FIFO.
+    pub slots: usize,
+    /// Base service time per inference, in milliseconds.
+    pub latency_ms: f64,
+    /// Extra service time per KiB of request tensor data, in microseconds.
+    pub per_kib_us: f64,
+    /// `tiny_llm`: time per streamed token, in milliseconds.
+    pub token_latency_ms: f64,
+    /// Share (0..=1) of the slots taken by work the gateway cannot see.
+    pub hidden_load: f64,
+    /// Share (0..=1) of calls answered UNAVAILABLE ("injected fault").
+    pub error_rate: f64,
+    /// Seed of the fault dice, so runs repeat.
+    pub seed: u64,
+    /// Send the `endpoint-load-metrics-bin` trailer (ORCA) on inference calls.
+    pub orca_per_call: bool,
+    /// Serve `xds.service.orca.v3.OpenRcaService` (ORCA out of band).
+    pub orca_oob: bool,
+    /// Models to serve, out of `simple`, `identity_fp32`, `tiny_llm`; empty = all three.
+    pub models: Vec<String>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            name: "sim".to_owned(),
+            slots: 4,
+            latency_ms: 5.0,
+            per_kib_us: 0.0,
+            token_latency_ms: 2.0,
+            hidden_load: 0.0,
+            error_rate: 0.0,
+            seed: 1,
+            orca_per_call: true,
+            orca_oob: true,
+            models: Vec::new(),
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks ranges and model names; returns the models to serve.
+    fn validate(&self) -> Result<Vec<Model>, String> {
+        if self.slots == 0 {
+            return Err("slots: must be at least 1".to_owned());
+        }
+        for (field, v) in [
+            ("hidden_load", self.hidden_load),
+            ("error_rate", self.error_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{field}: must be between 0 and 1, got {v}"));
+            }
+        }
+        for (field, v) in [
+            ("latency_ms", self.latency_ms),
+            ("per_kib_us", self.per_kib_us),
+            ("token_latency_ms", self.token_latency_ms),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{field}: must be a non-negative number, got {v}"));
+            }
+        }
+        if self.models.is_empty() {
+            return Ok(ALL_MODELS.to_vec());
+        }
+        let mut out = Vec::new();
+        for name in &self.models {
+            let m = Model::from_name(name.trim()).ok_or_else(|| {
+                format!(
+                    "models: unknown model '{name}' (known: {})",
+                    control::known_model_names()
+                )
+            })?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("must be between 0 and 1, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a non-negative number, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+fn parse_slots(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
+fn parse_model(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    Model::from_name(s)
+        .map(|m| m.name().to_owned())
+        .ok_or_else(|| {
+            format!(
+                "unknown model '{s}' (known: {})",
+                control::known_model_names()
+            )
+        })
+}
+
+/// Command-line flags of the simulator (`infergate sim --help`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// gRPC address to listen on (KServe v2 inference, health, ORCA).
+    #[arg(long, default_value = "127.0.0.1:8101")]
+    pub listen: SocketAddr,
+    /// Address for Prometheus metrics (GET /metrics) and fault control (GET /control?...);
+    /// off when absent.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Name shown in logs, metrics (gpu_uuid="GPU-sim-NAME") and the sim-name header.
+    #[arg(long, default_value = "sim")]
+    pub name: String,
+    /// Concurrent executions (GPU slots); more requests queue first-in first-out.
+    #[arg(long, default_value = "4", value_parser = parse_slots)]
+    pub slots: usize,
+    /// Base service time of one inference, in milliseconds.
+    #[arg(long, default_value = "5", value_parser = parse_non_negative)]
+    pub latency_ms: f64,
+    /// Extra service time per KiB of request tensor data, in microseconds.
+    #[arg(long, default_value = "0", value_parser = parse_non_negative)]
+    pub per_kib_us: f64,
+    /// tiny_llm: time between streamed tokens, in milliseconds.
+    #[arg(long, default_value = "2", value_parser = parse_non_negative)]
+    pub token_latency_ms: f64,
+    /// Share of the slots (0 to 1) taken by invisible work, making this GPU slower and busier.
+    #[arg(long, default_value = "0", value_parser = parse_fraction)]
+    pub hidden_load: f64,
+    /// Share of calls (0 to 1) answered UNAVAILABLE as an injected fault.
+    #[arg(long, default_value = "0", value_parser = parse_fraction)]
+    pub error_rate: f64,
+    /// Seed for the injected-fault dice, so runs repeat.
+    #[arg(long, default_value = "1")]
+    pub seed: u64,
+    /// Do not send the ORCA load report trailer (endpoint-load-metrics-bin) on calls.
+    #[arg(long)]
+    pub no_orca_trailer: bool,
+    /// Do not serve the ORCA out-of-band service (xds.service.orca.v3.OpenRcaService).
+    #[arg(long)]
+    pub no_orca_oob: bool,
+    /// Models to serve, comma separated, out of simple, identity_fp32, tiny_llm
+    /// (default: all three).
+    #[arg(long, value_delimiter = ',', value_parser = parse_model)]
+    pub models: Vec<String>,
+    /// Start hung: inference calls are accepted but never answered.
+    #[arg(long)]
+    pub hang: bool,
+    /// Start refusing: new connections are accepted and closed at once.
+    #[arg(long)]
+    pub refuse: bool,
+}
+
+impl SimArgs {
+    /// The configuration these flags describe (`--hang` and `--refuse` are runtime
+    /// controls, applied by [`run_cli`]).
+    pub fn into_config(self) -> SimConfig {
+        SimConfig {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            name: self.name,
+            slots: self.slots,
+            latency_ms: self.latency_ms,
+            per_kib_us: self.per_kib_us,
+            token_latency_ms: self.token_latency_ms,
+            hidden_load: self.hidden_load,
+            error_rate: self.error_rate,
+            seed: self.seed,
+            orca_per_call: !self.no_orca_trailer,
+            orca_oob: !self.no_orca_oob,
+            models: self.models,
+        }
+    }
+}
+
+/// The shared state built from a validated configuration.
+fn build(cfg: &SimConfig) -> Result<Arc<Engine>, String> {
+    let models = cfg.validate()?;
+    let ctl = Arc::new(SimControl::new(
+        cfg.name.clone(),
+        cfg.slots,
+        &models,
+        cfg.error_rate,
+        cfg.hidden_load,
+        cfg.seed,
+    ));
+    Ok(Arc::new(Engine {
+        ctl,
+        slots: Semaphore::new(cfg.slots),
+        timing: Timing {
+            latency_ms: cfg.latency_ms,
+            per_kib_us: cfg.per_kib_us,
+            token_latency_ms: cfg.token_latency_ms,
+            orca_per_call: cfg.orca_per_call,
+        },
+    }))
+}
+
+/// Serves gRPC on `listener` (and HTTP on `metrics`) until `shutdown` completes, then
+/// drains for at most [`GRACE`]. Background tasks end with it.
+async fn serve<F>(
+    engine: Arc<Engine>,
+    orca_oob: bool,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    exit: ExitHook,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: std::future::Future<Output = ()> + Send,
+{
+    let ctl = engine.ctl.clone();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    ctl.attach_health(reporter);
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(grpc::hold_hidden_load(engine.clone()));
+    background.spawn(grpc::keep_health_in_sync(ctl.clone()));
+    if let Some(metrics) = metrics {
+        background.spawn(http::serve(metrics, ctl.clone(), exit));
+    }
+
+    // Accepted connections, minus the ones refused on purpose.
+    let incoming = futures_util::stream::unfold((listener, ctl.clone()), |(l, ctl)| async move {
+        loop {
+            match l.accept().await {
+                Ok((sock, _)) if ctl.refuse() => drop(sock),
+                Ok((sock, _)) => {
+                    let _ = sock.set_nodelay(true);
+                    return Some((Ok::<_, std::io::Error>(sock), (l, ctl)));
+                }
+                Err(e) => {
+                    tracing::warn!(sim = ctl.name(), error = %e, "sim accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+
+    let inference = GrpcInferenceServiceServer::from_arc(Arc::new(InferenceSvc {
+        engine: engine.clone(),
+    }))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let orca = orca_oob.then(|| OpenRcaServiceServer::new(OrcaSvc { ctl: ctl.clone() }));
+
+    let (begin_tx, begin_rx) = oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = begin_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .layer(TrailerLayer)
+        .add_service(health)
+        .add_service(inference)
+        .add_optional_service(orca)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = async move {
+        if begin_rx.await.is_ok() {
+            ctl.set_ready(false);
+            tokio::time::sleep(GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        res = server => res,
+        () = grace => Ok(()),
+    }
+}
+
+/// How a spawned simulator is asked to stop.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Kill,
+    Graceful,
+}
+
+/// A running simulator started by [`spawn`]. Dropping it kills the simulator.
+pub struct SimHandle {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    control: Arc<SimControl>,
+    stop: mpsc::UnboundedSender<Stop>,
+    done: Option<oneshot::Receiver<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("name", &self.control.name())
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimHandle {
+    /// The gRPC address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The metrics/control HTTP address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Its live faults and counters.
+    pub fn control(&self) -> &Arc<SimControl> {
+        &self.control
+    }
+
+    /// Stops it abruptly: the listener and every connection close at once, in-flight
+    /// calls get no answer, as when the process is killed.
+    pub fn kill(self) {
+        drop(self);
+    }
+
+    /// Stops it gracefully: no new connections, open calls may finish (for at most a
+    /// few seconds), then everything closes.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(Stop::Graceful);
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(Stop::Kill);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+/// Starts a simulator on its own single-threaded runtime in its own OS thread and returns
+/// once its listeners are bound. Callable from async code: it blocks only for the bind.
+pub fn spawn(cfg: SimConfig) -> std::io::Result<SimHandle> {
+    let engine = build(&cfg).map_err(invalid)?;
+    let control = engine.ctl.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        let _ctx = rt.enter();
+        TcpListener::from_std(l)
+    };
+    let listener = bind(cfg.listen)?;
+    let addr = listener.local_addr()?;
+    let metrics = cfg.metrics_listen.map(bind).transpose()?;
+    let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
+
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<Stop>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let exit_tx = stop_tx.clone();
+    let exit: ExitHook = Arc::new(move || {
+        let _ = exit_tx.send(Stop::Kill);
+    });
+    let name = cfg.name.clone();
+    let orca_oob = cfg.orca_oob;
+
+    let thread = std::thread::Builder::new()
+        .name(format!("sim-{name}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let (grace_tx, grace_rx) = oneshot::channel::<()>();
+                let shutdown = async move {
+                    let _ = grace_rx.await;
+                };
+                let mut server =
+                    tokio::spawn(serve(engine, orca_oob, listener, metrics, exit, shutdown));
+                tokio::select! {
+                    stop = stop_rx.recv() => {
+                        if let Some(Stop::Graceful) = stop {
+                            let _ = grace_tx.send(());
+                            let _ = server.await;
+                        }
+                    }
+                    res = &mut server => {
+                        if let Ok(Err(e)) = res {
+                            tracing::error!(sim = %name, error = %e, "sim server failed");
+                        }
+                    }
+                }
+            });
+            // Drops every task (and so every socket) without waiting for them.
+            rt.shutdown_background();
+            let _ = done_tx.send(());
+        })?;
+
+    tracing::debug!(sim = %cfg.name, %addr, "sim spawned");
+    Ok(SimHandle {
+        addr,
+        metrics_addr,
+        control,
+        stop: stop_tx,
+        done: Some(done_rx),
+        thread: Some(thread),
+    })
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs a simulator on the current runtime until Ctrl-C or SIGTERM (`infergate sim`).
+/// `GET /control?exit=1` ends the process with status 1.
+pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (hang, refuse) = (args.hang, args.refuse);
+    let cfg = args.into_config();
+    let engine = build(&cfg)?;
+    engine.ctl.set_hang(hang);
+    engine.ctl.set_refuse(refuse);
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("--metrics-listen {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    match metrics.as_ref().map(TcpListener::local_addr).transpose()? {
+        Some(m) => println!("sim {} listening on {addr} (metrics on {m})", cfg.name),
+        None => println!("sim {} listening on {addr}", cfg.name),
+    }
+    let exit: ExitHook = Arc::new(|| std::process::exit(1));
+    serve(engine, cfg.orca_oob, listener, metrics, exit, termination()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let bad = SimConfig {
+            hidden_load: 1.5,
+            ..SimConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .err()
+            .unwrap_or_default()
+            .contains("hidden_load"));
+        let bad = SimConfig {
+            slots: 0,
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().err().unwrap_or_default().contains("slots"));
+        let bad = SimConfig {
+            models: vec!["gpt".into()],
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().err().unwrap_or_default().contains("gpt"));
+        assert_eq!(SimConfig::default().validate(), Ok(ALL_MODELS.to_vec()));
+    }
+
+    #[test]
+    fn flags_parse_and_validate() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: SimArgs,
+        }
+        let cli = Cli::try_parse_from(["x", "--models", "simple,tiny_llm", "--no-orca-oob"]);
+        let cfg = cli.map(|c| c.sim.into_config()).ok();
+        assert_eq!(
+            cfg.as_ref().map(|c| c.models.clone()),
+            Some(vec!["simple".to_owned(), "tiny_llm".to_owned()])
+        );
+        assert_eq!(
+            cfg.map(|c| (c.orca_oob, c.orca_per_call)),
+            Some((false, true))
+        );
+        let err = Cli::try_parse_from(["x", "--error-rate", "2"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--error-rate"), "{err}");
+        assert!(Cli::try_parse_from(["x", "--slots", "0"]).is_err());
+    }
+
+    #[test]
+    fn report_interval_bounds() {
+        assert_eq!(grpc::report_interval(0, 0), Duration::from_secs(1));
+        assert_eq!(grpc::report_interval(0, 1000), Duration::from_millis(10));
+        assert_eq!(grpc::report_interval(2, 0), Duration::from_secs(2));
+        assert_eq!(grpc::report_interval(-5, 0), Duration::from_secs(1));
+    }
+}
