@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// mimalloc: the request path allocates many small, short-lived objects (HTTP/2 frames,
+/// headers); BENCHMARKS.md has the A/B against the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// infergate: a gRPC inference gateway for pools of GPU model servers (KServe v2 / Open
 /// Inference Protocol, Triton-compatible).
 #[derive(Parser, Debug)]

@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -52,6 +51,13 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, S
             "cannot listen on {addr} for {what} (--{flag}): {e}"
         ))
     })
+}
+
+/// Accepted connections with TCP_NODELAY: gRPC writes small frames and must not wait
+/// for Nagle's algorithm (a 40 ms stall against delayed ACKs). `Server::tcp_nodelay`
+/// applies only to listeners tonic binds itself, so it is set here.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
@@ -110,7 +116,6 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
     let mut servers = Vec::new();
     let (v1, v1alpha) = reflection(&["inference.GRPCInferenceService", HEALTH])?;
     let front = Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .add_service(health_service.clone())
@@ -118,7 +123,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1alpha)
         .add_service(InferenceFront::new(Arc::clone(&gateway)))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            incoming(listener),
             signal(shutdown_rx.clone()),
         );
     servers.push(tokio::spawn(async move {
@@ -134,7 +139,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1alpha)
         .add_service(AdminService::server(Arc::clone(&pool)))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(admin_listener),
+            incoming(admin_listener),
             signal(shutdown_rx.clone()),
         );
     servers.push(tokio::spawn(async move {
