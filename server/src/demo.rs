@@ -66,7 +66,7 @@ impl Demo {
         }
         out.push_str("models: simple, identity_fp32, tiny_llm (decoupled, streaming)\n");
         out.push_str(&format!(
-            "try:  cargo run --release -p infergate-client --bin infergate-cli -- --addr {} infer --model simple\n",
+            "try:  cargo run --release --bin infergate-cli -- --addr {} infer --model simple\n",
             self.gateway.addr()
         ));
         out.push_str("stop: Ctrl-C\n");
