@@ -122,10 +122,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(InferenceFront::new(Arc::clone(&gateway)))
-        .serve_with_incoming_shutdown(
-            incoming(listener),
-            signal(shutdown_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
     servers.push(tokio::spawn(async move {
         if let Err(e) = front.await {
             tracing::error!("inference server failed: {e}");
@@ -138,10 +135,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(AdminService::server(Arc::clone(&pool)))
-        .serve_with_incoming_shutdown(
-            incoming(admin_listener),
-            signal(shutdown_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(admin_listener), signal(shutdown_rx.clone()));
     servers.push(tokio::spawn(async move {
         if let Err(e) = admin.await {
             tracing::error!("admin server failed: {e}");
