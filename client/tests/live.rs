@@ -64,11 +64,7 @@ impl Stack {
         config.health.timeout_ms = 500;
         config.backends = sims
             .iter()
-            .map(|s| BackendConfig {
-                address: s.addr().to_string(),
-                models: Vec::new(),
-                weight: 1,
-            })
+            .map(|s| BackendConfig::new(s.addr().to_string()))
             .collect();
         let gateway = infergate::server::start(config, "test")
             .await

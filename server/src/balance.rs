@@ -6,31 +6,77 @@
 //! is read at pick time, so a state change acts on the very next call without rebuilding
 //! any list.
 //!
-//! `least_request` uses power of two choices by default: two random candidates, the one
-//! with fewer calls in flight wins. That is O(1) in the pool size and avoids the herd
-//! that a full scan causes when several gateways see the same "least loaded" backend.
-//! Only when both samples are ineligible does it fall back to a scan.
+//! Policies:
+//! - `round_robin`: each eligible candidate in turn.
+//! - `weighted`: at random in proportion to static weight (× slow-start factor); O(n).
+//! - `least_request`: power of two choices by default — two random candidates, the
+//!   lower score wins, score = (in_flight + 1)^active_request_bias / weight. That is
+//!   O(1) in the pool size and avoids the herd a full scan causes when several gateways
+//!   see the same "least loaded" backend. `choice_count` 0 (or ≥ pool) scans all.
+//! - `gpu_aware` (default): the same sampling, with a score that adds what the backend
+//!   itself reports (see [`gpu_score`] and docs/ARCHITECTURE.md for the reasoning).
+//!
+//! Only when every sample is ineligible does a pick fall back to a scan.
 
-use crate::config::PolicyKind;
+use crate::config::{BalancerConfig, PolicyKind};
 use crate::endpoint::Endpoint;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The numbers a policy needs besides its kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyParams {
+    /// Candidates sampled (0 = all).
+    pub choice_count: usize,
+    /// least_request exponent on in-flight counts.
+    pub active_request_bias: f64,
+    /// gpu_aware: weight of one reported queued request.
+    pub queue_weight: f64,
+    /// gpu_aware: utilization clamp.
+    pub max_utilization: f64,
+    /// Ramp-up window of backends that join a serving pool.
+    pub slow_start: Duration,
+    /// Reports older than this are ignored.
+    pub stale_after: Duration,
+}
+
+impl Default for PolicyParams {
+    fn default() -> Self {
+        PolicyParams::new(&BalancerConfig::default(), Duration::from_secs(3))
+    }
+}
+
+impl PolicyParams {
+    /// From the `[balancer]` section and the report staleness bound.
+    pub fn new(cfg: &BalancerConfig, stale_after: Duration) -> Self {
+        PolicyParams {
+            choice_count: cfg.choice_count,
+            active_request_bias: cfg.active_request_bias,
+            queue_weight: cfg.queue_weight,
+            max_utilization: cfg.max_utilization,
+            slow_start: Duration::from_millis(cfg.slow_start_ms),
+            stale_after,
+        }
+    }
+}
 
 /// A model's balancing policy, with its state.
 #[derive(Debug)]
 pub struct Policy {
     kind: PolicyKind,
-    choice_count: usize,
+    params: PolicyParams,
     next: AtomicUsize,
 }
 
 impl Policy {
-    /// A policy of `kind`; `choice_count` is used by least_request (0 = scan all).
-    pub fn new(kind: PolicyKind, choice_count: usize) -> Self {
+    /// A policy of `kind`.
+    pub fn new(kind: PolicyKind, params: PolicyParams) -> Self {
         Policy {
             kind,
-            choice_count,
+            params,
             next: AtomicUsize::new(0),
         }
     }
@@ -46,9 +92,17 @@ impl Policy {
         endpoints: &[Arc<Endpoint>],
         rng: &mut fastrand::Rng,
     ) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let p = &self.params;
         match self.kind {
             PolicyKind::RoundRobin => self.round_robin(endpoints),
-            PolicyKind::LeastRequest => least_request(endpoints, self.choice_count, rng),
+            PolicyKind::Weighted => weighted(endpoints, now, p, rng),
+            PolicyKind::LeastRequest => sampled(endpoints, p.choice_count, rng, |e| {
+                least_request_score(e, now, p)
+            }),
+            PolicyKind::GpuAware => {
+                sampled(endpoints, p.choice_count, rng, |e| gpu_score(e, now, p))
+            }
         }
         .cloned()
     }
@@ -74,17 +128,53 @@ thread_local! {
     static THREAD_RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
 }
 
-fn least_request<'a>(
+/// least_request's score (lower wins): (in_flight + 1)^bias / (weight × slow start).
+pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 {
+    let load = (e.in_flight() as f64 + 1.0).powf(p.active_request_bias);
+    load / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start))
+}
+
+/// gpu_aware's score (lower wins):
+///
+/// ```text
+/// score = (in_flight + 1 + queue_weight × reported_queue) / (1 − min(utilization, max_utilization))
+///         / (weight × slow_start_factor)
+/// ```
+///
+/// The numerator is the work the call would wait behind; the denominator the share of
+/// the accelerator still free, so a GPU that reports 50% busy with work the gateway
+/// cannot see counts twice as loaded, and one at 95% twenty times. Reported queue depth
+/// covers calls from every gateway replica, which a replica's own in-flight count
+/// cannot. Without a fresh report (older than `load.stale_after_ms`, or none), both
+/// reported terms drop out and the score is least_request's.
+pub fn gpu_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 {
+    let (utilization, queue) = match e.load().fresh(now, p.stale_after) {
+        Some(r) => (
+            r.utilization.clamp(0.0, p.max_utilization),
+            r.queue_depth.max(0.0) * p.queue_weight,
+        ),
+        None => (0.0, 0.0),
+    };
+    let work = e.in_flight() as f64 + 1.0 + queue;
+    work / (1.0 - utilization) / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start))
+}
+
+/// Samples `choice_count` distinct candidates (O(choice_count), not O(n)) and keeps the
+/// eligible one with the lowest score; scans when sampling finds none eligible.
+fn sampled<'a>(
     endpoints: &'a [Arc<Endpoint>],
     choice_count: usize,
     rng: &mut fastrand::Rng,
+    score: impl Fn(&Endpoint) -> f64,
 ) -> Option<&'a Arc<Endpoint>> {
     let n = endpoints.len();
-    if choice_count == 0 || choice_count >= n {
-        return scan_least(endpoints, rng);
+    if n == 0 {
+        return None;
     }
-    // Sample `choice_count` distinct indices (O(choice_count), not O(n)).
-    let mut best: Option<&Arc<Endpoint>> = None;
+    if choice_count == 0 || choice_count >= n {
+        return scan_lowest(endpoints, rng, &score);
+    }
+    let mut best: Option<(&Arc<Endpoint>, f64)> = None;
     let mut picked = [usize::MAX; 8];
     let draws = choice_count.min(picked.len());
     for slot in 0..draws {
@@ -94,16 +184,21 @@ fn least_request<'a>(
         }
         picked[slot] = i;
         let candidate = &endpoints[i];
-        if candidate.is_eligible() && best.is_none_or(|b| candidate.in_flight() < b.in_flight()) {
-            best = Some(candidate);
+        if candidate.is_eligible() {
+            let s = score(candidate);
+            if best.is_none_or(|(_, b)| s < b) {
+                best = Some((candidate, s));
+            }
         }
     }
-    best.or_else(|| scan_least(endpoints, rng))
+    best.map(|(e, _)| e)
+        .or_else(|| scan_lowest(endpoints, rng, &score))
 }
 
-fn scan_least<'a>(
+fn scan_lowest<'a>(
     endpoints: &'a [Arc<Endpoint>],
     rng: &mut fastrand::Rng,
+    score: &impl Fn(&Endpoint) -> f64,
 ) -> Option<&'a Arc<Endpoint>> {
     // Start at a random offset so ties do not always go to the first endpoint.
     let n = endpoints.len();
@@ -114,7 +209,36 @@ fn scan_least<'a>(
     (0..n)
         .map(|i| &endpoints[(offset + i) % n])
         .filter(|e| e.is_eligible())
-        .min_by_key(|e| e.in_flight())
+        .map(|e| (e, score(e)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(e, _)| e)
+}
+
+fn weighted<'a>(
+    endpoints: &'a [Arc<Endpoint>],
+    now: Instant,
+    p: &PolicyParams,
+    rng: &mut fastrand::Rng,
+) -> Option<&'a Arc<Endpoint>> {
+    let weight = |e: &Endpoint| f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start);
+    let total: f64 = endpoints
+        .iter()
+        .filter(|e| e.is_eligible())
+        .map(|e| weight(e))
+        .sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut target = rng.f64() * total;
+    let mut last = None;
+    for e in endpoints.iter().filter(|e| e.is_eligible()) {
+        last = Some(e);
+        target -= weight(e);
+        if target < 0.0 {
+            return Some(e);
+        }
+    }
+    last
 }
 
 #[cfg(test)]
@@ -137,7 +261,7 @@ mod tests {
     async fn least_request_prefers_the_idle_endpoint() {
         let endpoints = pool(2);
         let _busy = (0..5).map(|_| endpoints[0].begin()).collect::<Vec<_>>();
-        let policy = Policy::new(PolicyKind::LeastRequest, 2);
+        let policy = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..20 {
             let e = policy.pick(&endpoints, &mut rng).expect("pick");
@@ -149,7 +273,7 @@ mod tests {
     async fn p2c_spreads_ties_and_skips_ineligible() {
         let endpoints = pool(4);
         endpoints[2].set_health(Health::NotReady);
-        let policy = Policy::new(PolicyKind::LeastRequest, 2);
+        let policy = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
         let mut rng = fastrand::Rng::with_seed(42);
         let mut counts = [0usize; 4];
         for _ in 0..400 {
@@ -170,7 +294,7 @@ mod tests {
     #[tokio::test]
     async fn round_robin_cycles_and_none_when_nothing_eligible() {
         let endpoints = pool(3);
-        let policy = Policy::new(PolicyKind::RoundRobin, 0);
+        let policy = Policy::new(PolicyKind::RoundRobin, PolicyParams::default());
         let mut rng = fastrand::Rng::with_seed(1);
         let picks: Vec<_> = (0..6)
             .map(|_| {
@@ -187,16 +311,138 @@ mod tests {
             e.set_draining(true);
         }
         assert!(policy.pick(&endpoints, &mut rng).is_none());
-        assert!(Policy::new(PolicyKind::LeastRequest, 2)
-            .pick(&[], &mut rng)
-            .is_none());
+        assert!(
+            Policy::new(PolicyKind::LeastRequest, PolicyParams::default())
+                .pick(&[], &mut rng)
+                .is_none()
+        );
+    }
+
+    fn share(policy: &Policy, endpoints: &[Arc<Endpoint>], seed: u64, picks: usize) -> Vec<usize> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut counts = vec![0; endpoints.len()];
+        for _ in 0..picks {
+            let e = policy.pick(endpoints, &mut rng).expect("pick");
+            counts[endpoints
+                .iter()
+                .position(|x| Arc::ptr_eq(x, &e))
+                .expect("member")] += 1;
+        }
+        counts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_aware_avoids_a_backend_that_reports_high_utilization() {
+        use crate::load_report::Source;
+        let endpoints = pool(3);
+        let now = Instant::now();
+        endpoints[0]
+            .load()
+            .store(0.9, 0.0, Source::OrcaPerCall, now);
+        endpoints[1]
+            .load()
+            .store(0.1, 0.0, Source::OrcaPerCall, now);
+        endpoints[2]
+            .load()
+            .store(0.1, 0.0, Source::OrcaPerCall, now);
+        let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
+        let counts = share(&policy, &endpoints, 11, 300);
+        // With two choices the busy backend only wins when sampled against itself: never.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // Least request ignores the reports and spreads evenly.
+        let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
+        let counts = share(&lr, &endpoints, 11, 300);
+        assert!(counts.iter().all(|c| *c > 60), "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_aware_counts_reported_queue_and_falls_back_when_stale() {
+        use crate::load_report::Source;
+        let endpoints = pool(2);
+        let now = Instant::now();
+        endpoints[0].load().store(0.5, 8.0, Source::OrcaOob, now);
+        endpoints[1].load().store(0.5, 0.0, Source::OrcaOob, now);
+        // Local in-flight says the opposite: 3 calls on endpoint 1.
+        let _local: Vec<_> = (0..3).map(|_| endpoints[1].begin()).collect();
+        let p = PolicyParams::default();
+        assert!(gpu_score(&endpoints[0], now, &p) > gpu_score(&endpoints[1], now, &p));
+        tokio::time::advance(p.stale_after + Duration::from_millis(1)).await;
+        let later = Instant::now();
+        // Stale: both reports drop out and the score is least_request's.
+        assert_eq!(
+            gpu_score(&endpoints[0], later, &p),
+            least_request_score(&endpoints[0], later, &p)
+        );
+        assert!(gpu_score(&endpoints[0], later, &p) < gpu_score(&endpoints[1], later, &p));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_shape_weighted_and_least_request() {
+        let endpoints: Vec<_> = [1u32, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let e = Endpoint::new(&format!("127.0.0.1:{}", 9100 + i), "test", vec![], *w)
+                    .expect("endpoint");
+                e.set_health(Health::Ready);
+                e
+            })
+            .collect();
+        let weighted = Policy::new(PolicyKind::Weighted, PolicyParams::default());
+        let counts = share(&weighted, &endpoints, 5, 4000);
+        let ratio = counts[1] as f64 / counts[0] as f64;
+        assert!((2.5..3.5).contains(&ratio), "{counts:?}");
+        // least_request with bias 1: endpoint 1 (weight 3) is preferred until it has
+        // about three times the in-flight calls of endpoint 0.
+        let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
+        let mut rng = fastrand::Rng::with_seed(9);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let e = lr.pick(&endpoints, &mut rng).expect("pick");
+            held.push(e.begin());
+        }
+        assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_new_backend() {
+        let old = pool(1).remove(0);
+        let mut cfg = crate::config::BackendConfig::new("127.0.0.1:9200");
+        cfg.weight = 1;
+        let new = Endpoint::from_config(&cfg, "admin", true).expect("endpoint");
+        new.set_health(Health::Ready);
+        let endpoints = vec![old, new];
+        let params = PolicyParams::default();
+        let policy = Policy::new(PolicyKind::Weighted, params.clone());
+        let early = share(&policy, &endpoints, 3, 2000);
+        assert!(
+            early[1] < early[0] / 5,
+            "new backend starts at a tenth: {early:?}"
+        );
+        tokio::time::advance(params.slow_start).await;
+        let later = share(&policy, &endpoints, 3, 2000);
+        assert!(
+            later[1] > later[0] * 4 / 5,
+            "full share after the window: {later:?}"
+        );
     }
 
     #[tokio::test]
     async fn one_candidate_is_always_picked() {
         let endpoints = pool(1);
         let mut rng = fastrand::Rng::with_seed(3);
-        let policy = Policy::new(PolicyKind::LeastRequest, 2);
-        assert!(policy.pick(&endpoints, &mut rng).is_some());
+        for kind in [
+            PolicyKind::RoundRobin,
+            PolicyKind::Weighted,
+            PolicyKind::LeastRequest,
+            PolicyKind::GpuAware,
+        ] {
+            let policy = Policy::new(kind, PolicyParams::default());
+            assert!(policy.pick(&endpoints, &mut rng).is_some(), "{kind:?}");
+            assert!(
+                policy.pick(&[], &mut rng).is_none(),
+                "{kind:?}: no candidate"
+            );
+        }
     }
 }

@@ -44,9 +44,13 @@ impl std::error::Error for ConfigError {}
 pub enum PolicyKind {
     /// Each candidate in turn.
     RoundRobin,
+    /// At random, in proportion to static weights.
+    Weighted,
     /// Fewest in-flight requests among `choice_count` random candidates (or all).
-    #[default]
     LeastRequest,
+    /// Lowest score from in-flight requests, reported utilization and queue depth.
+    #[default]
+    GpuAware,
 }
 
 impl PolicyKind {
@@ -54,7 +58,9 @@ impl PolicyKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::RoundRobin => "round_robin",
+            PolicyKind::Weighted => "weighted",
             PolicyKind::LeastRequest => "least_request",
+            PolicyKind::GpuAware => "gpu_aware",
         }
     }
 }
@@ -64,9 +70,11 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "round_robin" => Ok(PolicyKind::RoundRobin),
+            "weighted" => Ok(PolicyKind::Weighted),
             "least_request" => Ok(PolicyKind::LeastRequest),
+            "gpu_aware" => Ok(PolicyKind::GpuAware),
             other => Err(format!(
-                "unknown policy `{other}`; expected round_robin or least_request"
+                "unknown policy `{other}`; expected round_robin, weighted, least_request or gpu_aware"
             )),
         }
     }
@@ -94,6 +102,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Learning which backend serves which model.
     pub discovery: DiscoveryConfig,
+    /// Load reports (ORCA, Prometheus) and how they are read.
+    pub load: crate::load_report::LoadConfig,
     /// The backends.
     pub backends: Vec<BackendConfig>,
     /// Per-model settings, by model name.
@@ -112,6 +122,7 @@ impl Default for Config {
             balancer: BalancerConfig::default(),
             health: HealthConfig::default(),
             discovery: DiscoveryConfig::default(),
+            load: crate::load_report::LoadConfig::default(),
             backends: Vec::new(),
             models: BTreeMap::new(),
         }
@@ -122,17 +133,33 @@ impl Default for Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BalancerConfig {
-    /// Default policy for every model. Default `least_request`.
+    /// Default policy for every model. Default `gpu_aware`.
     pub policy: PolicyKind,
-    /// Candidates sampled by least_request; 0 = scan all. Default 2.
+    /// Candidates sampled by least_request and gpu_aware; 0 = scan all. Default 2.
     pub choice_count: usize,
+    /// least_request with unequal weights: score = (in_flight + 1)^bias / weight.
+    /// 0 ignores in-flight counts (pure weights), 1 is the default.
+    pub active_request_bias: f64,
+    /// gpu_aware: how much a reported queued request counts against a backend,
+    /// relative to one of its own in-flight calls. Default 1.
+    pub queue_weight: f64,
+    /// gpu_aware: utilization is clamped to this before it divides the score, so a
+    /// saturated backend is strongly disfavoured but never infinitely. Default 0.95.
+    pub max_utilization: f64,
+    /// A backend that joins a pool already serving ramps from 10% to full share over
+    /// this long. 0 = off. Default 10000 ms.
+    pub slow_start_ms: u64,
 }
 
 impl Default for BalancerConfig {
     fn default() -> Self {
         BalancerConfig {
-            policy: PolicyKind::LeastRequest,
+            policy: PolicyKind::GpuAware,
             choice_count: 2,
+            active_request_bias: 1.0,
+            queue_weight: 1.0,
+            max_utilization: 0.95,
+            slow_start_ms: 10_000,
         }
     }
 }
@@ -208,10 +235,31 @@ pub struct BackendConfig {
     /// Static weight (used by weighted policies). Default 1.
     #[serde(default = "one")]
     pub weight: u32,
+    /// Prometheus endpoint (`host:port`, optionally `/path`; default path `/metrics`)
+    /// scraped for load when the backend sends no ORCA reports. Default: none.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
+    /// Which metric names the scrape reads (`preset = "triton"` or `"vllm"`, or
+    /// `utilization_metric` / `queue_metric`).
+    #[serde(default)]
+    pub scrape: crate::load_report::ScrapeConfig,
 }
 
 fn one() -> u32 {
     1
+}
+
+impl BackendConfig {
+    /// A backend at `address` with every other field at its default.
+    pub fn new(address: impl Into<String>) -> Self {
+        BackendConfig {
+            address: address.into(),
+            models: Vec::new(),
+            weight: 1,
+            metrics_address: None,
+            scrape: crate::load_report::ScrapeConfig::default(),
+        }
+    }
 }
 
 /// One `[models.NAME]` table.
@@ -286,6 +334,34 @@ impl Config {
                 "thresholds must be at least 1".into(),
             ));
         }
+        let b = &self.balancer;
+        if !(0.0..=4.0).contains(&b.active_request_bias) {
+            return Err(err(
+                "balancer.active_request_bias".into(),
+                "must be between 0 and 4".into(),
+            ));
+        }
+        if !(b.queue_weight >= 0.0 && b.queue_weight.is_finite()) {
+            return Err(err(
+                "balancer.queue_weight".into(),
+                "must be 0 or more".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&b.max_utilization) {
+            return Err(err(
+                "balancer.max_utilization".into(),
+                "must be at least 0 and below 1".into(),
+            ));
+        }
+        if self.load.utilization_fields.is_empty() {
+            return Err(err(
+                "load.utilization_fields".into(),
+                "name at least one field (e.g. application_utilization)".into(),
+            ));
+        }
+        if self.load.stale_after_ms == 0 {
+            return Err(err("load.stale_after_ms".into(), "must be above 0".into()));
+        }
         if self.discovery.refresh_interval_ms == 0 {
             return Err(err(
                 "discovery.refresh_interval_ms".into(),
@@ -301,6 +377,11 @@ impl Config {
                     format!("backends[{i}].address"),
                     format!("`{}` is listed twice", backend.address),
                 ));
+            }
+            if let Some(metrics) = &backend.metrics_address {
+                let host_port = metrics.split('/').next().unwrap_or_default();
+                parse_host_port(host_port)
+                    .map_err(|reason| err(format!("backends[{i}].metrics_address"), reason))?;
             }
             if backend.weight == 0 {
                 return Err(err(

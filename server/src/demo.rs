@@ -34,9 +34,8 @@ pub async fn start(mut config: Config) -> Result<Demo, StartError> {
     config.backends = sims
         .iter()
         .map(|s| BackendConfig {
-            address: s.addr().to_string(),
-            models: Vec::new(),
-            weight: 1,
+            metrics_address: s.metrics_addr().map(|a| a.to_string()),
+            ..BackendConfig::new(s.addr().to_string())
         })
         .collect();
     let gateway = server::start(config, "demo").await?;

@@ -6,10 +6,13 @@
 //! every path (answer, error, the caller hanging up mid-stream), because the guard lives
 //! inside the response body that the server drops when the call ends.
 
+use crate::config::BackendConfig;
+use crate::load_report::{LoadState, ScrapeConfig};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 /// What active health checks last concluded about a backend.
@@ -50,6 +53,15 @@ pub struct Endpoint {
     models: RwLock<BTreeSet<String>>,
     /// Whether `models` came from config (then discovery leaves it alone).
     models_pinned: bool,
+    /// What the backend last reported about its load.
+    load: LoadState,
+    /// When it joined the pool.
+    added_at: Instant,
+    /// Whether it ramps up slowly (it joined a pool that was already serving).
+    slow_start: bool,
+    /// Prometheus endpoint to scrape when it sends no ORCA reports.
+    metrics_address: Option<String>,
+    scrape: ScrapeConfig,
 }
 
 impl Endpoint {
@@ -61,6 +73,26 @@ impl Endpoint {
         models: Vec<String>,
         weight: u32,
     ) -> Result<Arc<Endpoint>, String> {
+        let config = BackendConfig {
+            address: address.to_owned(),
+            models,
+            weight,
+            metrics_address: None,
+            scrape: ScrapeConfig::default(),
+        };
+        Endpoint::from_config(&config, source, false)
+    }
+
+    /// A backend as `[[backends]]` describes it; `slow_start` when it joins a pool
+    /// that already takes traffic.
+    pub fn from_config(
+        config: &BackendConfig,
+        source: &str,
+        slow_start: bool,
+    ) -> Result<Arc<Endpoint>, String> {
+        let address = config.address.as_str();
+        let models = config.models.clone();
+        let weight = config.weight;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("backend `{address}`: {e}"))?
             .connect_timeout(Duration::from_secs(1))
@@ -83,6 +115,11 @@ impl Endpoint {
             failures_total: AtomicU64::new(0),
             models: RwLock::new(models.into_iter().collect()),
             models_pinned,
+            load: LoadState::default(),
+            added_at: Instant::now(),
+            slow_start,
+            metrics_address: config.metrics_address.clone(),
+            scrape: config.scrape.clone(),
         }))
     }
 
@@ -99,6 +136,31 @@ impl Endpoint {
     /// A handle on the connection (cheap to clone).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// Its last load report.
+    pub fn load(&self) -> &LoadState {
+        &self.load
+    }
+
+    /// Share of full weight while slowly starting: from 0.1 up to 1 over `window`
+    /// after it joined (always 1 for backends present at start).
+    pub fn slow_start_factor(&self, now: Instant, window: Duration) -> f64 {
+        if !self.slow_start || window.is_zero() {
+            return 1.0;
+        }
+        let elapsed = now.saturating_duration_since(self.added_at).as_secs_f64();
+        (elapsed / window.as_secs_f64()).clamp(0.1, 1.0)
+    }
+
+    /// Prometheus address (`host:port[/path]`) to scrape, if configured.
+    pub fn metrics_address(&self) -> Option<&str> {
+        self.metrics_address.as_deref()
+    }
+
+    /// Scrape settings.
+    pub fn scrape(&self) -> &ScrapeConfig {
+        &self.scrape
     }
 
     /// Current health.

@@ -19,15 +19,21 @@
 
 pub mod admin;
 pub mod balance;
+pub mod breaker;
+pub mod bulkhead;
 pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
 pub mod front;
 pub mod health;
+pub mod load_report;
+pub mod outlier;
 pub mod path;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
+pub mod retry;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

@@ -157,11 +157,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         config.balancer.policy = policy;
     }
     for address in &args.backends {
-        config.backends.push(BackendConfig {
-            address: address.clone(),
-            models: Vec::new(),
-            weight: 1,
-        });
+        config.backends.push(BackendConfig::new(address.clone()));
     }
     config.validate(&source).map_err(|e| e.to_string())?;
     if config.backends.is_empty() {

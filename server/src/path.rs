@@ -18,6 +18,7 @@
 //! answered in-stream, leaving the stream usable.
 
 use crate::endpoint::{Endpoint, InFlightGuard};
+use crate::load_report::{self, LoadConfig};
 use crate::pool::{Pool, RouteError};
 use crate::proxy::{self, ObservedBody};
 use crate::telemetry;
@@ -107,6 +108,8 @@ pub struct Gateway {
     pub pool: Arc<Pool>,
     /// Largest request message accepted.
     pub max_message_bytes: usize,
+    /// How load reports on responses are read.
+    pub load: Arc<LoadConfig>,
     shutting_down: AtomicBool,
 }
 
@@ -115,10 +118,11 @@ const UNKNOWN_MODEL: &str = "unknown";
 
 impl Gateway {
     /// Gateway state over `pool`.
-    pub fn new(pool: Arc<Pool>, max_message_bytes: usize) -> Arc<Gateway> {
+    pub fn new(pool: Arc<Pool>, max_message_bytes: usize, load: Arc<LoadConfig>) -> Arc<Gateway> {
         Arc::new(Gateway {
             pool,
             max_message_bytes,
+            load,
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -206,6 +210,7 @@ impl Gateway {
             }
         };
         let code = proxy::grpc_code(response.headers());
+        load_report::observe(&endpoint, response.headers(), &self.load);
         let model = label.clone();
         let on_end: proxy::OnEnd = Box::new(move |code| {
             telemetry::call_ended(rpc.name(), &model, code, started.elapsed());
@@ -213,7 +218,13 @@ impl Gateway {
         let (head, body) = response.into_parts();
         Ok(http::Response::from_parts(
             head,
-            Body::new(ObservedBody::new(body, guard, code, on_end)),
+            Body::new(ObservedBody::new(
+                body,
+                guard,
+                code,
+                Arc::clone(&self.load),
+                on_end,
+            )),
         ))
     }
 
@@ -320,6 +331,7 @@ impl Gateway {
                             let code = proxy::grpc_code(trailers).unwrap_or(Code::Unknown);
                             if let Some(up) = &upstream {
                                 up.guard.endpoint().record_outcome(code == Code::Ok);
+                                load_report::observe(up.guard.endpoint(), trailers, &self.load);
                             }
                             tx.send(Ok(frame)).await.ok()?;
                             return Some(code);

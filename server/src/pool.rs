@@ -9,7 +9,7 @@
 //! the answer is cached: positively until discovery says otherwise, negatively for
 //! `discovery.negative_cache_ms`.
 
-use crate::balance::Policy;
+use crate::balance::{Policy, PolicyParams};
 use crate::config::{Config, PolicyKind};
 use crate::discovery;
 use crate::endpoint::{Endpoint, Health};
@@ -72,7 +72,7 @@ impl fmt::Display for RouteError {
 #[derive(Debug, Clone)]
 struct PoolSettings {
     default_policy: PolicyKind,
-    choice_count: usize,
+    params: PolicyParams,
     model_policy: HashMap<String, PolicyKind>,
     model_decoupled: HashMap<String, bool>,
     negative_cache: Duration,
@@ -97,7 +97,7 @@ impl Pool {
     pub fn new(config: &Config, source: &str) -> Result<Arc<Pool>, String> {
         let settings = PoolSettings {
             default_policy: config.balancer.policy,
-            choice_count: config.balancer.choice_count,
+            params: PolicyParams::new(&config.balancer, config.load.stale_after()),
             model_policy: config
                 .models
                 .iter()
@@ -119,15 +119,13 @@ impl Pool {
             policies: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             probe_lock: tokio::sync::Mutex::new(()),
-            any_policy: Policy::new(config.balancer.policy, config.balancer.choice_count),
+            any_policy: Policy::new(
+                config.balancer.policy,
+                PolicyParams::new(&config.balancer, config.load.stale_after()),
+            ),
         });
         for backend in &config.backends {
-            pool.add(Endpoint::new(
-                &backend.address,
-                source,
-                backend.models.clone(),
-                backend.weight,
-            )?);
+            pool.add(Endpoint::from_config(backend, source, false)?);
         }
         Ok(pool)
     }
@@ -292,9 +290,9 @@ impl Pool {
             Ok(mut policies) => Arc::clone(
                 policies
                     .entry(model.to_owned())
-                    .or_insert_with(|| Arc::new(Policy::new(kind, self.settings.choice_count))),
+                    .or_insert_with(|| Arc::new(Policy::new(kind, self.settings.params.clone()))),
             ),
-            Err(_) => Arc::new(Policy::new(kind, self.settings.choice_count)),
+            Err(_) => Arc::new(Policy::new(kind, self.settings.params.clone())),
         }
     }
 
@@ -365,9 +363,8 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(address, models)| BackendConfig {
-                    address: (*address).into(),
                     models: models.iter().map(|m| (*m).to_owned()).collect(),
-                    weight: 1,
+                    ..BackendConfig::new(*address)
                 })
                 .collect(),
             ..Config::default()

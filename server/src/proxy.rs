@@ -8,12 +8,14 @@
 //! dropped by a caller that went away.
 
 use crate::endpoint::InFlightGuard;
+use crate::load_report::{self, LoadConfig};
 use crate::wire::{Deframer, FrameError, Message};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::{Code, Status};
@@ -107,17 +109,26 @@ pub struct ObservedBody {
     guard: Option<InFlightGuard>,
     on_end: Option<OnEnd>,
     code: Option<Code>,
+    load: Arc<LoadConfig>,
 }
 
 impl ObservedBody {
     /// Wraps `inner`; `code` is the status already known from the response headers
     /// (a trailers-only answer), if any.
-    pub fn new(inner: Body, guard: InFlightGuard, code: Option<Code>, on_end: OnEnd) -> Self {
+    /// Load reports in the trailers are applied to the guard's endpoint.
+    pub fn new(
+        inner: Body,
+        guard: InFlightGuard,
+        code: Option<Code>,
+        load: Arc<LoadConfig>,
+        on_end: OnEnd,
+    ) -> Self {
         ObservedBody {
             inner,
             guard: Some(guard),
             on_end: Some(on_end),
             code,
+            load,
         }
     }
 
@@ -146,6 +157,9 @@ impl http_body::Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     this.code = grpc_code(trailers).or(Some(Code::Unknown));
+                    if let Some(guard) = &this.guard {
+                        load_report::observe(guard.endpoint(), trailers, &this.load);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::discovery;
 use crate::front::InferenceFront;
 use crate::health::Checker;
+use crate::load_report;
 use crate::path::Gateway;
 use crate::pool::Pool;
 use crate::telemetry;
@@ -63,7 +64,12 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
 pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
     let pool = Pool::new(&config, source).map_err(StartError)?;
-    let gateway = Gateway::new(Arc::clone(&pool), config.max_message_bytes);
+    let load = Arc::new(config.load.clone());
+    let gateway = Gateway::new(
+        Arc::clone(&pool),
+        config.max_message_bytes,
+        Arc::clone(&load),
+    );
     let (reporter, health_service) = tonic_health::server::health_reporter();
 
     // Learn the pool before taking traffic: one health round and one index read.
@@ -152,6 +158,9 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         tracing::warn!("metrics recorder unavailable; /metrics is not served");
     }
     tokio::spawn(checker.run(shutdown_rx.clone()));
+    for endpoint in pool.endpoints() {
+        load_report::spawn_for(&endpoint, &load, &shutdown_rx);
+    }
     tokio::spawn(discovery::run(
         Arc::clone(&pool),
         Duration::from_millis(config.discovery.refresh_interval_ms),

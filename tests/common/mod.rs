@@ -41,11 +41,7 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     config.health.timeout_ms = 200;
     config.backends = backends
         .iter()
-        .map(|a| BackendConfig {
-            address: a.to_string(),
-            models: Vec::new(),
-            weight: 1,
-        })
+        .map(|a| BackendConfig::new(a.to_string()))
         .collect();
     config
 }

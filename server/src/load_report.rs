@@ -1,0 +1,730 @@
+//! Load reports: what each backend says about its own load, kept per endpoint with its
+//! age. Fed beside the request path (out-of-band ORCA streams, Prometheus scrapes) and
+//! at its very end (the ORCA trailer of every response, read by `proxy::ObservedBody`);
+//! read by the `gpu_aware` balancing policy.
+//!
+//! Four sources, freshest wins: every update stamps the time it was received, and the
+//! policy ignores a report older than `load.stale_after_ms`, falling back to
+//! least-request for that backend. Prometheus is scraped only for backends that have
+//! not reported by ORCA within that bound, so a backend that speaks ORCA is never
+//! polled.
+//!
+//! Values are kept in atomics (f64 bits), so the picker reads them without a lock.
+
+use crate::endpoint::Endpoint;
+use http::HeaderMap;
+use infergate_proto::orca::OrcaLoadReport;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// `[load]`: which report fields count and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// Fields that make up "utilization"; the maximum of those present counts.
+    /// `application_utilization`, `cpu_utilization` and `mem_utilization` are the ORCA
+    /// top-level fields; any other name is looked up in `utilization` and then in
+    /// `named_metrics`. Default: application_utilization, gpu_utilization,
+    /// kv_cache_utilization.
+    pub utilization_fields: Vec<String>,
+    /// `named_metrics` entry that holds the queue depth. Default `queue_depth`.
+    pub queue_field: String,
+    /// A report older than this stops counting. Default 3000 ms.
+    pub stale_after_ms: u64,
+    /// Open ORCA out-of-band streams (`OpenRcaService/StreamCoreMetrics`). Default true.
+    pub oob: bool,
+    /// Interval asked of out-of-band streams. Default 500 ms.
+    pub oob_interval_ms: u64,
+    /// Scrape interval for backends with a `metrics_address`. Default 1000 ms.
+    pub scrape_interval_ms: u64,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            utilization_fields: [
+                "application_utilization",
+                "gpu_utilization",
+                "kv_cache_utilization",
+            ]
+            .map(String::from)
+            .to_vec(),
+            queue_field: "queue_depth".into(),
+            stale_after_ms: 3000,
+            oob: true,
+            oob_interval_ms: 500,
+            scrape_interval_ms: 1000,
+        }
+    }
+}
+
+impl LoadConfig {
+    /// `stale_after_ms` as a Duration.
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_millis(self.stale_after_ms)
+    }
+}
+
+/// Named sets of Prometheus metric names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScrapePreset {
+    /// Triton: `nv_gpu_utilization` (max over GPUs), `nv_inference_pending_request_count`
+    /// (sum over models).
+    #[default]
+    Triton,
+    /// vLLM: `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting`
+    /// (`vllm:num_requests_running` is read as well).
+    Vllm,
+}
+
+/// Prometheus scrape settings of one backend (`[backends.scrape]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrapeConfig {
+    /// Metric-name preset.
+    pub preset: ScrapePreset,
+    /// Overrides the preset's utilization metric.
+    pub utilization_metric: Option<String>,
+    /// Overrides the preset's queue-depth metric.
+    pub queue_metric: Option<String>,
+}
+
+impl ScrapeConfig {
+    fn names(&self) -> (String, String) {
+        let (util, queue) = match self.preset {
+            ScrapePreset::Triton => ("nv_gpu_utilization", "nv_inference_pending_request_count"),
+            ScrapePreset::Vllm => ("vllm:kv_cache_usage_perc", "vllm:num_requests_waiting"),
+        };
+        (
+            self.utilization_metric
+                .clone()
+                .unwrap_or_else(|| util.into()),
+            self.queue_metric.clone().unwrap_or_else(|| queue.into()),
+        )
+    }
+}
+
+/// Where a report came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Source {
+    /// Nothing received yet.
+    None = 0,
+    /// `endpoint-load-metrics-bin` on a response.
+    OrcaPerCall = 1,
+    /// `endpoint-load-metrics` (TEXT or JSON) on a response.
+    OrcaText = 2,
+    /// `OpenRcaService/StreamCoreMetrics`.
+    OrcaOob = 3,
+    /// A Prometheus scrape.
+    Prometheus = 4,
+}
+
+impl Source {
+    /// Name for the admin API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::OrcaPerCall => "orca_per_call",
+            Source::OrcaText => "orca_text",
+            Source::OrcaOob => "orca_oob",
+            Source::Prometheus => "prometheus",
+        }
+    }
+
+    fn from_u8(v: u8) -> Source {
+        match v {
+            1 => Source::OrcaPerCall,
+            2 => Source::OrcaText,
+            3 => Source::OrcaOob,
+            4 => Source::Prometheus,
+            _ => Source::None,
+        }
+    }
+}
+
+/// A backend's last report, stored lock-free.
+#[derive(Debug)]
+pub struct LoadState {
+    utilization: AtomicU64,
+    queue_depth: AtomicU64,
+    /// Nanoseconds since [`epoch`] when the last report arrived; 0 = never.
+    at_nanos: AtomicU64,
+    source: AtomicU8,
+}
+
+impl Default for LoadState {
+    fn default() -> Self {
+        LoadState {
+            utilization: AtomicU64::new(0f64.to_bits()),
+            queue_depth: AtomicU64::new(0f64.to_bits()),
+            at_nanos: AtomicU64::new(0),
+            source: AtomicU8::new(Source::None as u8),
+        }
+    }
+}
+
+/// One reading, as the picker sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    /// 0..1 (values above 1 are kept; the policy clamps).
+    pub utilization: f64,
+    /// Requests waiting at the backend.
+    pub queue_depth: f64,
+    /// How old the reading is.
+    pub age: Duration,
+    /// Where it came from.
+    pub source: Source,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1))
+}
+
+impl LoadState {
+    /// Stores a reading taken now.
+    pub fn store(&self, utilization: f64, queue_depth: f64, source: Source, now: Instant) {
+        self.utilization
+            .store(utilization.to_bits(), Ordering::Relaxed);
+        self.queue_depth
+            .store(queue_depth.to_bits(), Ordering::Relaxed);
+        self.source.store(source as u8, Ordering::Relaxed);
+        let nanos = now.saturating_duration_since(epoch()).as_nanos() as u64;
+        self.at_nanos.store(nanos.max(1), Ordering::Release);
+    }
+
+    /// The last reading, if any.
+    pub fn read(&self, now: Instant) -> Option<Reading> {
+        let at = self.at_nanos.load(Ordering::Acquire);
+        if at == 0 {
+            return None;
+        }
+        let at = epoch() + Duration::from_nanos(at);
+        Some(Reading {
+            utilization: f64::from_bits(self.utilization.load(Ordering::Relaxed)),
+            queue_depth: f64::from_bits(self.queue_depth.load(Ordering::Relaxed)),
+            age: now.saturating_duration_since(at),
+            source: Source::from_u8(self.source.load(Ordering::Relaxed)),
+        })
+    }
+
+    /// The last reading if it is younger than `stale_after`.
+    pub fn fresh(&self, now: Instant, stale_after: Duration) -> Option<Reading> {
+        self.read(now).filter(|r| r.age <= stale_after)
+    }
+}
+
+/// A report reduced to the two numbers the policy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    /// Maximum of the configured utilization fields present.
+    pub utilization: f64,
+    /// The queue-depth metric, 0 when absent.
+    pub queue_depth: f64,
+}
+
+/// Reduces an ORCA report with the configured field names.
+pub fn reduce(report: &OrcaLoadReport, cfg: &LoadConfig) -> Load {
+    let field = |name: &str| -> Option<f64> {
+        match name {
+            "application_utilization" => Some(report.application_utilization),
+            "cpu_utilization" => Some(report.cpu_utilization),
+            "mem_utilization" => Some(report.mem_utilization),
+            other => report
+                .utilization
+                .get(other)
+                .or_else(|| report.named_metrics.get(other))
+                .copied(),
+        }
+    };
+    let utilization = cfg
+        .utilization_fields
+        .iter()
+        .filter_map(|name| field(name))
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    let queue_depth = report
+        .named_metrics
+        .get(&cfg.queue_field)
+        .copied()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .unwrap_or(0.0);
+    Load {
+        utilization,
+        queue_depth,
+    }
+}
+
+/// Reads an ORCA report from response headers or trailers, in any of the forms backends
+/// send: `endpoint-load-metrics-bin` (base64 protobuf) or `endpoint-load-metrics` with a
+/// `TEXT ` (`key=value` or `key:value`, comma separated) or `JSON ` body.
+pub fn from_headers(headers: &HeaderMap) -> Option<(OrcaLoadReport, Source)> {
+    if let Some(value) = headers.get("endpoint-load-metrics-bin") {
+        let bytes = decode_base64(value.as_bytes())?;
+        let report = <OrcaLoadReport as prost::Message>::decode(bytes.as_slice()).ok()?;
+        return Some((report, Source::OrcaPerCall));
+    }
+    let text = headers.get("endpoint-load-metrics")?.to_str().ok()?.trim();
+    if let Some(body) = text.strip_prefix("TEXT") {
+        return Some((parse_text(body), Source::OrcaText));
+    }
+    if let Some(body) = text.strip_prefix("JSON") {
+        return parse_json(body).map(|r| (r, Source::OrcaText));
+    }
+    None
+}
+
+/// Applies the report found in `headers`, if any, to `endpoint`.
+pub fn observe(endpoint: &Endpoint, headers: &HeaderMap, cfg: &LoadConfig) {
+    if let Some((report, source)) = from_headers(headers) {
+        let load = reduce(&report, cfg);
+        endpoint
+            .load()
+            .store(load.utilization, load.queue_depth, source, Instant::now());
+    }
+}
+
+fn set_field(report: &mut OrcaLoadReport, key: &str, value: f64) {
+    match key {
+        "cpu_utilization" => report.cpu_utilization = value,
+        "mem_utilization" => report.mem_utilization = value,
+        "application_utilization" => report.application_utilization = value,
+        "rps_fractional" => report.rps_fractional = value,
+        "eps" => report.eps = value,
+        other => {
+            if let Some(name) = other.strip_prefix("named_metrics.") {
+                report.named_metrics.insert(name.to_owned(), value);
+            } else if let Some(name) = other.strip_prefix("utilization.") {
+                report.utilization.insert(name.to_owned(), value);
+            } else if let Some(name) = other.strip_prefix("request_cost.") {
+                report.request_cost.insert(name.to_owned(), value);
+            } else {
+                report.named_metrics.insert(other.to_owned(), value);
+            }
+        }
+    }
+}
+
+fn parse_text(body: &str) -> OrcaLoadReport {
+    let mut report = OrcaLoadReport::default();
+    for pair in body.split(',') {
+        let Some((key, value)) = pair.split_once('=').or_else(|| pair.split_once(':')) else {
+            continue;
+        };
+        if let Ok(value) = value.trim().parse::<f64>() {
+            set_field(&mut report, key.trim(), value);
+        }
+    }
+    report
+}
+
+fn parse_json(body: &str) -> Option<OrcaLoadReport> {
+    let value: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    let mut report = OrcaLoadReport::default();
+    for (key, v) in value.as_object()? {
+        match v {
+            serde_json::Value::Number(n) => {
+                if let Some(x) = n.as_f64() {
+                    set_field(&mut report, key, x);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (name, inner) in map {
+                    if let Some(x) = inner.as_f64() {
+                        set_field(&mut report, &format!("{key}.{name}"), x);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(report)
+}
+
+/// Standard base64 (gRPC `-bin` metadata), padding optional.
+fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let input: Vec<u8> = input.iter().copied().filter(|c| *c != b'=').collect();
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    for chunk in input.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Starts the background load-report tasks of one endpoint: the ORCA out-of-band
+/// stream (when `load.oob`) and the Prometheus scrape (when it has a `metrics_address`).
+/// Both end on shutdown or when the endpoint leaves the pool.
+pub fn spawn_for(
+    endpoint: &Arc<Endpoint>,
+    cfg: &Arc<LoadConfig>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    if cfg.oob {
+        tokio::spawn(run_oob(
+            Arc::downgrade(endpoint),
+            Arc::clone(cfg),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(address) = endpoint.metrics_address() {
+        tokio::spawn(run_scrape(
+            Arc::downgrade(endpoint),
+            address.to_owned(),
+            endpoint.scrape().clone(),
+            Arc::clone(cfg),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Keeps an ORCA out-of-band stream open to `endpoint` while it is in the pool. A backend
+/// that answers UNIMPLEMENTED does not offer the service: the loop stops and nothing
+/// else changes (it is not marked unhealthy).
+pub async fn run_oob(
+    endpoint: Weak<Endpoint>,
+    cfg: Arc<LoadConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use infergate_proto::orca::open_rca_service_client::OpenRcaServiceClient;
+    use infergate_proto::orca::OrcaLoadReportRequest;
+    let interval = Duration::from_millis(cfg.oob_interval_ms.max(10));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(e) = endpoint.upgrade() else { return };
+        let request = OrcaLoadReportRequest {
+            report_interval: Some(prost_types::Duration {
+                seconds: interval.as_secs() as i64,
+                nanos: interval.subsec_nanos() as i32,
+            }),
+            request_cost_names: Vec::new(),
+        };
+        let mut client = OpenRcaServiceClient::new(e.channel());
+        let address = e.address().to_owned();
+        drop(e);
+        let opened = tokio::select! {
+            r = client.stream_core_metrics(request) => r,
+            _ = shutdown.changed() => return,
+        };
+        match opened {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                backoff = Duration::from_millis(200);
+                loop {
+                    let next = tokio::select! {
+                        m = stream.message() => m,
+                        _ = shutdown.changed() => return,
+                    };
+                    match (next, endpoint.upgrade()) {
+                        (Ok(Some(report)), Some(e)) => {
+                            let load = reduce(&report, &cfg);
+                            e.load().store(
+                                load.utilization,
+                                load.queue_depth,
+                                Source::OrcaOob,
+                                Instant::now(),
+                            );
+                        }
+                        (_, None) => return,
+                        (Ok(None), _) | (Err(_), _) => break,
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::debug!(backend = %address, "no ORCA out-of-band service; using per-call reports");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Scrapes `metrics_address` every interval while ORCA reports are absent or stale.
+pub async fn run_scrape(
+    endpoint: Weak<Endpoint>,
+    metrics_address: String,
+    scrape: ScrapeConfig,
+    cfg: Arc<LoadConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (util_name, queue_name) = scrape.names();
+    let interval = Duration::from_millis(cfg.scrape_interval_ms.max(10));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(e) = endpoint.upgrade() else { return };
+        let orca_fresh = e
+            .load()
+            .fresh(Instant::now(), cfg.stale_after())
+            .is_some_and(|r| r.source != Source::Prometheus);
+        if orca_fresh {
+            continue;
+        }
+        drop(e);
+        match tokio::time::timeout(interval, fetch_metrics(&metrics_address)).await {
+            Ok(Ok(text)) => {
+                let values = parse_prometheus(&text, &[&util_name, &queue_name]);
+                let utilization = values.get(util_name.as_str()).map(|v| v.max).unwrap_or(0.0);
+                let queue = values
+                    .get(queue_name.as_str())
+                    .map(|v| v.sum)
+                    .unwrap_or(0.0);
+                if let Some(e) = endpoint.upgrade() {
+                    e.load()
+                        .store(utilization, queue, Source::Prometheus, Instant::now());
+                }
+            }
+            Ok(Err(err)) => tracing::debug!(%metrics_address, "scrape failed: {err}"),
+            Err(_) => tracing::debug!(%metrics_address, "scrape timed out"),
+        }
+    }
+}
+
+async fn fetch_metrics(address: &str) -> std::io::Result<String> {
+    let (host, path) = match address.split_once('/') {
+        Some((host, path)) => (host, format!("/{path}")),
+        None => (address, "/metrics".to_owned()),
+    };
+    let mut socket = tokio::net::TcpStream::connect(host).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await?;
+    let mut body = Vec::new();
+    socket.take(8 << 20).read_to_end(&mut body).await?;
+    let text = String::from_utf8_lossy(&body);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("bad status").to_owned(),
+        ));
+    }
+    Ok(rest.to_owned())
+}
+
+/// Sum and maximum of a metric over its label sets.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Aggregate {
+    /// Sum over label sets.
+    pub sum: f64,
+    /// Maximum over label sets.
+    pub max: f64,
+}
+
+/// Reads the named metrics from Prometheus text exposition format.
+pub fn parse_prometheus<'a>(text: &str, names: &[&'a str]) -> HashMap<&'a str, Aggregate> {
+    let mut out: HashMap<&'a str, Aggregate> = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let Some(wanted) = names.iter().find(|n| **n == name) else {
+            continue;
+        };
+        let after_labels = match line[name_end..].find('}') {
+            Some(close) if line[name_end..].starts_with('{') => &line[name_end + close + 1..],
+            _ => &line[name_end..],
+        };
+        let Some(value) = after_labels
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if !value.is_finite() {
+            continue;
+        }
+        let entry = out.entry(*wanted).or_insert(Aggregate {
+            sum: 0.0,
+            max: f64::MIN,
+        });
+        entry.sum += value;
+        entry.max = entry.max.max(value);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn encode_base64(bytes: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn binary_trailer_is_decoded_and_reduced() {
+        let report = OrcaLoadReport {
+            application_utilization: 0.4,
+            named_metrics: [
+                ("gpu_utilization".to_owned(), 0.7),
+                ("queue_depth".to_owned(), 3.0),
+            ]
+            .into(),
+            cpu_utilization: 0.9,
+            ..Default::default()
+        };
+        let mut headers = HeaderMap::new();
+        let encoded = encode_base64(&prost::Message::encode_to_vec(&report));
+        headers.insert(
+            "endpoint-load-metrics-bin",
+            HeaderValue::from_str(&encoded).expect("ascii"),
+        );
+        let (parsed, source) = from_headers(&headers).expect("report");
+        assert_eq!(source, Source::OrcaPerCall);
+        let load = reduce(&parsed, &LoadConfig::default());
+        assert_eq!(
+            load,
+            Load {
+                utilization: 0.7,
+                queue_depth: 3.0
+            },
+            "cpu not counted by default"
+        );
+        let cpu = LoadConfig {
+            utilization_fields: vec!["cpu_utilization".into(), "application_utilization".into()],
+            ..LoadConfig::default()
+        };
+        assert_eq!(reduce(&parsed, &cpu).utilization, 0.9);
+    }
+
+    #[test]
+    fn text_and_json_forms_are_accepted() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "endpoint-load-metrics",
+            HeaderValue::from_static("TEXT application_utilization=0.25, named_metrics.queue_depth:4, utilization.gpu_utilization=0.5"),
+        );
+        let (report, source) = from_headers(&headers).expect("text");
+        assert_eq!(source, Source::OrcaText);
+        assert_eq!(
+            reduce(&report, &LoadConfig::default()),
+            Load {
+                utilization: 0.5,
+                queue_depth: 4.0
+            }
+        );
+
+        headers.insert(
+            "endpoint-load-metrics",
+            HeaderValue::from_static(
+                r#"JSON {"cpu_utilization": 0.3, "named_metrics": {"kv_cache_utilization": 0.8}}"#,
+            ),
+        );
+        let (report, _) = from_headers(&headers).expect("json");
+        assert_eq!(report.cpu_utilization, 0.3);
+        assert_eq!(reduce(&report, &LoadConfig::default()).utilization, 0.8);
+
+        headers.insert(
+            "endpoint-load-metrics",
+            HeaderValue::from_static("JSON {not json"),
+        );
+        assert!(from_headers(&headers).is_none());
+    }
+
+    #[test]
+    fn base64_round_trips_with_and_without_padding() {
+        for len in 0..20 {
+            let bytes: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
+            let encoded = encode_base64(&bytes);
+            assert_eq!(decode_base64(encoded.as_bytes()).expect("decodes"), bytes);
+            let padded = format!("{encoded}{}", "=".repeat((4 - encoded.len() % 4) % 4));
+            assert_eq!(decode_base64(padded.as_bytes()).expect("decodes"), bytes);
+        }
+        assert!(decode_base64(b"a*b=").is_none());
+    }
+
+    #[test]
+    fn prometheus_text_is_aggregated_over_labels() {
+        let text = "# HELP nv_gpu_utilization GPU utilization\n# TYPE nv_gpu_utilization gauge\n\
+            nv_gpu_utilization{gpu_uuid=\"GPU-a\"} 0.25\nnv_gpu_utilization{gpu_uuid=\"GPU-b\"} 0.75\n\
+            nv_inference_pending_request_count{model=\"simple\",version=\"1\"} 3\n\
+            nv_inference_pending_request_count{model=\"tiny_llm\",version=\"1\"} 2\n\
+            vllm:num_requests_waiting 7\nother_metric 1\n";
+        let values = parse_prometheus(
+            text,
+            &[
+                "nv_gpu_utilization",
+                "nv_inference_pending_request_count",
+                "vllm:num_requests_waiting",
+            ],
+        );
+        assert_eq!(values["nv_gpu_utilization"].max, 0.75);
+        assert_eq!(values["nv_inference_pending_request_count"].sum, 5.0);
+        assert_eq!(values["vllm:num_requests_waiting"].sum, 7.0);
+        assert!(!values.contains_key("other_metric"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readings_age_and_go_stale() {
+        let state = LoadState::default();
+        let now = Instant::now();
+        assert!(state.read(now).is_none());
+        state.store(0.5, 2.0, Source::OrcaOob, now);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let reading = state.read(Instant::now()).expect("reading");
+        assert_eq!(reading.age, Duration::from_millis(1500));
+        assert_eq!(reading.source, Source::OrcaOob);
+        assert!(state
+            .fresh(Instant::now(), Duration::from_secs(2))
+            .is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(state
+            .fresh(Instant::now(), Duration::from_secs(2))
+            .is_none());
+    }
+}
