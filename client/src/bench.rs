@@ -236,6 +236,10 @@ pub struct BenchReport {
     pub per_backend: BTreeMap<String, u64>,
     /// Tokens received (streaming models).
     pub tokens: u64,
+    /// The latency histogram itself (microseconds), so runs can be merged, e.g. the
+    /// clients of several gateway replicas.
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
 }
 
 impl BenchReport {
@@ -408,6 +412,7 @@ where
         latency_us: LatencySummary::from_histogram(&stats.hist),
         per_backend: stats.per_backend,
         tokens: stats.tokens,
+        histogram: Some(stats.hist),
     })
 }
 
@@ -998,6 +1003,7 @@ mod tests {
                 ..LatencySummary::default()
             },
             per_backend: BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)]),
+            histogram: None,
             tokens: 0,
         };
         let s = report.summary();

@@ -1388,40 +1388,42 @@ mod tests {
         assert!(call(&mut b, fail(), now).is_some());
     }
 
-    #[test]
-    fn time_window_slides() {
-        let t0 = Instant::now();
+    #[tokio::test(start_paused = true)]
+    async fn time_window_slides() {
         let mut b = breaker(&BreakerConfig {
             window: WindowKind::Time { seconds: 10 },
             ..config()
         });
         for _ in 0..3 {
-            assert_eq!(call(&mut b, fail(), t0), None);
+            assert_eq!(call(&mut b, fail(), Instant::now()), None);
         }
-        assert_eq!(b.stats(t0).window.calls, 3);
+        assert_eq!(b.stats(Instant::now()).window.calls, 3);
         // Ten seconds later those failures have aged out: the fourth failure is alone.
-        let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(b.stats(t1).window.calls, 0);
-        assert_eq!(call(&mut b, fail(), t1), None);
-        assert_eq!(b.stats(t1).window.calls, 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.stats(Instant::now()).window.calls, 0);
+        assert_eq!(call(&mut b, fail(), Instant::now()), None);
+        assert_eq!(b.stats(Instant::now()).window.calls, 1);
         // Within the window they add up.
-        let t2 = t1 + Duration::from_secs(5);
+        tokio::time::advance(Duration::from_secs(5)).await;
         for _ in 0..2 {
-            assert_eq!(call(&mut b, fail(), t2), None);
+            assert_eq!(call(&mut b, fail(), Instant::now()), None);
         }
-        assert_eq!(b.stats(t2).window.calls, 3);
-        let t = call(&mut b, fail(), t2 + Duration::from_secs(4)).expect("opens");
+        assert_eq!(b.stats(Instant::now()).window.calls, 3);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let t = call(&mut b, fail(), Instant::now()).expect("opens");
         assert!(t.reason.contains("over 4 calls"), "{}", t.reason);
     }
 
-    #[test]
-    fn open_turns_half_open_after_the_wait() {
-        let t0 = Instant::now();
-        let mut b = opened(t0);
-        assert!(b.tick(t0 + 999 * MS).is_none());
-        assert!(b.try_acquire(t0 + 999 * MS).is_none());
-        assert!(b.admits(t0 + 1000 * MS));
-        let mut permit = b.try_acquire(t0 + 1000 * MS).expect("probe");
+    #[tokio::test(start_paused = true)]
+    async fn open_turns_half_open_after_the_wait() {
+        let mut b = opened(Instant::now());
+        tokio::time::advance(999 * MS).await;
+        assert!(b.tick(Instant::now()).is_none());
+        assert!(b.try_acquire(Instant::now()).is_none());
+        assert!(!b.admits(Instant::now()));
+        tokio::time::advance(MS).await;
+        assert!(b.admits(Instant::now()));
+        let mut permit = b.try_acquire(Instant::now()).expect("probe");
         assert!(permit.is_probe());
         let t = permit
             .take_transition()

@@ -717,7 +717,7 @@ mod tests {
         ))
     }
 
-    /// Lets spawned tasks run until `cond` holds (tasks, not time: no sleeps).
+    /// Lets spawned tasks run until `cond` holds (yields, not sleeps: time stays put).
     async fn until(cond: impl Fn() -> bool) {
         for _ in 0..1000 {
             if cond() {
@@ -745,7 +745,7 @@ mod tests {
         })
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn admits_at_once_while_slots_are_free() {
         let bh = bulkhead(2, 4);
         let a = bh.acquire("t", 0, None).await.expect("first");
@@ -763,7 +763,7 @@ mod tests {
         assert_eq!(unlimited.stats().active, 100);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiters_are_served_fifo_within_a_priority() {
         let bh = bulkhead(1, 8);
         let holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -781,7 +781,7 @@ mod tests {
         assert_eq!(bh.stats().active, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn higher_priority_waiters_go_first() {
         let bh = bulkhead(1, 8);
         let holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -798,7 +798,7 @@ mod tests {
         assert_eq!(*order.lock().expect("order"), vec![1, 3, 0, 4, 2]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn full_queue_rejects_at_once_with_pushback() {
         let bh = bulkhead(1, 1);
         let _holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -826,7 +826,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn queue_timeout_rejects() {
         let bh = Bulkhead::new(
             "simple".into(),
@@ -840,7 +840,7 @@ mod tests {
         let _holder = bh.acquire("t", 0, None).await.expect("holder");
         let start = Instant::now();
         let err = bh.acquire("t", 0, None).await.expect_err("timeout");
-        assert!(start.elapsed() >= Duration::from_millis(20));
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
         assert!(matches!(err, Rejected::QueueTimeout { .. }), "{err:?}");
         assert_eq!(err.limit(), ("queue_timeout_ms", 20));
         assert!(err.message().starts_with(
@@ -850,7 +850,7 @@ mod tests {
         assert_eq!((stats.queued, stats.rejected_timeout_total), (0, 1));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn deadline_before_queue_timeout_rejects_early() {
         let bh = bulkhead(1, 4); // queue_timeout 1000 ms
         let holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -860,10 +860,31 @@ mod tests {
             .await
             .expect_err("deadline");
         let waited = start.elapsed();
-        assert!(waited >= Duration::from_millis(20), "{waited:?}");
-        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+        assert_eq!(
+            waited,
+            Duration::from_millis(20),
+            "the deadline, not queue_timeout"
+        );
         assert!(matches!(err, Rejected::DeadlineTooClose { .. }), "{err:?}");
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            err.message(),
+            "model simple: deadline reached before a bulkhead slot freed (max_concurrent 1, waited 20 ms); retry in 1000 ms"
+        );
+
+        // A slot that frees before the deadline is taken.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(holder);
+        });
+        let start = Instant::now();
+        let slot = bh
+            .acquire("t", 0, Some(start + Duration::from_millis(20)))
+            .await
+            .expect("slot freed in time");
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+        release.await.expect("release");
+        let holder = slot;
 
         // A deadline already passed is refused at once, even with a slot free.
         drop(holder);
@@ -884,10 +905,17 @@ mod tests {
             .await
             .expect("slot");
         let stats = bh.stats();
-        assert_eq!((stats.rejected_deadline_total, stats.active), (2, 1));
+        assert_eq!(
+            (
+                stats.rejected_deadline_total,
+                stats.active,
+                stats.admitted_total
+            ),
+            (2, 1, 3)
+        );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn slot_is_freed_on_drop_abort_and_panic() {
         let bh = bulkhead(1, 4);
         drop(bh.acquire("t", 0, None).await.expect("slot"));
@@ -914,7 +942,7 @@ mod tests {
         let _slot = bh.acquire("t", 0, None).await.expect("slot after panic");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn freed_slot_goes_to_a_waiter_whose_holder_was_aborted() {
         let bh = bulkhead(1, 4);
         let held = bh.clone();
@@ -932,7 +960,7 @@ mod tests {
         assert_eq!(bh.stats().active, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn cancelled_waiter_leaves_the_queue() {
         let bh = bulkhead(1, 4);
         let holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -942,13 +970,16 @@ mod tests {
         task.abort();
         assert!(task.await.expect_err("aborted").is_cancelled());
         let stats = bh.stats();
-        assert_eq!((stats.queued, stats.active, stats.cancelled_total), (0, 1, 1));
+        assert_eq!(
+            (stats.queued, stats.active, stats.cancelled_total),
+            (0, 1, 1)
+        );
         drop(holder);
         assert_eq!(bh.stats().active, 0);
         let _slot = bh.acquire("t", 0, None).await.expect("slot");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiter_cancelled_as_its_grant_arrives_gives_the_slot_back() {
         let bh = bulkhead(1, 4);
         let holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -969,7 +1000,7 @@ mod tests {
         let _slot = bh.acquire("t", 0, None).await.expect("slot");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn tenant_share_is_enforced_while_others_get_slots() {
         let bh = Arc::new(Bulkhead::new(
             "simple".into(),
@@ -1009,7 +1040,7 @@ mod tests {
         assert_eq!(bh.stats().active, 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn stats_count_every_outcome() {
         let bh = Arc::new(Bulkhead::new(
             "simple".into(),
@@ -1032,10 +1063,7 @@ mod tests {
         };
         until(|| bh.stats().queued == 1).await;
         assert!(bh.acquire("t", 0, None).await.is_err()); // full
-        assert!(bh
-            .acquire("t", 0, Some(Instant::now()))
-            .await
-            .is_err()); // deadline
+        assert!(bh.acquire("t", 0, Some(Instant::now())).await.is_err()); // deadline
         drop(holder);
         w.await.expect("waiter");
         assert_eq!(
@@ -1052,7 +1080,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn raising_the_limit_admits_waiters() {
         let bh = bulkhead(1, 8);
         let _holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -1095,11 +1123,11 @@ mod tests {
             .is_err());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn pushback_follows_measured_hold_times() {
         let bh = bulkhead(2, 8);
         let slot = bh.acquire("t", 0, None).await.expect("slot");
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::advance(Duration::from_millis(40)).await;
         drop(slot);
         let _a = bh.acquire("t", 0, None).await.expect("a");
         let _b = bh.acquire("t", 0, None).await.expect("b");
@@ -1109,8 +1137,8 @@ mod tests {
             .expect_err("deadline");
         // One slot of two frees about every 20 ms; never more than queue_timeout.
         let pushback = err.pushback();
-        assert!(pushback >= Duration::from_millis(20), "{pushback:?}");
-        assert!(pushback <= Duration::from_millis(1000), "{pushback:?}");
+        assert_eq!(pushback, Duration::from_millis(20));
+        assert!(err.message().ends_with("retry in 20 ms"), "{err}");
     }
 
     #[test]

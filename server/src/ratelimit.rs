@@ -149,7 +149,10 @@ impl RateLimitConfig {
     }
 
     fn tenant_bucket(&self, tenant: &str) -> Option<Bucket> {
-        self.tenants.get(tenant).or(self.per_tenant.as_ref()).copied()
+        self.tenants
+            .get(tenant)
+            .or(self.per_tenant.as_ref())
+            .copied()
     }
 }
 
@@ -300,7 +303,8 @@ impl Buckets {
             if self.map.len() >= cap {
                 self.evict(now, cap);
             }
-            self.map.insert(key.to_owned(), TokenBucket::full(limit, now));
+            self.map
+                .insert(key.to_owned(), TokenBucket::full(limit, now));
         }
         let bucket = self.map.get_mut(key)?;
         bucket.refill(limit, now);
@@ -438,8 +442,8 @@ mod tests {
         (0..n).filter(|_| l.check(key, now).is_ok()).count()
     }
 
-    #[test]
-    fn burst_then_refill() {
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_refill() {
         let l = limiter(RateLimitConfig {
             per_tenant: Some(bucket(5.0, 10)),
             ..Default::default()
@@ -447,7 +451,7 @@ mod tests {
         let key = RateKey::new("blue", "simple");
         let t0 = Instant::now();
         assert_eq!(admitted(&l, &key, t0, 20), 10);
-        let err = l.check(&key, t0).expect_err("empty");
+        let err = l.check(&key, Instant::now()).expect_err("empty");
         assert_eq!(err.scope, RateScope::Tenant);
         assert_eq!(err.retry_after, ms(200));
         assert_eq!(
@@ -456,11 +460,14 @@ mod tests {
         );
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         // 100 ms earns half a token: still refused, 100 ms to go.
-        let err = l.check(&key, t0 + ms(100)).expect_err("half a token");
+        tokio::time::advance(ms(100)).await;
+        let err = l.check(&key, Instant::now()).expect_err("half a token");
         assert_eq!(err.retry_after, ms(100));
-        assert_eq!(admitted(&l, &key, t0 + ms(200), 5), 1);
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(admitted(&l, &key, Instant::now(), 5), 1);
         // A long pause refills to the burst, no more.
-        assert_eq!(admitted(&l, &key, t0 + Duration::from_secs(60), 20), 10);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(admitted(&l, &key, Instant::now(), 20), 10);
         // An instant from before the last check earns nothing.
         assert!(l.check(&key, t0).is_err());
     }
@@ -479,7 +486,9 @@ mod tests {
             .expect_err("model empty");
         assert_eq!((err.scope, err.key.as_str()), (RateScope::Model, "simple"));
         assert_eq!(err.retry_after, Duration::from_secs(1));
-        assert!(err.message().starts_with("model simple: rate limit 1/s (burst 2)"));
+        assert!(err
+            .message()
+            .starts_with("model simple: rate limit 1/s (burst 2)"));
         // Another model has its own bucket.
         assert!(l.check(&RateKey::new("c", "other"), t0).is_ok());
         assert!(l.check(&RateKey::new("c", "simple"), t0 + ms(1000)).is_ok());
@@ -602,8 +611,7 @@ mod tests {
         let cfg: RateLimitConfig =
             serde_json::from_str(r#"{"per_tenant": {"rate_per_second": 5}}"#).expect("partial");
         assert_eq!(cfg.per_tenant, Some(bucket(5.0, 20)));
-        assert!(serde_json::from_str::<RateLimitConfig>(r#"{"per_tenant": {"rate": 5}}"#)
-            .is_err());
+        assert!(serde_json::from_str::<RateLimitConfig>(r#"{"per_tenant": {"rate": 5}}"#).is_err());
         let bad = |cfg: RateLimitConfig, field: &str| {
             let err = cfg.validate().expect_err("invalid");
             assert!(err.contains(field), "{err}");

@@ -1,1 +1,860 @@
-//! placeholder
+//! Retries and hedges: which failures may be tried again, when, and how many the pool
+//! can afford. Sits in the request path after admission, the rate limit and the
+//! bulkhead, around the per-try timeout, the balancer and the endpoint (each try is a
+//! fresh pick, so a retry goes to another backend).
+//!
+//! Why each rule:
+//! - only failures where the backend did not process the call are always retried
+//!   (connect error, refused stream, reset before headers); a status is retried only
+//!   when its code is listed (default UNAVAILABLE), and a call whose response already
+//!   started is never retried, because the caller has seen part of it;
+//! - retries are budgeted: across recent calls they may add at most `budget_ratio` to
+//!   the load (plus a small floor per second so that a quiet model can still retry).
+//!   Without a budget, a pool that fails because it is overloaded gets more load from
+//!   the retries themselves and cannot recover. Hedges spend from the same budget;
+//! - backoff is exponential with full jitter (a uniform draw in `[0, cap]`), so that
+//!   callers who failed together do not come back together;
+//! - a retry is only started when the caller's deadline leaves room for the backoff
+//!   and a whole try; a try that cannot finish in time only adds load;
+//! - hedging sends a second copy of a call that is slower than usual (the
+//!   `delay_percentile` of recent latencies, or a fixed delay), taking whichever
+//!   answer comes first.
+//!
+//! Everything here is a decision, not a loop: the request path calls these functions
+//! between tries, with `tokio::time::Instant`s and a seeded `fastrand::Rng`, so tests
+//! step time and draw the same jitter every run.
+//!
+//! ```ignore
+//! budget.record_request(now);
+//! // ... a try failed with `failure` ...
+//! let wait = backoff(attempt, &cfg, &mut rng);
+//! if is_retryable(&failure, &cfg)
+//!     && attempt < cfg.max_attempts
+//!     && may_retry(Instant::now(), deadline, cfg.per_try_timeout(), wait)
+//!     && budget.try_withdraw(Instant::now())
+//! {
+//!     tokio::time::sleep(wait).await; // then pick again
+//! }
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// `[models.<name>.retry]`: when and how often a failed call is tried again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries in all, the first included; 1 = never retry. Default 2 (one retry).
+    pub max_attempts: u32,
+    /// gRPC status codes that are retried, by canonical name (`UNAVAILABLE`,
+    /// `RESOURCE_EXHAUSTED`, ...). Default `["UNAVAILABLE"]`.
+    pub retryable_codes: Vec<String>,
+    /// Backoff cap of the first retry, in ms; doubles with each retry. Default 25.
+    pub backoff_base_ms: u64,
+    /// Largest backoff cap, in ms. Default 250.
+    pub backoff_max_ms: u64,
+    /// Time one try may take, in ms; absent = only the caller's deadline. Default
+    /// absent.
+    pub per_try_timeout_ms: Option<u64>,
+    /// Retries (and hedges) may add at most this fraction to the calls of the last
+    /// `budget_window_seconds`. Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries allowed per second whatever the traffic, so a quiet model can retry.
+    /// Default 10.
+    pub budget_min_per_second: f64,
+    /// The budget's sliding window, in seconds. Default 10.
+    pub budget_window_seconds: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 2,
+            retryable_codes: vec!["UNAVAILABLE".to_owned()],
+            backoff_base_ms: 25,
+            backoff_max_ms: 250,
+            per_try_timeout_ms: None,
+            budget_ratio: 0.2,
+            budget_min_per_second: 10.0,
+            budget_window_seconds: 10,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Checks values serde cannot check; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=10).contains(&self.max_attempts) {
+            return Err(format!(
+                "retry.max_attempts must be in 1..=10 (1 = no retry), got {}",
+                self.max_attempts
+            ));
+        }
+        let codes = parse_codes(&self.retryable_codes)
+            .map_err(|e| format!("retry.retryable_codes: {e}"))?;
+        if codes.contains(&Code::Ok) {
+            return Err("retry.retryable_codes: OK is not a failure".into());
+        }
+        if self.backoff_base_ms > self.backoff_max_ms {
+            return Err(format!(
+                "retry.backoff_base_ms ({}) must be <= retry.backoff_max_ms ({})",
+                self.backoff_base_ms, self.backoff_max_ms
+            ));
+        }
+        if self.per_try_timeout_ms == Some(0) {
+            return Err("retry.per_try_timeout_ms must be > 0 (leave it out for none)".into());
+        }
+        if !(self.budget_ratio.is_finite() && (0.0..=1.0).contains(&self.budget_ratio)) {
+            return Err(format!(
+                "retry.budget_ratio must be in [0, 1], got {}",
+                self.budget_ratio
+            ));
+        }
+        if !(self.budget_min_per_second.is_finite() && self.budget_min_per_second >= 0.0) {
+            return Err(format!(
+                "retry.budget_min_per_second must be a number >= 0, got {}",
+                self.budget_min_per_second
+            ));
+        }
+        if !(1..=3600).contains(&self.budget_window_seconds) {
+            return Err(format!(
+                "retry.budget_window_seconds must be in 1..=3600, got {}",
+                self.budget_window_seconds
+            ));
+        }
+        Ok(())
+    }
+
+    /// `per_try_timeout_ms` as a Duration.
+    pub fn per_try_timeout(&self) -> Option<Duration> {
+        self.per_try_timeout_ms.map(Duration::from_millis)
+    }
+}
+
+/// `[models.<name>.hedge]`: sending a second copy of a slow call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgeConfig {
+    /// Whether calls are hedged. Default false.
+    pub enabled: bool,
+    /// Fixed delay before a hedge, in ms; with `delay_percentile`, the delay used
+    /// until enough latencies are known. Default absent.
+    pub delay_ms: Option<u64>,
+    /// Hedge after this quantile of recent latencies, in (0, 1] (0.95 = p95). Default
+    /// absent.
+    pub delay_percentile: Option<f64>,
+    /// Most hedges per call, on top of the first try. Default 1.
+    pub max_hedges: u32,
+}
+
+impl Default for HedgeConfig {
+    fn default() -> Self {
+        HedgeConfig {
+            enabled: false,
+            delay_ms: None,
+            delay_percentile: None,
+            max_hedges: 1,
+        }
+    }
+}
+
+impl HedgeConfig {
+    /// Checks values serde cannot check; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.delay_percentile {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(format!("hedge.delay_percentile must be in (0, 1], got {p}"));
+            }
+        }
+        if self.delay_ms == Some(0) {
+            return Err("hedge.delay_ms must be > 0 (a hedge at once doubles the load)".into());
+        }
+        if !(1..=4).contains(&self.max_hedges) {
+            return Err(format!(
+                "hedge.max_hedges must be in 1..=4, got {}",
+                self.max_hedges
+            ));
+        }
+        if self.enabled && self.delay_ms.is_none() && self.delay_percentile.is_none() {
+            return Err(
+                "hedge.delay_ms or hedge.delay_percentile must be set when hedge.enabled".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+const CODE_NAMES: [(Code, &str); 17] = [
+    (Code::Ok, "OK"),
+    (Code::Cancelled, "CANCELLED"),
+    (Code::Unknown, "UNKNOWN"),
+    (Code::InvalidArgument, "INVALID_ARGUMENT"),
+    (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+    (Code::NotFound, "NOT_FOUND"),
+    (Code::AlreadyExists, "ALREADY_EXISTS"),
+    (Code::PermissionDenied, "PERMISSION_DENIED"),
+    (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+    (Code::Aborted, "ABORTED"),
+    (Code::OutOfRange, "OUT_OF_RANGE"),
+    (Code::Unimplemented, "UNIMPLEMENTED"),
+    (Code::Internal, "INTERNAL"),
+    (Code::Unavailable, "UNAVAILABLE"),
+    (Code::DataLoss, "DATA_LOSS"),
+    (Code::Unauthenticated, "UNAUTHENTICATED"),
+];
+
+/// The canonical upper-case name of a gRPC code (`UNAVAILABLE`).
+pub fn code_name(code: Code) -> &'static str {
+    CODE_NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("UNKNOWN", |(_, name)| name)
+}
+
+/// Parses canonical gRPC code names (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...).
+pub fn parse_codes<S: AsRef<str>>(names: &[S]) -> Result<Vec<Code>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let name = name.as_ref();
+            if let Some((code, _)) = CODE_NAMES.iter().find(|(_, n)| *n == name) {
+                return Ok(*code);
+            }
+            let upper = name.trim().to_ascii_uppercase().replace(['-', ' '], "_");
+            if CODE_NAMES.iter().any(|(_, n)| *n == upper) {
+                return Err(format!(
+                    "unknown gRPC code `{name}`; did you mean `{upper}`?"
+                ));
+            }
+            let all: Vec<&str> = CODE_NAMES.iter().map(|(_, n)| *n).collect();
+            Err(format!(
+                "unknown gRPC code `{name}`; expected one of {}",
+                all.join(", ")
+            ))
+        })
+        .collect()
+}
+
+/// How a try failed, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection to the backend.
+    Connect,
+    /// The backend refused the HTTP/2 stream (REFUSED_STREAM, GOAWAY past it).
+    RefusedStream,
+    /// The stream was reset before any response headers.
+    ResetBeforeHeaders,
+    /// The backend answered with this status, and no response message.
+    Status(Code),
+    /// The response had started (headers or data sent on to the caller).
+    ResponseStarted,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect => f.write_str("connect error"),
+            Failure::RefusedStream => f.write_str("stream refused"),
+            Failure::ResetBeforeHeaders => f.write_str("reset before headers"),
+            Failure::Status(code) => write!(f, "status {}", code_name(*code)),
+            Failure::ResponseStarted => f.write_str("failed after the response started"),
+        }
+    }
+}
+
+/// Whether a try that failed this way may be tried again (budget and deadline aside).
+/// Failures where the backend cannot have processed the call always may; a status
+/// may when its code is in `retryable_codes`; a started response never may.
+pub fn is_retryable(failure: &Failure, cfg: &RetryConfig) -> bool {
+    match failure {
+        Failure::Connect | Failure::RefusedStream | Failure::ResetBeforeHeaders => true,
+        Failure::Status(code) => {
+            let name = code_name(*code);
+            *code != Code::Ok && cfg.retryable_codes.iter().any(|n| n == name)
+        }
+        Failure::ResponseStarted => false,
+    }
+}
+
+/// The wait before retry number `attempt` (1 = the first retry): a uniform draw in
+/// `[0, min(backoff_max, backoff_base × 2^(attempt-1))]` (full jitter), to the µs.
+pub fn backoff(attempt: u32, cfg: &RetryConfig, rng: &mut fastrand::Rng) -> Duration {
+    let doublings = attempt.saturating_sub(1);
+    let factor = 1u64.checked_shl(doublings).unwrap_or(u64::MAX);
+    let cap_ms = cfg
+        .backoff_base_ms
+        .saturating_mul(factor)
+        .min(cfg.backoff_max_ms);
+    Duration::from_micros(rng.u64(0..=cap_ms.saturating_mul(1000)))
+}
+
+/// The least time worth starting a try with, when there is no per-try timeout.
+pub const MIN_TRY_TIME: Duration = Duration::from_millis(1);
+
+/// Whether the caller's deadline leaves room for `backoff` and then a whole try (the
+/// per-try timeout, or [`MIN_TRY_TIME`] without one). No deadline: always.
+pub fn may_retry(
+    now: Instant,
+    deadline: Option<Instant>,
+    per_try_timeout: Option<Duration>,
+    backoff: Duration,
+) -> bool {
+    let Some(deadline) = deadline else {
+        return true;
+    };
+    let needed = backoff.saturating_add(per_try_timeout.unwrap_or(MIN_TRY_TIME));
+    deadline.saturating_duration_since(now) >= needed
+}
+
+/// How many retries (and hedges) the recent traffic allows: over a sliding window of
+/// one-second buckets, `budget_min_per_second × window + budget_ratio × requests`,
+/// less the retries already spent in the window. Shared by all calls of a model; the
+/// lock is held for a few additions, never across an await.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_second: f64,
+    window: u64,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    /// The first instant seen: second 0.
+    base: Option<Instant>,
+    /// The newest second seen; older instants count in it.
+    latest: u64,
+    /// One per second of the window, ring-indexed by `second % window`.
+    seconds: Vec<Second>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Second {
+    second: u64,
+    requests: u64,
+    retries: u64,
+}
+
+impl Window {
+    /// The ring entry for `now`, reset when it last held an older second.
+    fn current(&mut self, now: Instant) -> (u64, &mut Second) {
+        let base = *self.base.get_or_insert(now);
+        let second = now
+            .saturating_duration_since(base)
+            .as_secs()
+            .max(self.latest);
+        self.latest = second;
+        let len = self.seconds.len().max(1) as u64;
+        let index = usize::try_from(second % len).unwrap_or(0);
+        if self.seconds.is_empty() {
+            self.seconds.push(Second::default());
+        }
+        let entry = &mut self.seconds[index];
+        if entry.second != second {
+            *entry = Second {
+                second,
+                requests: 0,
+                retries: 0,
+            };
+        }
+        (second, entry)
+    }
+
+    /// (requests, retries) in the window ending at `second`.
+    fn totals(&self, second: u64) -> (u64, u64) {
+        let len = self.seconds.len() as u64;
+        self.seconds
+            .iter()
+            .filter(|s| s.second <= second && s.second + len > second)
+            .fold((0, 0), |(q, r), s| (q + s.requests, r + s.retries))
+    }
+}
+
+impl RetryBudget {
+    /// A budget with `cfg`'s ratio, floor and window.
+    pub fn new(cfg: &RetryConfig) -> Self {
+        let window = cfg.budget_window_seconds.clamp(1, 3600);
+        RetryBudget {
+            ratio: cfg.budget_ratio,
+            min_per_second: cfg.budget_min_per_second,
+            window,
+            state: Mutex::new(Window {
+                base: None,
+                latest: 0,
+                seconds: vec![Second::default(); usize::try_from(window).unwrap_or(1)],
+            }),
+        }
+    }
+
+    /// Counts one original call (not a retry or a hedge).
+    pub fn record_request(&self, now: Instant) {
+        self.lock().current(now).1.requests += 1;
+    }
+
+    /// Takes one retry (or hedge) from the budget; false when it is spent.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
+        let mut st = self.lock();
+        let (second, _) = st.current(now);
+        let (requests, retries) = st.totals(second);
+        if retries as f64 + 1.0 > self.allowed(requests) {
+            return false;
+        }
+        st.current(now).1.retries += 1;
+        true
+    }
+
+    /// Retries left in the window at `now` (may be fractional).
+    pub fn available(&self, now: Instant) -> f64 {
+        let mut st = self.lock();
+        let (second, _) = st.current(now);
+        let (requests, retries) = st.totals(second);
+        (self.allowed(requests) - retries as f64).max(0.0)
+    }
+
+    fn allowed(&self, requests: u64) -> f64 {
+        self.min_per_second * self.window as f64 + self.ratio * requests as f64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Window> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The last latencies of a model's calls, for the hedge delay. A ring buffer: memory
+/// is fixed, old samples make way for new ones.
+#[derive(Debug)]
+pub struct LatencyTracker {
+    capacity: usize,
+    state: Mutex<Ring>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    samples: Vec<Duration>,
+    next: usize,
+}
+
+impl Default for LatencyTracker {
+    fn default() -> Self {
+        LatencyTracker::new(LatencyTracker::DEFAULT_CAPACITY)
+    }
+}
+
+impl LatencyTracker {
+    /// Samples kept by default.
+    pub const DEFAULT_CAPACITY: usize = 1024;
+
+    /// A tracker keeping the last `capacity` samples (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        LatencyTracker {
+            capacity,
+            state: Mutex::new(Ring {
+                samples: Vec::with_capacity(capacity),
+                next: 0,
+            }),
+        }
+    }
+
+    /// Adds the latency of one successful call.
+    pub fn record(&self, latency: Duration) {
+        let mut ring = self.lock();
+        if ring.samples.len() < self.capacity {
+            ring.samples.push(latency);
+        } else {
+            let i = ring.next;
+            ring.samples[i] = latency;
+        }
+        ring.next = (ring.next + 1) % self.capacity;
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.lock().samples.len()
+    }
+
+    /// Whether no sample is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `p` quantile (0.95 = p95) of the samples held, by nearest rank; None when
+    /// there are none or `p` is not a number.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        if p.is_nan() {
+            return None;
+        }
+        let mut samples = self.lock().samples.clone();
+        if samples.is_empty() {
+            return None;
+        }
+        let n = samples.len();
+        let rank = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n);
+        let (_, value, _) = samples.select_nth_unstable(rank - 1);
+        Some(*value)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Samples needed before `delay_percentile` is trusted over `delay_ms`.
+pub const HEDGE_MIN_SAMPLES: usize = 20;
+
+/// How long to wait before hedging a call, or None for no hedge: the
+/// `delay_percentile` of recent latencies once [`HEDGE_MIN_SAMPLES`] are known,
+/// otherwise `delay_ms`.
+pub fn hedge_delay(cfg: &HedgeConfig, tracker: &LatencyTracker) -> Option<Duration> {
+    if !cfg.enabled {
+        return None;
+    }
+    if let Some(p) = cfg.delay_percentile {
+        if tracker.len() >= HEDGE_MIN_SAMPLES {
+            if let Some(delay) = tracker.percentile(p) {
+                return Some(delay.max(MIN_TRY_TIME));
+            }
+        }
+    }
+    cfg.delay_ms.map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn backoff_stays_within_the_doubling_cap() {
+        let cfg = RetryConfig::default(); // base 25 ms, max 250 ms
+        let mut rng = fastrand::Rng::with_seed(11);
+        let caps = [25, 50, 100, 200, 250, 250];
+        for (attempt, cap) in (1..=6).zip(caps) {
+            let draws: Vec<Duration> = (0..2000)
+                .map(|_| backoff(attempt, &cfg, &mut rng))
+                .collect();
+            let max = draws.iter().max().copied().unwrap_or_default();
+            let min = draws.iter().min().copied().unwrap_or_default();
+            assert!(max <= ms(cap), "attempt {attempt}: {max:?} > {cap} ms");
+            // Full jitter: the draws cover the range.
+            assert!(max > ms(cap) * 9 / 10, "attempt {attempt}: max {max:?}");
+            assert!(min < ms(cap) / 10, "attempt {attempt}: min {min:?}");
+        }
+        assert!(backoff(0, &cfg, &mut rng) <= ms(25));
+        assert!(backoff(200, &cfg, &mut rng) <= ms(250));
+        // Same seed, same draws.
+        let a: Vec<_> = (1..=6)
+            .map(|i| backoff(i, &cfg, &mut fastrand::Rng::with_seed(5)))
+            .collect();
+        let b: Vec<_> = (1..=6)
+            .map(|i| backoff(i, &cfg, &mut fastrand::Rng::with_seed(5)))
+            .collect();
+        assert_eq!(a, b);
+        let none = RetryConfig {
+            backoff_base_ms: 0,
+            ..RetryConfig::default()
+        };
+        assert_eq!(backoff(3, &none, &mut rng), Duration::ZERO);
+    }
+
+    #[test]
+    fn budget_follows_the_ratio_and_slides() {
+        let budget = RetryBudget::new(&RetryConfig {
+            budget_ratio: 0.2,
+            budget_min_per_second: 0.0,
+            budget_window_seconds: 10,
+            ..RetryConfig::default()
+        });
+        let t0 = Instant::now();
+        assert!(!budget.try_withdraw(t0), "no traffic, no floor: no retries");
+        for _ in 0..50 {
+            budget.record_request(t0);
+        }
+        assert!((0..10).all(|_| budget.try_withdraw(t0)));
+        assert!(!budget.try_withdraw(t0), "20% of 50 spent");
+        // Hedges and retries share it; more traffic earns more.
+        for _ in 0..5 {
+            budget.record_request(t0 + secs(3));
+        }
+        assert!(budget.try_withdraw(t0 + secs(3)));
+        assert!(!budget.try_withdraw(t0 + secs(3)));
+        // Second 0 leaves the window at second 10: its 50 requests and 10 retries go.
+        assert!((budget.available(t0 + secs(9)) - 0.0).abs() < 1e-9);
+        assert!((budget.available(t0 + secs(10)) - 0.0).abs() < 1e-9);
+        for _ in 0..10 {
+            budget.record_request(t0 + secs(10));
+        }
+        // Window (1..=10]: 15 requests, 1 retry spent → 3 - 1 = 2 left.
+        assert!((budget.available(t0 + secs(10)) - 2.0).abs() < 1e-9);
+        assert!(budget.try_withdraw(t0 + secs(10)));
+        assert!(budget.try_withdraw(t0 + secs(10)));
+        assert!(!budget.try_withdraw(t0 + secs(10)));
+        // Long after, all is forgotten.
+        assert!((budget.available(t0 + secs(100)) - 0.0).abs() < 1e-9);
+        // An instant older than the newest seen counts as the newest second.
+        budget.record_request(t0);
+        for _ in 0..4 {
+            budget.record_request(t0 + secs(100));
+        }
+        assert!((budget.available(t0 + secs(100)) - 1.0).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_floor_allows_retries_without_traffic() {
+        let budget = RetryBudget::new(&RetryConfig {
+            budget_ratio: 0.2,
+            budget_min_per_second: 1.0,
+            budget_window_seconds: 5,
+            ..RetryConfig::default()
+        });
+        let t0 = Instant::now();
+        assert_eq!((0..20).filter(|_| budget.try_withdraw(t0)).count(), 5);
+        tokio::time::advance(secs(4)).await;
+        assert!(!budget.try_withdraw(Instant::now()));
+        // At second 5 the retries of second 0 leave the window.
+        tokio::time::advance(secs(1)).await;
+        let now = Instant::now();
+        assert_eq!((0..20).filter(|_| budget.try_withdraw(now)).count(), 5);
+        // Default config: 10/s × 10 s floor.
+        let budget = RetryBudget::new(&RetryConfig::default());
+        assert_eq!((0..500).filter(|_| budget.try_withdraw(now)).count(), 100);
+    }
+
+    #[test]
+    fn classifies_failures() {
+        let cfg = RetryConfig::default();
+        assert!(is_retryable(&Failure::Connect, &cfg));
+        assert!(is_retryable(&Failure::RefusedStream, &cfg));
+        assert!(is_retryable(&Failure::ResetBeforeHeaders, &cfg));
+        assert!(is_retryable(&Failure::Status(Code::Unavailable), &cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Internal), &cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Ok), &cfg));
+        assert!(!is_retryable(&Failure::ResponseStarted, &cfg));
+        let cfg = RetryConfig {
+            retryable_codes: vec!["RESOURCE_EXHAUSTED".into(), "ABORTED".into()],
+            ..RetryConfig::default()
+        };
+        assert!(is_retryable(
+            &Failure::Status(Code::ResourceExhausted),
+            &cfg
+        ));
+        assert!(is_retryable(&Failure::Status(Code::Aborted), &cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Unavailable), &cfg));
+        assert!(is_retryable(&Failure::Connect, &cfg));
+        assert_eq!(
+            Failure::Status(Code::DeadlineExceeded).to_string(),
+            "status DEADLINE_EXCEEDED"
+        );
+    }
+
+    #[test]
+    fn may_retry_only_within_the_deadline() {
+        let now = Instant::now();
+        let deadline = Some(now + ms(100));
+        assert!(may_retry(now, None, Some(secs(60)), secs(60)));
+        assert!(may_retry(now, deadline, Some(ms(50)), ms(50)));
+        assert!(!may_retry(now, deadline, Some(ms(50)), ms(51)));
+        assert!(!may_retry(now, deadline, Some(ms(200)), Duration::ZERO));
+        // Without a per-try timeout, a millisecond after the backoff is enough.
+        assert!(may_retry(now, deadline, None, ms(99)));
+        assert!(!may_retry(now, deadline, None, ms(100)));
+        // Past the deadline: never.
+        assert!(!may_retry(now + ms(150), deadline, None, Duration::ZERO));
+    }
+
+    #[test]
+    fn latency_percentiles_and_hedge_delay() {
+        let tracker = LatencyTracker::new(100);
+        assert!(tracker.is_empty());
+        assert_eq!(tracker.percentile(0.5), None);
+        for i in 1..=100 {
+            tracker.record(ms(i));
+        }
+        assert_eq!(tracker.percentile(0.5), Some(ms(50)));
+        assert_eq!(tracker.percentile(0.95), Some(ms(95)));
+        assert_eq!(tracker.percentile(1.0), Some(ms(100)));
+        assert_eq!(tracker.percentile(0.0), Some(ms(1)));
+        assert_eq!(tracker.percentile(f64::NAN), None);
+        // The ring keeps the newest 100: 101..=150 replace 1..=50.
+        for i in 101..=150 {
+            tracker.record(ms(i));
+        }
+        assert_eq!(tracker.len(), 100);
+        assert_eq!(tracker.percentile(0.0), Some(ms(51)));
+        assert_eq!(tracker.percentile(1.0), Some(ms(150)));
+
+        let cfg = HedgeConfig {
+            enabled: true,
+            delay_ms: Some(30),
+            delay_percentile: Some(0.9),
+            max_hedges: 1,
+        };
+        assert_eq!(hedge_delay(&cfg, &tracker), Some(ms(140)));
+        let few = LatencyTracker::default();
+        for _ in 0..HEDGE_MIN_SAMPLES - 1 {
+            few.record(ms(500));
+        }
+        assert_eq!(hedge_delay(&cfg, &few), Some(ms(30)), "too few samples");
+        few.record(ms(500));
+        assert_eq!(hedge_delay(&cfg, &few), Some(ms(500)));
+        let fixed = HedgeConfig {
+            delay_percentile: None,
+            ..cfg.clone()
+        };
+        assert_eq!(hedge_delay(&fixed, &tracker), Some(ms(30)));
+        let off = HedgeConfig {
+            enabled: false,
+            ..cfg
+        };
+        assert_eq!(hedge_delay(&off, &tracker), None);
+    }
+
+    #[test]
+    fn parses_canonical_code_names() {
+        assert_eq!(
+            parse_codes(&["UNAVAILABLE", "RESOURCE_EXHAUSTED"]),
+            Ok(vec![Code::Unavailable, Code::ResourceExhausted])
+        );
+        let err = parse_codes(&["unavailable"]).expect_err("lower case");
+        assert!(err.contains("did you mean `UNAVAILABLE`"), "{err}");
+        let err = parse_codes(&["BUSY"]).expect_err("unknown");
+        assert!(err.contains("`BUSY`") && err.contains("DATA_LOSS"), "{err}");
+        for (code, name) in CODE_NAMES {
+            assert_eq!(code_name(code), name);
+            assert_eq!(parse_codes(&[name]), Ok(vec![code]));
+        }
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let cfg: RetryConfig = serde_json::from_str("{}").expect("defaults");
+        assert_eq!(cfg, RetryConfig::default());
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.per_try_timeout(), None);
+        let hedge: HedgeConfig = serde_json::from_str("{}").expect("defaults");
+        assert_eq!(hedge, HedgeConfig::default());
+        assert!(hedge.validate().is_ok());
+        assert!(serde_json::from_str::<RetryConfig>(r#"{"attempts": 3}"#).is_err());
+        assert!(serde_json::from_str::<HedgeConfig>(r#"{"delay": 3}"#).is_err());
+
+        let bad = |cfg: RetryConfig, field: &str| {
+            let err = cfg.validate().expect_err("invalid");
+            assert!(err.contains(field), "{err}");
+        };
+        let d = RetryConfig::default;
+        bad(
+            RetryConfig {
+                max_attempts: 0,
+                ..d()
+            },
+            "retry.max_attempts",
+        );
+        bad(
+            RetryConfig {
+                retryable_codes: vec!["UNAVAILABLE".into(), "SLOW".into()],
+                ..d()
+            },
+            "retry.retryable_codes",
+        );
+        bad(
+            RetryConfig {
+                retryable_codes: vec!["OK".into()],
+                ..d()
+            },
+            "retry.retryable_codes",
+        );
+        bad(
+            RetryConfig {
+                backoff_base_ms: 500,
+                ..d()
+            },
+            "retry.backoff_base_ms",
+        );
+        bad(
+            RetryConfig {
+                per_try_timeout_ms: Some(0),
+                ..d()
+            },
+            "retry.per_try_timeout_ms",
+        );
+        bad(
+            RetryConfig {
+                budget_ratio: 1.5,
+                ..d()
+            },
+            "retry.budget_ratio",
+        );
+        bad(
+            RetryConfig {
+                budget_ratio: f64::NAN,
+                ..d()
+            },
+            "retry.budget_ratio",
+        );
+        bad(
+            RetryConfig {
+                budget_min_per_second: -1.0,
+                ..d()
+            },
+            "retry.budget_min_per_second",
+        );
+        bad(
+            RetryConfig {
+                budget_window_seconds: 0,
+                ..d()
+            },
+            "retry.budget_window_seconds",
+        );
+
+        let bad = |cfg: HedgeConfig, field: &str| {
+            let err = cfg.validate().expect_err("invalid");
+            assert!(err.contains(field), "{err}");
+        };
+        let on = HedgeConfig {
+            enabled: true,
+            delay_ms: Some(20),
+            ..HedgeConfig::default()
+        };
+        assert!(on.validate().is_ok());
+        bad(
+            HedgeConfig {
+                delay_ms: None,
+                ..on.clone()
+            },
+            "hedge.delay_ms or hedge.delay_percentile",
+        );
+        bad(
+            HedgeConfig {
+                delay_percentile: Some(1.5),
+                ..on.clone()
+            },
+            "hedge.delay_percentile",
+        );
+        bad(
+            HedgeConfig {
+                delay_ms: Some(0),
+                ..on.clone()
+            },
+            "hedge.delay_ms",
+        );
+        bad(
+            HedgeConfig {
+                max_hedges: 0,
+                ..on
+            },
+            "hedge.max_hedges",
+        );
+    }
+}
