@@ -86,33 +86,63 @@ impl Policy {
         self.kind
     }
 
-    /// Picks an eligible endpoint from `endpoints`, or None when none is eligible.
+    /// Picks an eligible endpoint from `endpoints` (eligible: ready and not draining),
+    /// or None when none is eligible.
     pub fn pick(
         &self,
         endpoints: &[Arc<Endpoint>],
         rng: &mut fastrand::Rng,
     ) -> Option<Arc<Endpoint>> {
+        self.pick_with(endpoints, &|e| e.is_eligible(), rng)
+    }
+
+    /// Picks among the endpoints for which `eligible` holds. The request path passes a
+    /// test that covers health, drain, ejection, circuits, per-model readiness and the
+    /// backends a retry must avoid.
+    pub fn pick_with(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
         let p = &self.params;
         match self.kind {
-            PolicyKind::RoundRobin => self.round_robin(endpoints),
-            PolicyKind::Weighted => weighted(endpoints, now, p, rng),
-            PolicyKind::LeastRequest => sampled(endpoints, p.choice_count, rng, |e| {
+            PolicyKind::RoundRobin => self.round_robin(endpoints, eligible),
+            PolicyKind::Weighted => weighted(endpoints, eligible, now, p, rng),
+            PolicyKind::LeastRequest => sampled(endpoints, eligible, p.choice_count, rng, |e| {
                 least_request_score(e, now, p)
             }),
-            PolicyKind::GpuAware => {
-                sampled(endpoints, p.choice_count, rng, |e| gpu_score(e, now, p))
-            }
+            PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| {
+                gpu_score(e, now, p)
+            }),
         }
         .cloned()
     }
 
-    /// Picks with the calling thread's random generator.
-    pub fn pick_now(&self, endpoints: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-        THREAD_RNG.with(|rng| self.pick(endpoints, &mut rng.borrow_mut()))
+    /// [`Policy::pick_with`] with the calling thread's random generator.
+    pub fn pick_now(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        THREAD_RNG.with(|rng| self.pick_with(endpoints, eligible, &mut rng.borrow_mut()))
     }
 
-    fn round_robin<'a>(&self, endpoints: &'a [Arc<Endpoint>]) -> Option<&'a Arc<Endpoint>> {
+    /// The score this policy gives `e` now (lower is better), for traces and the admin API.
+    pub fn score(&self, e: &Endpoint) -> f64 {
+        let now = Instant::now();
+        match self.kind {
+            PolicyKind::GpuAware => gpu_score(e, now, &self.params),
+            _ => least_request_score(e, now, &self.params),
+        }
+    }
+
+    fn round_robin<'a>(
+        &self,
+        endpoints: &'a [Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<&'a Arc<Endpoint>> {
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -120,7 +150,7 @@ impl Policy {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &endpoints[(start + i) % n])
-            .find(|e| e.is_eligible())
+            .find(|e| eligible(e))
     }
 }
 
@@ -163,6 +193,7 @@ pub fn gpu_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 {
 /// eligible one with the lowest score; scans when sampling finds none eligible.
 fn sampled<'a>(
     endpoints: &'a [Arc<Endpoint>],
+    eligible: &dyn Fn(&Endpoint) -> bool,
     choice_count: usize,
     rng: &mut fastrand::Rng,
     score: impl Fn(&Endpoint) -> f64,
@@ -172,7 +203,7 @@ fn sampled<'a>(
         return None;
     }
     if choice_count == 0 || choice_count >= n {
-        return scan_lowest(endpoints, rng, &score);
+        return scan_lowest(endpoints, eligible, rng, &score);
     }
     let mut best: Option<(&Arc<Endpoint>, f64)> = None;
     let mut picked = [usize::MAX; 8];
@@ -184,7 +215,7 @@ fn sampled<'a>(
         }
         picked[slot] = i;
         let candidate = &endpoints[i];
-        if candidate.is_eligible() {
+        if eligible(candidate) {
             let s = score(candidate);
             if best.is_none_or(|(_, b)| s < b) {
                 best = Some((candidate, s));
@@ -192,11 +223,12 @@ fn sampled<'a>(
         }
     }
     best.map(|(e, _)| e)
-        .or_else(|| scan_lowest(endpoints, rng, &score))
+        .or_else(|| scan_lowest(endpoints, eligible, rng, &score))
 }
 
 fn scan_lowest<'a>(
     endpoints: &'a [Arc<Endpoint>],
+    eligible: &dyn Fn(&Endpoint) -> bool,
     rng: &mut fastrand::Rng,
     score: &impl Fn(&Endpoint) -> f64,
 ) -> Option<&'a Arc<Endpoint>> {
@@ -208,7 +240,7 @@ fn scan_lowest<'a>(
     let offset = rng.usize(..n);
     (0..n)
         .map(|i| &endpoints[(offset + i) % n])
-        .filter(|e| e.is_eligible())
+        .filter(|e| eligible(e))
         .map(|e| (e, score(e)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(e, _)| e)
@@ -216,6 +248,7 @@ fn scan_lowest<'a>(
 
 fn weighted<'a>(
     endpoints: &'a [Arc<Endpoint>],
+    eligible: &dyn Fn(&Endpoint) -> bool,
     now: Instant,
     p: &PolicyParams,
     rng: &mut fastrand::Rng,
@@ -223,7 +256,7 @@ fn weighted<'a>(
     let weight = |e: &Endpoint| f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start);
     let total: f64 = endpoints
         .iter()
-        .filter(|e| e.is_eligible())
+        .filter(|e| eligible(e))
         .map(|e| weight(e))
         .sum();
     if total <= 0.0 {
@@ -231,7 +264,7 @@ fn weighted<'a>(
     }
     let mut target = rng.f64() * total;
     let mut last = None;
-    for e in endpoints.iter().filter(|e| e.is_eligible()) {
+    for e in endpoints.iter().filter(|e| eligible(e)) {
         last = Some(e);
         target -= weight(e);
         if target < 0.0 {
@@ -409,7 +442,8 @@ mod tests {
         let old = pool(1).remove(0);
         let mut cfg = crate::config::BackendConfig::new("127.0.0.1:9200");
         cfg.weight = 1;
-        let new = Endpoint::from_config(&cfg, "admin", true).expect("endpoint");
+        let new =
+            Endpoint::from_config(&cfg, "admin", true, &Default::default()).expect("endpoint");
         new.set_health(Health::Ready);
         let endpoints = vec![old, new];
         let params = PolicyParams::default();

@@ -104,6 +104,21 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// Load reports (ORCA, Prometheus) and how they are read.
     pub load: crate::load_report::LoadConfig,
+    /// Passive outlier detection and ejection.
+    pub outlier: crate::outlier::OutlierConfig,
+    /// Circuit breakers (one per backend and one per backend × model, all alike).
+    pub breaker: crate::breaker::BreakerConfig,
+    /// Who a call belongs to.
+    pub tenants: TenantConfig,
+    /// Token-bucket rate limits per tenant and per model.
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
+    /// Retries for every model (a model's own `retry` table replaces it).
+    pub retry: crate::retry::RetryConfig,
+    /// Hedging for every model (off by default; a model's `hedge` table replaces it).
+    pub hedge: crate::retry::HedgeConfig,
+    /// Time kept back from the caller's remaining deadline when it is passed on to the
+    /// backend, for the way back. Default 5 ms.
+    pub deadline_margin_ms: u64,
     /// The backends.
     pub backends: Vec<BackendConfig>,
     /// Per-model settings, by model name.
@@ -123,6 +138,13 @@ impl Default for Config {
             health: HealthConfig::default(),
             discovery: DiscoveryConfig::default(),
             load: crate::load_report::LoadConfig::default(),
+            outlier: crate::outlier::OutlierConfig::default(),
+            breaker: crate::breaker::BreakerConfig::default(),
+            tenants: TenantConfig::default(),
+            rate_limit: crate::ratelimit::RateLimitConfig::default(),
+            retry: crate::retry::RetryConfig::default(),
+            hedge: crate::retry::HedgeConfig::default(),
+            deadline_margin_ms: 5,
             backends: Vec::new(),
             models: BTreeMap::new(),
         }
@@ -176,6 +198,18 @@ pub struct HealthConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive passed checks that mark a not-ready backend ready. Default 1.
     pub healthy_threshold: u32,
+    /// Interval while a backend is not ready, so it is readmitted fast. Default 500 ms.
+    /// A backend that cannot be connected to backs off from this, doubling up to
+    /// `interval_ms`.
+    pub unhealthy_interval_ms: u64,
+    /// Each interval is lengthened by a random 0..jitter, so checks of many gateways do
+    /// not arrive together. Default 100 ms.
+    pub interval_jitter_ms: u64,
+    /// The first check of a backend waits a random 0..initial_jitter. Default 0.
+    pub initial_jitter_ms: u64,
+    /// Also check `ModelReady` for every model a backend serves, so one failing model
+    /// removes the backend for that model only. Default true.
+    pub model_checks: bool,
 }
 
 impl Default for HealthConfig {
@@ -185,6 +219,10 @@ impl Default for HealthConfig {
             timeout_ms: 500,
             unhealthy_threshold: 2,
             healthy_threshold: 1,
+            unhealthy_interval_ms: 500,
+            interval_jitter_ms: 100,
+            initial_jitter_ms: 0,
+            model_checks: true,
         }
     }
 }
@@ -271,6 +309,48 @@ pub struct ModelConfig {
     pub decoupled: Option<bool>,
     /// Balancing policy for this model; absent = `[balancer].policy`.
     pub policy: Option<PolicyKind>,
+    /// Bounded concurrency and queue for this model. Default: unlimited.
+    pub bulkhead: Option<crate::bulkhead::BulkheadConfig>,
+    /// Retries for this model; absent = the top-level `[retry]`.
+    pub retry: Option<crate::retry::RetryConfig>,
+    /// Hedging for this model; absent = the top-level `[hedge]`.
+    pub hedge: Option<crate::retry::HedgeConfig>,
+    /// Deadline given to calls that carry none (`grpc-timeout`). Default: none.
+    pub deadline_default_ms: Option<u64>,
+    /// Longest deadline a call may have; longer ones are cut to this. Default: none.
+    pub deadline_max_ms: Option<u64>,
+    /// Model to call instead when no backend of this one can take the call.
+    pub fallback: Option<String>,
+    /// Also fall back when the bulkhead refuses the call. Default false.
+    pub fallback_when_full: bool,
+    /// Also pass the remaining deadline as Triton's `timeout` request parameter
+    /// (microseconds), so the backend's own queue drops work nobody waits for.
+    /// Default false.
+    pub triton_timeout_parameter: bool,
+}
+
+/// `[tenants]`: which tenant a call belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Metadata key naming the tenant. Default `x-infergate-tenant`.
+    pub header: String,
+    /// API keys (sent as `authorization: Bearer KEY` or `x-api-key: KEY`) and the
+    /// tenant each belongs to; an API key wins over the header. Default: none.
+    pub api_keys: BTreeMap<String, String>,
+    /// Metadata key carrying a call's priority (an integer; higher first). Default
+    /// `x-infergate-priority`. Triton's `priority` request parameter counts too.
+    pub priority_header: String,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        TenantConfig {
+            header: "x-infergate-tenant".into(),
+            api_keys: BTreeMap::new(),
+            priority_header: "x-infergate-priority".into(),
+        }
+    }
 }
 
 impl Config {
@@ -368,6 +448,58 @@ impl Config {
                 "must be above 0".into(),
             ));
         }
+        let sub = |section: &str, result: Result<(), String>| {
+            result.map_err(|reason| {
+                let (field, reason) = split_field(&reason);
+                err(
+                    if field.is_empty() {
+                        section.to_owned()
+                    } else {
+                        format!("{section}.{field}")
+                    },
+                    reason,
+                )
+            })
+        };
+        sub("outlier", self.outlier.validate())?;
+        sub("breaker", self.breaker.validate())?;
+        sub("rate_limit", self.rate_limit.validate())?;
+        sub("retry", self.retry.validate())?;
+        sub("hedge", self.hedge.validate())?;
+        if self.health.unhealthy_interval_ms == 0 {
+            return Err(err(
+                "health.unhealthy_interval_ms".into(),
+                "must be above 0".into(),
+            ));
+        }
+        for (name, model) in &self.models {
+            let section = format!("models.{name}");
+            if let Some(b) = &model.bulkhead {
+                sub(&format!("{section}.bulkhead"), b.validate())?;
+            }
+            if let Some(r) = &model.retry {
+                sub(&format!("{section}.retry"), r.validate())?;
+            }
+            if let Some(h) = &model.hedge {
+                sub(&format!("{section}.hedge"), h.validate())?;
+            }
+            if let Some(fallback) = &model.fallback {
+                if fallback == name {
+                    return Err(err(
+                        format!("{section}.fallback"),
+                        "a model cannot fall back to itself".into(),
+                    ));
+                }
+            }
+            if let (Some(d), Some(m)) = (model.deadline_default_ms, model.deadline_max_ms) {
+                if d > m {
+                    return Err(err(
+                        format!("{section}.deadline_default_ms"),
+                        format!("{d} ms is above deadline_max_ms ({m} ms)"),
+                    ));
+                }
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, backend) in self.backends.iter().enumerate() {
             parse_host_port(&backend.address)
@@ -423,6 +555,14 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
         return Err(format!("`{address}`: port 0 cannot be dialled"));
     }
     Ok((host.to_owned(), port))
+}
+
+/// Splits "field: reason" (as the section validators write it) into its parts.
+fn split_field(message: &str) -> (String, String) {
+    match message.split_once(": ") {
+        Some((field, reason)) if !field.contains(' ') => (field.to_owned(), reason.to_owned()),
+        _ => (String::new(), message.to_owned()),
+    }
 }
 
 fn field_from_message(message: &str) -> String {

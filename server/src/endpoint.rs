@@ -6,11 +6,13 @@
 //! every path (answer, error, the caller hanging up mid-stream), because the guard lives
 //! inside the response body that the server drops when the call ends.
 
+use crate::breaker::{BreakerConfig, BreakerState, SharedBreaker};
 use crate::config::BackendConfig;
 use crate::load_report::{LoadState, ScrapeConfig};
 use std::collections::BTreeSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -62,6 +64,71 @@ pub struct Endpoint {
     /// Prometheus endpoint to scrape when it sends no ORCA reports.
     metrics_address: Option<String>,
     scrape: ScrapeConfig,
+    /// Circuit breaker of the whole backend.
+    breaker: Arc<SharedBreaker>,
+    /// Circuit breakers per model on this backend, made on first use.
+    model_breakers: Mutex<HashMap<String, Arc<SharedBreaker>>>,
+    breaker_config: BreakerConfig,
+    /// Outlier ejection: until when (nanoseconds on the [`clock`]), 0 = not ejected.
+    ejected_until: AtomicU64,
+    /// Models whose `ModelReady` check failed on this backend.
+    models_not_ready: RwLock<HashSet<String>>,
+}
+
+/// Why an endpoint cannot take a call for a model right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unavailable {
+    /// Failed its health checks.
+    NotReady,
+    /// Not checked yet.
+    Unchecked,
+    /// Drained by an operator.
+    Draining,
+    /// Ejected by outlier detection (or by hand).
+    Ejected,
+    /// Its circuit (whole backend) is open.
+    CircuitOpen,
+    /// Its circuit for this model is open.
+    ModelCircuitOpen,
+    /// Its `ModelReady` check for this model failed.
+    ModelNotReady,
+}
+
+impl Unavailable {
+    /// Words for the message a caller sees.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unavailable::NotReady => "not ready",
+            Unavailable::Unchecked => "not checked yet",
+            Unavailable::Draining => "draining",
+            Unavailable::Ejected => "ejected",
+            Unavailable::CircuitOpen => "circuit open",
+            Unavailable::ModelCircuitOpen => "circuit open for the model",
+            Unavailable::ModelNotReady => "model not ready there",
+        }
+    }
+}
+
+/// A monotonic clock in nanoseconds, so instants fit in atomics.
+pub mod clock {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1))
+    }
+
+    /// `at` as nanoseconds (never 0).
+    pub fn nanos(at: Instant) -> u64 {
+        (at.saturating_duration_since(epoch()).as_nanos() as u64).max(1)
+    }
+
+    /// Nanoseconds back to an instant.
+    pub fn instant(nanos: u64) -> Instant {
+        epoch() + Duration::from_nanos(nanos)
+    }
 }
 
 impl Endpoint {
@@ -80,7 +147,7 @@ impl Endpoint {
             metrics_address: None,
             scrape: ScrapeConfig::default(),
         };
-        Endpoint::from_config(&config, source, false)
+        Endpoint::from_config(&config, source, false, &BreakerConfig::default())
     }
 
     /// A backend as `[[backends]]` describes it; `slow_start` when it joins a pool
@@ -89,7 +156,10 @@ impl Endpoint {
         config: &BackendConfig,
         source: &str,
         slow_start: bool,
+        breaker: &BreakerConfig,
     ) -> Result<Arc<Endpoint>, String> {
+        let breaker_config = breaker.clone();
+        let breaker = Arc::new(SharedBreaker::new(breaker).map_err(|e| format!("breaker.{e}"))?);
         let address = config.address.as_str();
         let models = config.models.clone();
         let weight = config.weight;
@@ -120,6 +190,11 @@ impl Endpoint {
             slow_start,
             metrics_address: config.metrics_address.clone(),
             scrape: config.scrape.clone(),
+            breaker,
+            model_breakers: Mutex::new(HashMap::new()),
+            breaker_config,
+            ejected_until: AtomicU64::new(0),
+            models_not_ready: RwLock::new(HashSet::new()),
         }))
     }
 
@@ -136,6 +211,123 @@ impl Endpoint {
     /// A handle on the connection (cheap to clone).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// Whether it can take a call for `model` now, and if not, the first reason why.
+    /// In panic mode only drain counts: the pool routes to every backend rather than
+    /// to none.
+    pub fn availability(&self, model: &str, now: Instant, panic: bool) -> Result<(), Unavailable> {
+        if self.is_draining() {
+            return Err(Unavailable::Draining);
+        }
+        if panic {
+            return Ok(());
+        }
+        match self.health() {
+            Health::Ready => {}
+            Health::NotReady => return Err(Unavailable::NotReady),
+            Health::Unknown => return Err(Unavailable::Unchecked),
+        }
+        if self.is_ejected(now) {
+            return Err(Unavailable::Ejected);
+        }
+        if !self.breaker.admits(now) {
+            return Err(Unavailable::CircuitOpen);
+        }
+        if self
+            .models_not_ready
+            .read()
+            .is_ok_and(|m| !m.is_empty() && m.contains(model))
+        {
+            return Err(Unavailable::ModelNotReady);
+        }
+        if let Some(b) = self.model_breaker_if_any(model) {
+            if !b.admits(now) {
+                return Err(Unavailable::ModelCircuitOpen);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backend's circuit breaker.
+    pub fn breaker(&self) -> &Arc<SharedBreaker> {
+        &self.breaker
+    }
+
+    /// The circuit breaker for `model` on this backend (made on first use).
+    pub fn model_breaker(&self, model: &str) -> Option<Arc<SharedBreaker>> {
+        let mut breakers = self.model_breakers.lock().ok()?;
+        if let Some(b) = breakers.get(model) {
+            return Some(Arc::clone(b));
+        }
+        let b = Arc::new(SharedBreaker::new(&self.breaker_config).ok()?);
+        breakers.insert(model.to_owned(), Arc::clone(&b));
+        Some(b)
+    }
+
+    fn model_breaker_if_any(&self, model: &str) -> Option<Arc<SharedBreaker>> {
+        self.model_breakers.lock().ok()?.get(model).cloned()
+    }
+
+    /// Every model breaker that is not closed, with its state.
+    pub fn open_model_circuits(&self) -> Vec<(String, BreakerState)> {
+        self.model_breakers
+            .lock()
+            .map(|b| {
+                b.iter()
+                    .map(|(m, b)| (m.clone(), b.state()))
+                    .filter(|(_, s)| *s != BreakerState::Closed)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every breaker of this endpoint (whole backend first), for periodic ticks.
+    pub fn all_breakers(&self) -> Vec<(String, Arc<SharedBreaker>)> {
+        let mut all = vec![(String::new(), Arc::clone(&self.breaker))];
+        if let Ok(b) = self.model_breakers.lock() {
+            all.extend(b.iter().map(|(m, b)| (m.clone(), Arc::clone(b))));
+        }
+        all
+    }
+
+    /// Marks it ejected until `until` (None readmits).
+    pub fn set_ejected(&self, until: Option<Instant>) {
+        self.ejected_until
+            .store(until.map(clock::nanos).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Whether it is ejected at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && clock::nanos(now) < until
+    }
+
+    /// Records a `ModelReady` result; returns true if it changed.
+    pub fn set_model_ready(&self, model: &str, ready: bool) -> bool {
+        self.models_not_ready.write().is_ok_and(|mut m| {
+            if ready {
+                m.remove(model)
+            } else {
+                m.insert(model.to_owned())
+            }
+        })
+    }
+
+    /// Models whose readiness check fails here.
+    pub fn models_not_ready(&self) -> Vec<String> {
+        let mut m: Vec<_> = self
+            .models_not_ready
+            .read()
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        m.sort();
+        m
+    }
+
+    /// Sets the static weight.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
     /// Its last load report.
@@ -185,7 +377,7 @@ impl Endpoint {
     /// Whether the balancer may send it a new call. Health is one input; administrative
     /// drain is another, kept apart so a drained backend is never counted as failed.
     pub fn is_eligible(&self) -> bool {
-        self.health() == Health::Ready && !self.draining.load(Ordering::Relaxed)
+        self.availability("", Instant::now(), false).is_ok()
     }
 
     /// Stops (or resumes) new calls to this backend; in-flight calls finish.

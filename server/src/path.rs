@@ -1,36 +1,53 @@
 //! The request path of forwarded calls, written once, outermost layer first. A newcomer
-//! looking for where a call is admitted, routed, balanced, sent and recorded starts here.
+//! looking for where a call is admitted, routed, retried, balanced, sent and recorded
+//! starts here; each step is one call into its own module.
 //!
 //! Unary (`ModelInfer`, `ModelMetadata`, `ModelConfig`, `ModelStatistics`):
-//! 1. admission: refuse while shutting down (later layers: auth, tenant rate limit,
-//!    per-model bulkhead);
-//! 2. read: exactly one gRPC message, within `max_message_bytes`, never decoded;
-//! 3. route: peek model, version and id from the bytes; find the model's route
-//!    (probing the pool for a model not seen yet);
-//! 4. pick: the model's balancing policy over its eligible endpoints;
-//! 5. endpoint: take the in-flight guard, forward metadata and the original bytes,
-//!    hand the backend's response body back unchanged inside an [`ObservedBody`] that
-//!    records the outcome when it ends.
+//! 1. admission: refuse while shutting down; find the tenant (API key or metadata) and
+//!    the priority; the tenant's and the model's token buckets (`ratelimit`);
+//! 2. read: exactly one gRPC message, within `max_message_bytes`, never decoded (`wire`);
+//! 3. route: peek model, version and id from the bytes; find the model's route (`pool`);
+//! 4. deadline: the caller's `grpc-timeout`, else the model's default, cut to its maximum;
+//! 5. bulkhead: a slot in the model's bounded concurrency, or a bounded wait (`bulkhead`);
+//! 6. retry: attempts within the retry budget, each on a different backend where one
+//!    exists, with backoff, while the deadline leaves room for a whole try (`retry`);
+//!    hedging races a second attempt after a delay when the model asks for it;
+//! 7. pick: the model's policy over eligible endpoints, taking circuit permits
+//!    (`balance`, `breaker`); no backend → the model's fallback, or UNAVAILABLE naming why;
+//! 8. per-try timeout around the attempt;
+//! 9. endpoint: the in-flight guard, metadata passed on with the remaining deadline,
+//!    the original bytes sent; the backend's response body handed back unchanged inside
+//!    an [`ObservedBody`] that records the outcome (breaker, outlier detection, metrics)
+//!    and releases the bulkhead slot when it ends.
 //!
-//! `ModelStreamInfer` goes through the same admission, route and pick for its first
-//! routable message, then stays pinned to that backend for its whole life; both
-//! directions flow concurrently and a message for an unknown model before pinning is
-//! answered in-stream, leaving the stream usable.
+//! `ModelStreamInfer` goes through the same admission, rate limit, bulkhead (one slot
+//! for the stream's whole life), route and pick for its first routable message, is
+//! retried on another backend only if the backend could not be reached, then stays
+//! pinned to that backend; both directions flow concurrently and a message for an
+//! unknown model before pinning is answered in-stream, leaving the stream usable.
 
+use crate::bulkhead::Slot;
+use crate::config::TenantConfig;
 use crate::endpoint::{Endpoint, InFlightGuard};
 use crate::load_report::{self, LoadConfig};
+use crate::models::{ModelPolicy, Models};
+use crate::pool::{ModelRoute, Picked};
 use crate::pool::{Pool, RouteError};
 use crate::proxy::{self, ObservedBody};
+use crate::ratelimit::{RateKey, RateLimiter};
+use crate::retry::{self, Failure};
 use crate::telemetry;
 use crate::wire::{self, Deframer, Message, RouteKey};
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use infergate_proto::inference::{ModelInferResponse, ModelStreamInferResponse};
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -102,7 +119,6 @@ impl Forwarded {
 }
 
 /// State shared by every call on the front door.
-#[derive(Debug)]
 pub struct Gateway {
     /// The backends and routes.
     pub pool: Arc<Pool>,
@@ -110,21 +126,65 @@ pub struct Gateway {
     pub max_message_bytes: usize,
     /// How load reports on responses are read.
     pub load: Arc<LoadConfig>,
+    /// Per-model admission and recovery settings.
+    pub models: Models,
+    /// Tenant and priority extraction.
+    pub tenants: TenantConfig,
+    /// Rate limits (a trait object, so a shared limiter can replace the local one).
+    pub limiter: Option<Arc<dyn RateLimiter>>,
+    /// Kept back from the remaining deadline passed to backends.
+    pub deadline_margin: Duration,
     shutting_down: AtomicBool,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a call is labelled with in metrics: a model the pool knows, or `unknown`.
 const UNKNOWN_MODEL: &str = "unknown";
 
+/// Who a call is for, and how urgent it is.
+#[derive(Debug, Clone)]
+struct Caller {
+    tenant: String,
+    priority: i32,
+}
+
+/// How one attempt ended when it did not produce a response to hand back.
+struct AttemptFailed {
+    failure: Failure,
+    status: Status,
+}
+
 impl Gateway {
-    /// Gateway state over `pool`.
-    pub fn new(pool: Arc<Pool>, max_message_bytes: usize, load: Arc<LoadConfig>) -> Arc<Gateway> {
-        Arc::new(Gateway {
+    /// Gateway state over `pool`, with the settings of `config`.
+    pub fn new(
+        pool: Arc<Pool>,
+        config: &crate::config::Config,
+        load: Arc<LoadConfig>,
+    ) -> Result<Arc<Gateway>, String> {
+        let limiter: Option<Arc<dyn RateLimiter>> = if config.rate_limit.is_enabled() {
+            Some(Arc::new(crate::ratelimit::LocalRateLimiter::new(
+                config.rate_limit.clone(),
+            )?))
+        } else {
+            None
+        };
+        Ok(Arc::new(Gateway {
             pool,
-            max_message_bytes,
+            max_message_bytes: config.max_message_bytes,
             load,
+            models: Models::new(config),
+            tenants: config.tenants.clone(),
+            limiter,
+            deadline_margin: Duration::from_millis(config.deadline_margin_ms),
             shutting_down: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// From now on new calls are refused (graceful shutdown).
@@ -144,6 +204,52 @@ impl Gateway {
             ));
         }
         Ok(())
+    }
+
+    /// The tenant (API key first, then the tenant header, else `anonymous`) and the
+    /// priority (header, or Triton's `priority` parameter: 1 is its highest level, so
+    /// it maps to a high priority here; 0, its default, stays 0).
+    fn caller(&self, headers: &HeaderMap, payload: Option<&[u8]>) -> Caller {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let api_key = header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| header("x-api-key"));
+        let tenant = api_key
+            .and_then(|k| self.tenants.api_keys.get(k).cloned())
+            .or_else(|| {
+                header(&self.tenants.header)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "anonymous".to_owned());
+        let priority = header(&self.tenants.priority_header)
+            .and_then(|p| p.parse::<i32>().ok())
+            .or_else(|| {
+                payload
+                    .and_then(|p| wire::peek_int_parameter(p, "priority"))
+                    .filter(|p| *p > 0)
+                    .map(|p| 1_000_000 - p.min(1_000_000) as i32)
+            })
+            .unwrap_or(0);
+        Caller { tenant, priority }
+    }
+
+    fn rate_limit(&self, caller: &Caller, model: &str) -> Result<(), Status> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter
+            .check(&RateKey::new(caller.tenant.clone(), model.to_owned()), Instant::now())
+            .map_err(|limited| {
+                metrics::counter!("infergate_rate_limited_total", "model" => model.to_owned(), "scope" => limited.scope.as_str())
+                    .increment(1);
+                with_pushback(Status::new(limited.code(), limited.message()), limited.pushback())
+            })
     }
 
     /// A forwarded unary call, start to end.
@@ -171,49 +277,427 @@ impl Gateway {
         started: Instant,
         label: &mut String,
     ) -> Result<http::Response<Body>, Status> {
-        // 1. admission
+        // 1. admission (shutdown; tenant and rate limit follow once the model is known)
         self.admit()?;
         // 2. read
         let (parts, body) = request.into_parts();
         let message = proxy::read_unary(body, self.max_message_bytes, rpc.name()).await?;
         // 3. route
         let key = self.peek(rpc, &message)?;
-        let endpoint = if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
-            self.pool.pick_any().map_err(route_status)?
-        } else {
-            let route = self.pool.route(&key.model).await.map_err(route_status)?;
-            label.clone_from(&route.model);
-            if rpc == Forwarded::ModelInfer && route.decoupled {
-                return Err(Status::invalid_argument(format!(
-                    "model '{}' is decoupled (it may answer a request with many responses or none): \
-                     ModelInfer cannot carry that; use ModelStreamInfer",
-                    key.model
-                )));
-            }
-            // 4. pick
-            self.pool.pick(&route).map_err(route_status)?
-        };
-        // 5. endpoint
-        let guard = endpoint.begin();
-        let response = send(
-            &endpoint,
-            rpc,
+        if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
+            return self
+                .forward_any(rpc, &parts.headers, message, started)
+                .await;
+        }
+        let route = self.pool.route(&key.model).await.map_err(route_status)?;
+        label.clone_from(&route.model);
+        if rpc == Forwarded::ModelInfer && route.decoupled {
+            return Err(Status::invalid_argument(format!(
+                "model '{}' is decoupled (it may answer a request with many responses or none): \
+                 ModelInfer cannot carry that; use ModelStreamInfer",
+                key.model
+            )));
+        }
+        let policy = self.models.get(&route.model);
+        let payload = message.payload();
+        let caller = self.caller(
             &parts.headers,
-            proxy::full_body(message.framed()),
-        )
-        .await;
+            (rpc == Forwarded::ModelInfer).then_some(payload.as_ref()),
+        );
+        self.rate_limit(&caller, &route.model)?;
+        // 4. deadline
+        let deadline = deadline(&parts.headers, &policy, started);
+        // 5. bulkhead
+        let (slot, route, policy, fallback) = match self.bulkhead(&policy, &caller, deadline).await
+        {
+            Ok(slot) => (slot, route, policy, None),
+            Err(rejected) if policy.fallback_when_full && policy.fallback.is_some() => {
+                let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
+                let slot = self
+                    .bulkhead(&policy, &caller, deadline)
+                    .await
+                    .map_err(rejected_status)?;
+                let name = route.model.clone();
+                (slot, route, policy, Some(name))
+            }
+            Err(rejected) => return Err(rejected_status(rejected)),
+        };
+        // 6.-9. retries, pick, per-try timeout, endpoint
+        let call = Call {
+            rpc,
+            headers: &parts.headers,
+            message: &message,
+            deadline,
+            started,
+        };
+        let result = match deadline {
+            Some(d) => {
+                match tokio::time::timeout_at(d, self.attempts(&call, route, policy, fallback))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "deadline of {} ms exceeded before a backend answered (model {})",
+                        d.saturating_duration_since(started).as_millis(),
+                        key.model
+                    ))),
+                }
+            }
+            None => self.attempts(&call, route, policy, fallback).await,
+        };
+        let (response, finish) = result?;
+        Ok(finish.wrap(response, slot, label.clone()))
+    }
+
+    async fn bulkhead(
+        &self,
+        policy: &ModelPolicy,
+        caller: &Caller,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Slot>, crate::bulkhead::Rejected> {
+        let Some(bulkhead) = &policy.bulkhead else {
+            return Ok(None);
+        };
+        let waited = Instant::now();
+        let slot = bulkhead
+            .acquire(&caller.tenant, caller.priority, deadline)
+            .await;
+        metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => policy.name.clone())
+            .record(waited.elapsed().as_secs_f64());
+        if let Err(rejected) = &slot {
+            metrics::counter!("infergate_bulkhead_rejected_total", "model" => policy.name.clone(), "reason" => rejected.reason())
+                .increment(1);
+        }
+        slot.map(Some)
+    }
+
+    async fn fallback_route(
+        &self,
+        policy: &ModelPolicy,
+        why: &str,
+    ) -> Result<(Arc<ModelRoute>, Arc<ModelPolicy>), Status> {
+        let Some(fallback) = &policy.fallback else {
+            return Err(Status::unavailable(why.to_owned()));
+        };
+        let route = self.pool.route(fallback).await.map_err(|e| {
+            Status::unavailable(format!(
+                "{why}; fallback model '{fallback}' unavailable too: {e}"
+            ))
+        })?;
+        metrics::counter!("infergate_fallbacks_total", "model" => policy.name.clone(), "fallback" => route.model.clone()).increment(1);
+        let fallback_policy = self.models.get(&route.model);
+        Ok((route, fallback_policy))
+    }
+
+    /// Steps 6 to 9: attempts until one produces a response to hand back.
+    async fn attempts(
+        &self,
+        call: &Call<'_>,
+        mut route: Arc<ModelRoute>,
+        mut policy: Arc<ModelPolicy>,
+        mut fallback: Option<String>,
+    ) -> Result<(http::Response<Body>, Finish), Status> {
+        let original = policy.clone();
+        original.budget.record_request(Instant::now());
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            // 7. pick (or fall back)
+            let picked = match self.pool.pick_for_attempt(&route, &tried) {
+                Ok(p) => p,
+                Err(e) if fallback.is_none() && policy.fallback.is_some() => {
+                    let (r, p) = self.fallback_route(&policy, &e.to_string()).await?;
+                    fallback = Some(r.model.clone());
+                    route = r;
+                    policy = p;
+                    attempt -= 1;
+                    continue;
+                }
+                Err(e) => return Err(route_status(e)),
+            };
+            tried.push(Arc::clone(&picked.endpoint));
+            let hedge_delay = if attempt == 1 && policy.hedge.enabled {
+                retry::hedge_delay(&policy.hedge, &policy.latencies)
+            } else {
+                None
+            };
+            let outcome = match hedge_delay {
+                Some(delay) => {
+                    self.hedged(
+                        call,
+                        &route,
+                        &policy,
+                        picked,
+                        delay,
+                        fallback.as_deref(),
+                        &mut tried,
+                    )
+                    .await
+                }
+                None => {
+                    self.attempt(call, &route, &policy, picked, attempt, fallback.as_deref())
+                        .await
+                }
+            };
+            let failed = match outcome {
+                Ok(ok) => return Ok(ok),
+                Err(failed) => failed,
+            };
+            // 6. retry?
+            let retryable = match &failed.failure {
+                Failure::Status(code) => {
+                    original.retryable.contains(code) || *code == Code::DeadlineExceeded
+                }
+                f => retry::is_retryable(f, &original.retry),
+            };
+            if !retryable || attempt >= original.retry.max_attempts {
+                return Err(failed.status);
+            }
+            let backoff =
+                RNG.with(|rng| retry::backoff(attempt, &original.retry, &mut rng.borrow_mut()));
+            if !retry::may_retry(
+                Instant::now(),
+                call.deadline,
+                original.retry.per_try_timeout(),
+                backoff,
+            ) {
+                return Err(failed.status);
+            }
+            if !original.budget.try_withdraw(Instant::now()) {
+                metrics::counter!("infergate_retry_budget_exhausted_total", "model" => original.name.clone()).increment(1);
+                return Err(failed.status);
+            }
+            metrics::counter!("infergate_retries_total", "model" => original.name.clone())
+                .increment(1);
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// A first attempt raced by a hedge sent `delay` later to another backend; the
+    /// first response wins and the other attempt is dropped (its stream reset).
+    #[allow(clippy::too_many_arguments)]
+    async fn hedged(
+        &self,
+        call: &Call<'_>,
+        route: &Arc<ModelRoute>,
+        policy: &Arc<ModelPolicy>,
+        picked: Picked,
+        delay: Duration,
+        fallback: Option<&str>,
+        tried: &mut Vec<Arc<Endpoint>>,
+    ) -> Result<(http::Response<Body>, Finish), AttemptFailed> {
+        let first = self.attempt(call, route, policy, picked, 1, fallback);
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return r,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if !policy.budget.try_withdraw(Instant::now()) {
+            return first.await;
+        }
+        let Ok(second) = self.pool.pick_for_attempt(route, tried) else {
+            return first.await;
+        };
+        tried.push(Arc::clone(&second.endpoint));
+        metrics::counter!("infergate_hedges_total", "model" => policy.name.clone()).increment(1);
+        let hedge = self.attempt(call, route, policy, second, 2, fallback);
+        tokio::pin!(hedge);
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(ok) => Ok(ok),
+                Err(_) => hedge.await,
+            },
+            r = &mut hedge => match r {
+                Ok(ok) => Ok(ok),
+                Err(_) => first.await,
+            },
+        }
+    }
+
+    /// Steps 8 and 9: one attempt on one backend.
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        route: &ModelRoute,
+        policy: &ModelPolicy,
+        picked: Picked,
+        attempt: u32,
+        fallback: Option<&str>,
+    ) -> Result<(http::Response<Body>, Finish), AttemptFailed> {
+        let Picked {
+            endpoint,
+            permit,
+            model_permit,
+        } = picked;
+        let guard = endpoint.begin();
+        let began = Instant::now();
+        let mut headers = call.headers.clone();
+        if let Some(d) = call.deadline {
+            let remaining = d
+                .saturating_duration_since(began)
+                .saturating_sub(self.deadline_margin);
+            if let Ok(v) = HeaderValue::from_str(&wire::format_grpc_timeout(remaining)) {
+                headers.insert("grpc-timeout", v);
+            }
+        }
+        if attempt > 1 {
+            headers.insert("grpc-previous-rpc-attempts", HeaderValue::from(attempt - 1));
+        }
+        let mut extra = Vec::new();
+        if let Some(model) = fallback {
+            extra.extend_from_slice(&wire::append_model_name(model));
+        }
+        if policy.triton_timeout && call.rpc == Forwarded::ModelInfer {
+            if let Some(d) = call.deadline {
+                let micros = d
+                    .saturating_duration_since(began)
+                    .saturating_sub(self.deadline_margin)
+                    .as_micros();
+                extra.extend_from_slice(&wire::append_int_parameter("timeout", micros as i64));
+            }
+        }
+        let body = if extra.is_empty() {
+            proxy::full_body(call.message.framed())
+        } else {
+            let payload = call.message.payload();
+            let header = wire::header(payload.len() + extra.len());
+            proxy::chunks_body(vec![
+                Bytes::copy_from_slice(&header),
+                payload,
+                Bytes::from(extra),
+            ])
+        };
+        // 8. per-try timeout
+        let sent = send(&endpoint, call.rpc, &headers, body);
+        let response = match policy.retry.per_try_timeout() {
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.pool.record_outcome(&endpoint, None, began.elapsed());
+                    self.pool.record_breaker(
+                        &endpoint,
+                        &route.model,
+                        permit,
+                        Code::DeadlineExceeded,
+                        began.elapsed(),
+                    );
+                    self.pool.record_breaker(
+                        &endpoint,
+                        &route.model,
+                        model_permit,
+                        Code::DeadlineExceeded,
+                        began.elapsed(),
+                    );
+                    endpoint.record_outcome(false);
+                    return Err(AttemptFailed {
+                        failure: Failure::Status(Code::DeadlineExceeded),
+                        status: Status::deadline_exceeded(format!(
+                            "backend {} did not answer within the per-try timeout of {} ms",
+                            endpoint.address(),
+                            limit.as_millis()
+                        )),
+                    });
+                }
+            },
+            None => sent.await,
+        };
+        // 9. endpoint
         let response = match response {
-            Ok(response) => response,
+            Ok(r) => r,
             Err(status) => {
                 endpoint.record_outcome(false);
-                return Err(status);
+                self.pool.record_outcome(&endpoint, None, began.elapsed());
+                self.pool.record_breaker(
+                    &endpoint,
+                    &route.model,
+                    permit,
+                    Code::Unavailable,
+                    began.elapsed(),
+                );
+                self.pool.record_breaker(
+                    &endpoint,
+                    &route.model,
+                    model_permit,
+                    Code::Unavailable,
+                    began.elapsed(),
+                );
+                return Err(AttemptFailed {
+                    failure: Failure::Connect,
+                    status,
+                });
             }
         };
-        let code = proxy::grpc_code(response.headers());
         load_report::observe(&endpoint, response.headers(), &self.load);
-        let model = label.clone();
+        if let Some(status) =
+            Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
+        {
+            // A trailers-only answer: the backend refused the call without data, so
+            // another backend may still be tried.
+            let code = status.code();
+            endpoint.record_outcome(false);
+            self.pool
+                .record_outcome(&endpoint, Some(code), began.elapsed());
+            self.pool
+                .record_breaker(&endpoint, &route.model, permit, code, began.elapsed());
+            self.pool
+                .record_breaker(&endpoint, &route.model, model_permit, code, began.elapsed());
+            let retryable = policy.retryable.contains(&code);
+            if retryable {
+                return Err(AttemptFailed {
+                    failure: Failure::Status(code),
+                    status,
+                });
+            }
+            let finish = Finish {
+                pool: Arc::clone(&self.pool),
+                endpoint: Arc::clone(&endpoint),
+                model: route.model.clone(),
+                permits: (None, None),
+                policy_latencies: None,
+                guard,
+                rpc: call.rpc,
+                started: call.started,
+                attempt_began: began,
+                load: Arc::clone(&self.load),
+                fallback: fallback.map(str::to_owned),
+                deadline: call.deadline,
+                recorded: true,
+            };
+            return Ok((response, finish));
+        }
+        let finish = Finish {
+            pool: Arc::clone(&self.pool),
+            endpoint: Arc::clone(&endpoint),
+            model: route.model.clone(),
+            permits: (permit, model_permit),
+            policy_latencies: Some(self.models.get(&route.model)),
+            guard,
+            rpc: call.rpc,
+            started: call.started,
+            attempt_began: began,
+            load: Arc::clone(&self.load),
+            fallback: fallback.map(str::to_owned),
+            deadline: call.deadline,
+            recorded: false,
+        };
+        Ok((response, finish))
+    }
+
+    /// `ModelStatistics` for every model: any eligible backend answers.
+    async fn forward_any(
+        &self,
+        rpc: Forwarded,
+        headers: &HeaderMap,
+        message: Message,
+        started: Instant,
+    ) -> Result<http::Response<Body>, Status> {
+        let endpoint = self.pool.pick_any().map_err(route_status)?;
+        let guard = endpoint.begin();
+        let response = send(&endpoint, rpc, headers, proxy::full_body(message.framed())).await?;
+        let code = proxy::grpc_code(response.headers());
         let on_end: proxy::OnEnd = Box::new(move |code| {
-            telemetry::call_ended(rpc.name(), &model, code, started.elapsed());
+            telemetry::call_ended(rpc.name(), UNKNOWN_MODEL, code, started.elapsed());
         });
         let (head, body) = response.into_parts();
         Ok(http::Response::from_parts(
@@ -363,31 +847,194 @@ impl Gateway {
             .route(&key.model)
             .await
             .map_err(|e| fail(route_status(e)))?;
-        let endpoint = self.pool.pick(&route).map_err(|e| fail(route_status(e)))?;
         label.clone_from(&route.model);
-        let guard = endpoint.begin();
-        let (up_tx, up_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
-        // The channel is empty, so this cannot wait.
-        let _ = up_tx.send(Ok(Frame::data(message.framed()))).await;
-        let body = Body::new(http_body_util::StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(up_rx),
-        ));
-        let response = send(&endpoint, Forwarded::ModelStreamInfer, headers, body)
+        // Admission: the same rate limit and bulkhead as unary calls; the slot is held
+        // for the stream's whole life.
+        let caller = self.caller(headers, None);
+        self.rate_limit(&caller, &route.model).map_err(fail)?;
+        let policy = self.models.get(&route.model);
+        let deadline = deadline(headers, &policy, Instant::now());
+        let slot = self
+            .bulkhead(&policy, &caller, deadline)
             .await
-            .inspect_err(|_| endpoint.record_outcome(false))
-            .map_err(fail)?;
-        if let Some(status) = Status::from_header_map(response.headers()) {
-            if status.code() != Code::Ok {
+            .map_err(|r| fail(rejected_status(r)))?;
+        // Retried on another backend only while nothing was answered: when the
+        // connection or the stream could not be opened.
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut last = None;
+        for _ in 0..policy.retry.max_attempts.max(1) {
+            let picked = match self.pool.pick_for_attempt(&route, &tried) {
+                Ok(p) => p,
+                Err(e) => return Err(fail(last.unwrap_or_else(|| route_status(e)))),
+            };
+            let endpoint = Arc::clone(&picked.endpoint);
+            tried.push(Arc::clone(&endpoint));
+            let guard = endpoint.begin();
+            let began = Instant::now();
+            let (up_tx, up_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+            // The channel is empty, so this cannot wait.
+            let _ = up_tx.send(Ok(Frame::data(message.framed()))).await;
+            let body = Body::new(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(up_rx),
+            ));
+            let response = match send(&endpoint, Forwarded::ModelStreamInfer, headers, body).await {
+                Ok(r) => r,
+                Err(status) => {
+                    endpoint.record_outcome(false);
+                    self.pool.record_outcome(&endpoint, None, began.elapsed());
+                    self.pool.record_breaker(
+                        &endpoint,
+                        &route.model,
+                        picked.permit,
+                        Code::Unavailable,
+                        began.elapsed(),
+                    );
+                    last = Some(status);
+                    continue;
+                }
+            };
+            if let Some(status) =
+                Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
+            {
                 endpoint.record_outcome(false);
+                self.pool
+                    .record_outcome(&endpoint, Some(status.code()), began.elapsed());
+                if policy.retryable.contains(&status.code()) {
+                    last = Some(status);
+                    continue;
+                }
                 return Err(fail(status));
             }
+            return Ok(Upstream {
+                tx: Some(up_tx),
+                body: response.into_body(),
+                guard,
+                _slot: slot,
+            });
         }
-        Ok(Upstream {
-            tx: Some(up_tx),
-            body: response.into_body(),
-            guard,
-        })
+        Err(fail(last.unwrap_or_else(|| {
+            Status::unavailable(format!(
+                "model {}: no backend could open the stream",
+                route.model
+            ))
+        })))
     }
+}
+
+/// What every attempt of one unary call shares.
+struct Call<'a> {
+    rpc: Forwarded,
+    headers: &'a HeaderMap,
+    message: &'a Message,
+    deadline: Option<Instant>,
+    started: Instant,
+}
+
+/// What must happen when the response handed back ends: outcome accounting for the
+/// breakers, outlier detection and metrics, and release of the bulkhead slot.
+struct Finish {
+    pool: Arc<Pool>,
+    endpoint: Arc<Endpoint>,
+    model: String,
+    permits: (
+        Option<crate::breaker::PermitGuard>,
+        Option<crate::breaker::PermitGuard>,
+    ),
+    policy_latencies: Option<Arc<ModelPolicy>>,
+    guard: InFlightGuard,
+    rpc: Forwarded,
+    started: Instant,
+    attempt_began: Instant,
+    load: Arc<LoadConfig>,
+    fallback: Option<String>,
+    deadline: Option<Instant>,
+    /// Outcome already recorded (a trailers-only answer).
+    recorded: bool,
+}
+
+impl Finish {
+    fn wrap(
+        self,
+        response: http::Response<Body>,
+        slot: Option<Slot>,
+        label: String,
+    ) -> http::Response<Body> {
+        let Finish {
+            pool,
+            endpoint,
+            model,
+            permits,
+            policy_latencies,
+            guard,
+            rpc,
+            started,
+            attempt_began,
+            load,
+            fallback,
+            deadline,
+            recorded,
+        } = self;
+        let code = proxy::grpc_code(response.headers());
+        let on_end: proxy::OnEnd = Box::new(move |code| {
+            let _slot = slot;
+            let elapsed = attempt_began.elapsed();
+            if let (Some(code), false) = (code, recorded) {
+                pool.record_outcome(&endpoint, Some(code), elapsed);
+                let (permit, model_permit) = permits;
+                pool.record_breaker(&endpoint, &model, permit, code, elapsed);
+                pool.record_breaker(&endpoint, &model, model_permit, code, elapsed);
+                if code == Code::Ok {
+                    if let Some(p) = policy_latencies {
+                        p.latencies.record(elapsed);
+                    }
+                }
+            }
+            telemetry::call_ended(rpc.name(), &label, code, started.elapsed());
+        });
+        let (mut head, body) = response.into_parts();
+        if let Some(model) = fallback {
+            if let Ok(v) = HeaderValue::from_str(&model) {
+                head.headers.insert("infergate-fallback", v);
+            }
+        }
+        let body = ObservedBody::new(body, guard, code, load, on_end).with_deadline(deadline);
+        http::Response::from_parts(head, Body::new(body))
+    }
+}
+
+thread_local! {
+    static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
+}
+
+/// The call's deadline: the caller's `grpc-timeout`, else the model's default, never
+/// beyond the model's maximum.
+fn deadline(headers: &HeaderMap, policy: &ModelPolicy, started: Instant) -> Option<Instant> {
+    let asked = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(wire::parse_grpc_timeout)
+        .or(policy.deadline_default);
+    let limit = match (asked, policy.deadline_max) {
+        (Some(a), Some(m)) => Some(a.min(m)),
+        (a, m) => a.or(m),
+    };
+    limit.map(|d| started + d)
+}
+
+/// Adds the `grpc-retry-pushback-ms` trailer that tells well-behaved clients when to
+/// try again.
+fn with_pushback(mut status: Status, pushback: Duration) -> Status {
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(pushback.as_millis().to_string()) {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
+
+fn rejected_status(rejected: crate::bulkhead::Rejected) -> Status {
+    with_pushback(
+        Status::new(rejected.code(), rejected.message()),
+        rejected.pushback(),
+    )
 }
 
 /// The backend half of a pinned stream.
@@ -395,6 +1042,7 @@ struct Upstream {
     tx: Option<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>,
     body: Body,
     guard: InFlightGuard,
+    _slot: Option<Slot>,
 }
 
 async fn next_frame(upstream: &mut Option<Upstream>) -> Option<Result<Frame<Bytes>, Status>> {

@@ -10,14 +10,20 @@
 //! `discovery.negative_cache_ms`.
 
 use crate::balance::{Policy, PolicyParams};
+use crate::breaker::{BreakerConfig, Outcome, PermitGuard};
 use crate::config::{Config, PolicyKind};
 use crate::discovery;
-use crate::endpoint::{Endpoint, Health};
+use crate::endpoint::{Endpoint, Health, Unavailable};
+use crate::events::EventBus;
+use crate::outlier::{CallOutcome, EventKind, OutlierDetector};
+use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
+use tonic::Code;
 
 /// Candidates and policy for one model.
 #[derive(Debug)]
@@ -90,11 +96,36 @@ pub struct Pool {
     negative: Mutex<HashMap<String, Instant>>,
     probe_lock: tokio::sync::Mutex<()>,
     any_policy: Policy,
+    breaker: BreakerConfig,
+    outlier: Mutex<OutlierDetector>,
+    rng: Mutex<fastrand::Rng>,
+    panic: AtomicBool,
+    events: EventBus,
+}
+
+/// An endpoint chosen for one attempt, with the circuit permits it holds. Dropping the
+/// permits without recording (the caller went away) returns them.
+pub struct Picked {
+    /// The backend.
+    pub endpoint: Arc<Endpoint>,
+    /// Permit of the backend's breaker.
+    pub permit: Option<PermitGuard>,
+    /// Permit of the backend × model breaker.
+    pub model_permit: Option<PermitGuard>,
 }
 
 impl Pool {
     /// A pool with the backends of `config`, tagged with `source`.
     pub fn new(config: &Config, source: &str) -> Result<Arc<Pool>, String> {
+        Pool::with_events(config, source, EventBus::default())
+    }
+
+    /// A pool that publishes its state changes on `events`.
+    pub fn with_events(
+        config: &Config,
+        source: &str,
+        events: EventBus,
+    ) -> Result<Arc<Pool>, String> {
         let settings = PoolSettings {
             default_policy: config.balancer.policy,
             params: PolicyParams::new(&config.balancer, config.load.stale_after()),
@@ -123,19 +154,226 @@ impl Pool {
                 config.balancer.policy,
                 PolicyParams::new(&config.balancer, config.load.stale_after()),
             ),
+            breaker: config.breaker.clone(),
+            outlier: Mutex::new(
+                OutlierDetector::new(&config.outlier).map_err(|e| format!("outlier.{e}"))?,
+            ),
+            rng: Mutex::new(fastrand::Rng::new()),
+            panic: AtomicBool::new(false),
+            events,
         });
         for backend in &config.backends {
-            pool.add(Endpoint::from_config(backend, source, false)?);
+            pool.add(Endpoint::from_config(
+                backend,
+                source,
+                false,
+                &config.breaker,
+            )?);
         }
         Ok(pool)
     }
 
     /// Adds an endpoint and rebuilds the routes.
     pub fn add(&self, endpoint: Arc<Endpoint>) {
+        if let Ok(mut outlier) = self.outlier.lock() {
+            outlier.add_host(endpoint.address());
+        }
         if let Ok(mut endpoints) = self.endpoints.write() {
             endpoints.push(endpoint);
         }
         self.rebuild();
+    }
+
+    /// The circuit-breaker settings new endpoints get.
+    pub fn breaker_config(&self) -> &BreakerConfig {
+        &self.breaker
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// Whether the pool is in panic mode (routing to every backend but drained ones).
+    pub fn in_panic(&self) -> bool {
+        self.panic.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint at `address`.
+    pub fn endpoint(&self, address: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints()
+            .into_iter()
+            .find(|e| e.address() == address)
+    }
+
+    /// Why the outlier detector ejected `address`, if it is ejected.
+    pub fn ejection_reason(&self, address: &str) -> Option<String> {
+        let now = Instant::now();
+        let outlier = self.outlier.lock().ok()?;
+        outlier
+            .is_ejected(address, now)
+            .then(|| outlier.ejection(address).map(|e| e.reason))
+            .flatten()
+    }
+
+    /// Records the end of one attempt on `endpoint` for passive outlier detection.
+    /// `code` None means the backend was never reached or the connection broke.
+    pub fn record_outcome(&self, endpoint: &Endpoint, code: Option<Code>, elapsed: Duration) {
+        let now = Instant::now();
+        let outcome = match code {
+            Some(code) => CallOutcome::with_code(code, elapsed),
+            None => CallOutcome::connect_failure(elapsed),
+        };
+        let events = match (self.outlier.lock(), self.rng.lock()) {
+            (Ok(mut outlier), Ok(mut rng)) => {
+                outlier.record(endpoint.address(), outcome, now, &mut rng)
+            }
+            _ => return,
+        };
+        if !events.is_empty() {
+            self.apply_outlier_events(events);
+            self.update_panic();
+        }
+    }
+
+    /// Records a breaker outcome and publishes any transition.
+    pub fn record_breaker(
+        &self,
+        endpoint: &Endpoint,
+        model: &str,
+        picked_permit: Option<PermitGuard>,
+        code: Code,
+        elapsed: Duration,
+    ) {
+        if let Some(permit) = picked_permit {
+            if let Some(t) = permit.record(Outcome { code, elapsed }, Instant::now()) {
+                self.circuit_event(endpoint, model, &t);
+            }
+        }
+    }
+
+    /// Publishes a circuit transition.
+    pub fn circuit_event(&self, endpoint: &Endpoint, model: &str, t: &crate::breaker::Transition) {
+        let kind = format!("circuit_{}", t.to.as_str());
+        metrics::counter!(
+            "infergate_circuit_transitions_total",
+            "backend" => endpoint.address().to_owned(),
+            "to" => t.to.as_str()
+        )
+        .increment(1);
+        self.events
+            .publish(&kind, endpoint.address(), model, t.to_string());
+    }
+
+    /// Runs the window-based outlier detectors, readmits hosts whose time is up, moves
+    /// open circuits whose wait passed to half-open, and updates panic mode. Called every
+    /// `outlier.interval_ms`.
+    pub fn evaluate(&self) {
+        let now = Instant::now();
+        let events = match (self.outlier.lock(), self.rng.lock()) {
+            (Ok(mut outlier), Ok(mut rng)) => outlier.evaluate(now, &mut rng),
+            _ => Vec::new(),
+        };
+        self.apply_outlier_events(events);
+        for endpoint in self.endpoints() {
+            for (model, breaker) in endpoint.all_breakers() {
+                if let Some(t) = breaker.tick(now) {
+                    self.circuit_event(&endpoint, &model, &t);
+                }
+            }
+        }
+        self.update_panic();
+    }
+
+    /// Ejects a backend by hand for `duration`.
+    pub fn eject(&self, address: &str, reason: &str, duration: Duration) -> Result<(), String> {
+        let event = self
+            .outlier
+            .lock()
+            .map_err(|_| "outlier state unavailable".to_owned())?
+            .eject_manually(address, reason, duration, Instant::now())?;
+        self.apply_outlier_events(vec![event]);
+        self.update_panic();
+        Ok(())
+    }
+
+    /// Readmits a backend by hand; false if it was not ejected.
+    pub fn readmit(&self, address: &str) -> bool {
+        let event = self
+            .outlier
+            .lock()
+            .ok()
+            .and_then(|mut o| o.readmit_manually(address));
+        let readmitted = event.is_some();
+        self.apply_outlier_events(event.into_iter().collect());
+        self.update_panic();
+        readmitted
+    }
+
+    fn apply_outlier_events(&self, events: Vec<crate::outlier::Event>) {
+        for event in events {
+            let endpoint = self.endpoint(&event.host);
+            match &event.kind {
+                EventKind::Ejected { until, reason, .. } => {
+                    if let Some(e) = &endpoint {
+                        e.set_ejected(Some(*until));
+                    }
+                    metrics::counter!(
+                        "infergate_backend_ejections_total",
+                        "backend" => event.host.clone(),
+                        "reason" => reason_class(reason)
+                    )
+                    .increment(1);
+                    self.events
+                        .publish("backend_ejected", &event.host, "", event.to_string());
+                }
+                EventKind::Readmitted => {
+                    if let Some(e) = &endpoint {
+                        e.set_ejected(None);
+                    }
+                    self.events
+                        .publish("backend_readmitted", &event.host, "", event.to_string());
+                }
+                EventKind::PanicEntered { .. } | EventKind::PanicLeft { .. } => {
+                    self.apply_panic(event);
+                }
+            }
+        }
+    }
+
+    /// Recomputes panic mode from health and ejections.
+    pub fn update_panic(&self) {
+        let healthy: HashMap<String, bool> = self
+            .endpoints()
+            .iter()
+            .map(|e| {
+                (
+                    e.address().to_owned(),
+                    e.health() == Health::Ready && !e.is_draining(),
+                )
+            })
+            .collect();
+        let event = self.outlier.lock().ok().and_then(|mut o| {
+            o.update_panic(Instant::now(), |k| healthy.get(k).copied().unwrap_or(false))
+        });
+        if let Some(event) = event {
+            self.apply_panic(event);
+        }
+    }
+
+    fn apply_panic(&self, event: crate::outlier::Event) {
+        let entered = matches!(event.kind, EventKind::PanicEntered { .. });
+        self.panic.store(entered, Ordering::Relaxed);
+        metrics::gauge!("infergate_pool_panic").set(if entered { 1.0 } else { 0.0 });
+        if entered {
+            tracing::warn!("{event}");
+        }
+        let kind = if entered {
+            "panic_entered"
+        } else {
+            "panic_left"
+        };
+        self.events.publish(kind, "", "", event.to_string());
     }
 
     /// A snapshot of every endpoint.
@@ -221,13 +459,97 @@ impl Pool {
 
     /// Picks an endpoint for a call on `route`, or says why none can take it.
     pub fn pick(&self, route: &ModelRoute) -> Result<Arc<Endpoint>, RouteError> {
-        route
-            .policy
-            .pick_now(&route.endpoints)
-            .ok_or_else(|| RouteError::NoneEligible {
-                model: route.model.clone(),
-                summary: summarize(&route.endpoints),
-            })
+        self.pick_for_attempt(route, &[]).map(|p| p.endpoint)
+    }
+
+    /// Picks an endpoint for one attempt, avoiding `exclude` (backends earlier attempts
+    /// of the same call used) where another exists, and takes its circuit permits.
+    pub fn pick_for_attempt(
+        &self,
+        route: &ModelRoute,
+        exclude: &[Arc<Endpoint>],
+    ) -> Result<Picked, RouteError> {
+        let panic = self.in_panic();
+        let model = route.model.as_str();
+        let mut refused: Vec<Arc<Endpoint>> = Vec::new();
+        for _ in 0..3 {
+            let now = Instant::now();
+            let usable = |e: &Endpoint| {
+                e.availability(model, now, panic).is_ok()
+                    && !refused.iter().any(|r| std::ptr::eq(r.as_ref(), e))
+            };
+            let fresh =
+                |e: &Endpoint| usable(e) && !exclude.iter().any(|x| std::ptr::eq(x.as_ref(), e));
+            let endpoint = route
+                .policy
+                .pick_now(&route.endpoints, &fresh)
+                .or_else(|| route.policy.pick_now(&route.endpoints, &usable));
+            let Some(endpoint) = endpoint else { break };
+            // A half-open circuit admits only its probes: the permit decides.
+            let permit = if panic {
+                None
+            } else {
+                match endpoint.breaker().acquire_guard(now) {
+                    Some(p) => Some(p),
+                    None => {
+                        refused.push(endpoint);
+                        continue;
+                    }
+                }
+            };
+            let model_permit = match endpoint.model_breaker(model) {
+                Some(b) if !panic => match b.acquire_guard(now) {
+                    Some(p) => Some(p),
+                    None => {
+                        refused.push(endpoint);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            return Ok(Picked {
+                endpoint,
+                permit,
+                model_permit,
+            });
+        }
+        Err(RouteError::NoneEligible {
+            model: route.model.clone(),
+            summary: self.summarize(&route.endpoints, model),
+        })
+    }
+
+    /// "3 backends: 2 ejected (outlier: 5 consecutive failures), 1 circuit open".
+    fn summarize(&self, endpoints: &[Arc<Endpoint>], model: &str) -> String {
+        let now = Instant::now();
+        let mut reasons: BTreeMap<Unavailable, usize> = BTreeMap::new();
+        let mut ejection: Option<String> = None;
+        for e in endpoints {
+            if let Err(why) = e.availability(model, now, false) {
+                *reasons.entry(why).or_default() += 1;
+                if why == Unavailable::Ejected && ejection.is_none() {
+                    ejection = self.ejection_reason(e.address());
+                }
+            }
+        }
+        let mut parts = vec![format!(
+            "{} backend{}",
+            endpoints.len(),
+            if endpoints.len() == 1 { "" } else { "s" }
+        )];
+        for (why, n) in reasons {
+            let mut part = format!("{n} {}", why.describe());
+            if why == Unavailable::Ejected {
+                if let Some(reason) = &ejection {
+                    part.push_str(&format!(" (outlier: {reason})"));
+                }
+            }
+            parts.push(part);
+        }
+        if parts.len() == 1 {
+            parts.push("all busy with permits taken".into());
+        }
+        parts.join(", ")
     }
 
     /// Picks any eligible endpoint, whatever it serves (for calls that name no model,
@@ -238,10 +560,10 @@ impl Pool {
             return Err(RouteError::NoBackends);
         }
         self.any_policy
-            .pick_now(&endpoints)
+            .pick_now(&endpoints, &|e| e.is_eligible())
             .ok_or_else(|| RouteError::NoneEligible {
                 model: "(any)".into(),
-                summary: summarize(&endpoints),
+                summary: self.summarize(&endpoints, ""),
             })
     }
 
@@ -330,27 +652,20 @@ impl Pool {
     }
 }
 
-/// "3 backends: 1 not ready, 1 draining, 1 not checked yet".
-fn summarize(endpoints: &[Arc<Endpoint>]) -> String {
-    let count = |f: &dyn Fn(&Endpoint) -> bool| endpoints.iter().filter(|e| f(e)).count();
-    let not_ready = count(&|e| e.health() == Health::NotReady);
-    let unknown = count(&|e| e.health() == Health::Unknown);
-    let draining = count(&|e| e.health() == Health::Ready && e.is_draining());
-    let mut parts = vec![format!(
-        "{} backend{}",
-        endpoints.len(),
-        if endpoints.len() == 1 { "" } else { "s" }
-    )];
-    for (n, what) in [
-        (not_ready, "not ready"),
-        (unknown, "not checked yet"),
-        (draining, "draining"),
-    ] {
-        if n > 0 {
-            parts.push(format!("{n} {what}"));
-        }
+/// A short, bounded label for an ejection reason (metrics).
+fn reason_class(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("consecutive") {
+        "consecutive_failures"
+    } else if r.contains("success rate") {
+        "success_rate"
+    } else if r.contains("latency") {
+        "latency"
+    } else if r.contains("failure") {
+        "failure_percentage"
+    } else {
+        "manual"
     }
-    parts.join(", ")
 }
 
 #[cfg(test)]

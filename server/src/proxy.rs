@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -110,6 +111,7 @@ pub struct ObservedBody {
     on_end: Option<OnEnd>,
     code: Option<Code>,
     load: Arc<LoadConfig>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ObservedBody {
@@ -129,7 +131,15 @@ impl ObservedBody {
             on_end: Some(on_end),
             code,
             load,
+            deadline: None,
         }
+    }
+
+    /// Ends the response with DEADLINE_EXCEEDED if it is still streaming at `deadline`
+    /// (the backend's stream is reset when the body drops).
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        self
     }
 
     fn finish(&mut self, code: Option<Code>) {
@@ -153,6 +163,17 @@ impl http_body::Body for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
+        if this.on_end.is_none() {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.finish(Some(Code::DeadlineExceeded));
+                let status =
+                    Status::deadline_exceeded("deadline exceeded while the backend was answering");
+                return Poll::Ready(Some(Ok(status_trailers(&status))));
+            }
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
@@ -199,6 +220,14 @@ pub fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>
     Body::new(http_body_util::StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     ))
+}
+
+/// A body of several ready-made chunks (a message with fields appended to it).
+pub fn chunks_body(chunks: Vec<Bytes>) -> Body {
+    let frames = chunks
+        .into_iter()
+        .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c)));
+    Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
 }
 
 /// A body that is one ready-made message.

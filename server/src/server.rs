@@ -65,11 +65,8 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
     let pool = Pool::new(&config, source).map_err(StartError)?;
     let load = Arc::new(config.load.clone());
-    let gateway = Gateway::new(
-        Arc::clone(&pool),
-        config.max_message_bytes,
-        Arc::clone(&load),
-    );
+    let gateway =
+        Gateway::new(Arc::clone(&pool), &config, Arc::clone(&load)).map_err(StartError)?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
 
     // Learn the pool before taking traffic: one health round and one index read.
@@ -158,6 +155,11 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         tracing::warn!("metrics recorder unavailable; /metrics is not served");
     }
     tokio::spawn(checker.run(shutdown_rx.clone()));
+    tokio::spawn(run_outlier(
+        Arc::clone(&pool),
+        config.outlier.interval(),
+        shutdown_rx.clone(),
+    ));
     for endpoint in pool.endpoints() {
         load_report::spawn_for(&endpoint, &load, &shutdown_rx);
     }
@@ -178,6 +180,16 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         shutdown,
         servers,
     })
+}
+
+/// Runs the pool's periodic outlier evaluation (and circuit ticks) until shutdown.
+async fn run_outlier(pool: Arc<Pool>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => pool.evaluate(),
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 impl GatewayHandle {

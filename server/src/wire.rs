@@ -259,6 +259,145 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
     Ok(key)
 }
 
+/// Reads an integer request parameter (`parameters` map, field 4 of
+/// `ModelInferRequest`) without decoding the rest: int64, uint64 or a numeric string.
+/// None when absent or malformed.
+pub fn peek_int_parameter(mut payload: &[u8], name: &str) -> Option<i64> {
+    let mut found = None;
+    while !payload.is_empty() {
+        let tag = read_varint(&mut payload)?;
+        let (field, wire_type) = (tag >> 3, tag & 7);
+        match wire_type {
+            0 => {
+                read_varint(&mut payload)?;
+            }
+            1 => payload = payload.get(8..)?,
+            5 => payload = payload.get(4..)?,
+            2 => {
+                let len = read_varint(&mut payload)? as usize;
+                let value = payload.get(..len)?;
+                payload = &payload[len..];
+                if field == 4 {
+                    if let Some(v) = map_entry_int(value, name) {
+                        found = Some(v);
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    found
+}
+
+fn map_entry_int(mut entry: &[u8], name: &str) -> Option<i64> {
+    let (mut key, mut value) = (None, None);
+    while !entry.is_empty() {
+        let tag = read_varint(&mut entry)?;
+        if tag & 7 != 2 {
+            return None;
+        }
+        let len = read_varint(&mut entry)? as usize;
+        let bytes = entry.get(..len)?;
+        entry = &entry[len..];
+        match tag >> 3 {
+            1 => key = Some(bytes),
+            2 => value = Some(bytes),
+            _ => {}
+        }
+    }
+    if key? != name.as_bytes() {
+        return None;
+    }
+    // InferParameter: 1 bool, 2 int64, 3 string, 4 double, 5 uint64.
+    let mut param = value?;
+    let tag = read_varint(&mut param)?;
+    match (tag >> 3, tag & 7) {
+        (2, 0) | (5, 0) => read_varint(&mut param).map(|v| v as i64),
+        (3, 2) => {
+            let len = read_varint(&mut param)? as usize;
+            std::str::from_utf8(param.get(..len)?)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        }
+        _ => None,
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    put_varint(out, field << 3 | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Bytes that, appended to a request, set its model name (field 1): protobuf keeps the
+/// last value of a singular field, so the payload itself is not copied or rewritten.
+pub fn append_model_name(model: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(model.len() + 2);
+    put_bytes_field(&mut out, 1, model.as_bytes());
+    out
+}
+
+/// Bytes that, appended to a `ModelInferRequest`, add (or replace) an int64 entry of its
+/// `parameters` map (field 4), e.g. Triton's `timeout` in microseconds.
+pub fn append_int_parameter(name: &str, value: i64) -> Vec<u8> {
+    let mut param = Vec::with_capacity(11);
+    put_varint(&mut param, 2 << 3);
+    put_varint(&mut param, value as u64);
+    let mut entry = Vec::with_capacity(name.len() + param.len() + 4);
+    put_bytes_field(&mut entry, 1, name.as_bytes());
+    put_bytes_field(&mut entry, 2, &param);
+    let mut out = Vec::with_capacity(entry.len() + 3);
+    put_bytes_field(&mut out, 4, &entry);
+    out
+}
+
+/// The 5-byte gRPC header of an uncompressed message of `len` bytes.
+pub fn header(len: usize) -> [u8; HEADER_LEN] {
+    let l = (len as u32).to_be_bytes();
+    [0, l[0], l[1], l[2], l[3]]
+}
+
+/// Parses a `grpc-timeout` value ("100m", "5S", "250000u"...).
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Formats a duration as a `grpc-timeout` value (at most 8 digits, as the spec asks).
+pub fn format_grpc_timeout(d: std::time::Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 100_000_000 {
+        format!("{micros}u")
+    } else if d.as_millis() < 100_000_000 {
+        format!("{}m", d.as_millis())
+    } else {
+        format!("{}S", d.as_secs().min(99_999_999))
+    }
+}
+
 fn read_varint(buf: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
@@ -331,6 +470,51 @@ mod tests {
         d2.finish().expect("complete");
         assert_eq!(out2.len(), 2);
         assert_eq!(out2[0].framed(), a.framed());
+    }
+
+    #[test]
+    fn appended_fields_override_without_copying_the_payload() {
+        use infergate_proto::inference::{infer_parameter::ParameterChoice, InferParameter};
+        let mut bytes = request();
+        bytes.extend_from_slice(&append_model_name("simple_small"));
+        bytes.extend_from_slice(&append_int_parameter("timeout", 48_000));
+        let decoded = ModelInferRequest::decode(bytes.as_slice()).expect("still a request");
+        assert_eq!(decoded.model_name, "simple_small");
+        assert_eq!(decoded.id, "req-7");
+        assert_eq!(
+            decoded.parameters.get("timeout"),
+            Some(&InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(48_000))
+            })
+        );
+        assert_eq!(peek_int_parameter(&bytes, "timeout"), Some(48_000));
+        assert_eq!(peek_int_parameter(&bytes, "priority"), None);
+        assert_eq!(
+            peek_route(&bytes, true).expect("parses").model,
+            "simple_small"
+        );
+    }
+
+    #[test]
+    fn grpc_timeout_round_trips() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        for d in [
+            Duration::from_micros(1500),
+            Duration::from_secs(150),
+            Duration::from_secs(200_000),
+        ] {
+            let back = parse_grpc_timeout(&format_grpc_timeout(d)).expect("parses");
+            assert!(
+                back <= d && d - back < Duration::from_secs(1),
+                "{d:?} -> {back:?}"
+            );
+        }
     }
 
     #[test]
