@@ -214,21 +214,20 @@ impl Endpoint {
     }
 
     /// Whether it can take a call for `model` now, and if not, the first reason why.
-    /// In panic mode only drain counts: the pool routes to every backend rather than
-    /// to none.
+    /// In panic mode outlier ejections are suspended: ejection is a guess from live
+    /// traffic and must never send the whole pool away. Failed health checks, open
+    /// circuits and drain still count, so a pool that is really down fails fast and
+    /// says why.
     pub fn availability(&self, model: &str, now: Instant, panic: bool) -> Result<(), Unavailable> {
         if self.is_draining() {
             return Err(Unavailable::Draining);
-        }
-        if panic {
-            return Ok(());
         }
         match self.health() {
             Health::Ready => {}
             Health::NotReady => return Err(Unavailable::NotReady),
             Health::Unknown => return Err(Unavailable::Unchecked),
         }
-        if self.is_ejected(now) {
+        if !panic && self.is_ejected(now) {
             return Err(Unavailable::Ejected);
         }
         if !self.breaker.admits(now) {

@@ -14,7 +14,7 @@ use crate::config::HealthConfig;
 use crate::endpoint::{Endpoint, Health};
 use crate::pool::Pool;
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use infergate_proto::inference::ServerReadyRequest;
+use infergate_proto::inference::{ModelReadyRequest, ServerReadyRequest};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +67,9 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     .await;
     match health {
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
+        Ok(Err(status)) if status.code() == Code::Unavailable || status.code() == Code::Unknown => {
+            Err(format!("backend unreachable: {}", status.message()))
+        }
         Ok(Ok(response)) => {
             let status = response.into_inner().status();
             if status == ServingStatus::Serving {
@@ -98,15 +101,48 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     }
 }
 
-/// The health checker of a pool: checks every backend each interval.
+/// Keeps the gateway's own `grpc.health.v1` entries in step with the pool; an entry is
+/// set only when it changes, so Watch streams see transitions, not repeats.
+pub struct Publisher {
+    reporter: HealthReporter,
+    published: tokio::sync::Mutex<HashMap<String, bool>>,
+}
+
+impl Publisher {
+    /// A publisher over the health service's reporter.
+    pub fn new(reporter: HealthReporter) -> Arc<Publisher> {
+        Arc::new(Publisher {
+            reporter,
+            published: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sets "" (any backend ready) and one entry per model (an eligible backend serves it).
+    pub async fn publish(&self, pool: &Pool) {
+        let mut states = vec![(String::new(), pool.any_ready())];
+        for route in pool.models() {
+            let up = route.endpoints.iter().any(|e| e.is_eligible());
+            states.push((route.model.clone(), up));
+        }
+        let mut published = self.published.lock().await;
+        for (service, up) in states {
+            if published.insert(service.clone(), up) != Some(up) {
+                let status = if up {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                self.reporter.set_service_status(&service, status).await;
+            }
+        }
+    }
+}
+
+/// The health checker of a pool.
 pub struct Checker {
     pool: Arc<Pool>,
     cfg: HealthConfig,
-    reporter: HealthReporter,
-    counters: HashMap<String, Thresholds>,
-    /// What was last published per health service name, so Watch streams see changes
-    /// only.
-    published: HashMap<String, bool>,
+    publisher: Arc<Publisher>,
 }
 
 impl Checker {
@@ -115,75 +151,145 @@ impl Checker {
         Checker {
             pool,
             cfg,
-            reporter,
-            counters: HashMap::new(),
-            published: HashMap::new(),
+            publisher: Publisher::new(reporter),
         }
     }
 
-    /// Checks every backend once, applies thresholds and publishes the gateway's health.
+    /// Checks every backend once, at once (used before the gateway takes traffic).
     pub async fn round(&mut self) {
         let endpoints = self.pool.endpoints();
-        let timeout = self.cfg.timeout();
-        let results = futures_util::future::join_all(
-            endpoints
-                .iter()
-                .map(|e| async move { (e, check(e, timeout).await) }),
-        )
-        .await;
-        for (endpoint, result) in results {
-            let counter = self
-                .counters
-                .entry(endpoint.address().to_owned())
-                .or_default();
-            if let Some(next) = counter.observe(endpoint.health(), result.is_ok(), &self.cfg) {
-                let previous = endpoint.set_health(next);
-                match &result {
-                    Ok(()) => tracing::info!(
-                        backend = endpoint.address(),
-                        from = previous.as_str(),
-                        "backend is ready"
-                    ),
-                    Err(reason) => tracing::warn!(
-                        backend = endpoint.address(),
-                        from = previous.as_str(),
-                        "backend is not ready: {reason}"
-                    ),
-                }
-            }
-        }
+        let jobs = endpoints.iter().map(|e| {
+            let mut state = EndpointCheck::default();
+            let pool = Arc::clone(&self.pool);
+            let cfg = self.cfg.clone();
+            async move { state.check_once(&pool, e, &cfg).await }
+        });
+        futures_util::future::join_all(jobs).await;
         self.publish().await;
     }
 
-    /// Sets the gateway's grpc.health.v1 entries from the pool.
+    /// Publishes the gateway's health from the pool.
     pub async fn publish(&mut self) {
-        let status = |up: bool| {
-            if up {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            }
-        };
-        let mut states = vec![(String::new(), self.pool.any_ready())];
-        for route in self.pool.models() {
-            let up = route.endpoints.iter().any(|e| e.is_eligible());
-            states.push((route.model.clone(), up));
-        }
-        for (service, up) in states {
-            if self.published.insert(service.clone(), up) != Some(up) {
-                self.reporter.set_service_status(&service, status(up)).await;
-            }
+        self.publisher.publish(&self.pool).await;
+    }
+
+    /// Starts one checking loop per backend; they end on shutdown or when the backend
+    /// leaves the pool.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        for endpoint in self.pool.endpoints() {
+            spawn_for(&self.pool, &endpoint, &self.cfg, &self.publisher, &shutdown);
         }
     }
 
-    /// Checks every interval until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// The publisher (to start loops for backends added later).
+    pub fn publisher(&self) -> Arc<Publisher> {
+        Arc::clone(&self.publisher)
+    }
+}
+
+/// Starts the checking loop of one backend.
+pub fn spawn_for(
+    pool: &Arc<Pool>,
+    endpoint: &Arc<Endpoint>,
+    cfg: &HealthConfig,
+    publisher: &Arc<Publisher>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let (pool, endpoint, cfg, publisher, mut shutdown) = (
+        Arc::clone(pool),
+        Arc::downgrade(endpoint),
+        cfg.clone(),
+        Arc::clone(publisher),
+        shutdown.clone(),
+    );
+    tokio::spawn(async move {
+        let mut state = EndpointCheck::default();
+        let mut rng = fastrand::Rng::new();
+        let mut wait = Duration::from_millis(rng.u64(0..=cfg.initial_jitter_ms)) + cfg.interval();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.interval()) => self.round().await,
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
+            let Some(e) = endpoint.upgrade() else { return };
+            if !pool.endpoints().iter().any(|x| Arc::ptr_eq(x, &e)) {
+                return;
+            }
+            let changed = state.check_once(&pool, &e, &cfg).await;
+            if changed {
+                publisher.publish(&pool).await;
+            }
+            wait = state.next_wait(&e, &cfg, &mut rng);
         }
+    });
+}
+
+/// One backend's checking state: threshold counters and connection backoff.
+#[derive(Default)]
+struct EndpointCheck {
+    thresholds: Thresholds,
+    unreachable_streak: u32,
+}
+
+impl EndpointCheck {
+    /// Checks the backend (and its models); returns true if anything visible changed.
+    async fn check_once(&mut self, pool: &Pool, e: &Endpoint, cfg: &HealthConfig) -> bool {
+        let result = check(e, cfg.timeout()).await;
+        self.unreachable_streak = match &result {
+            Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => self.unreachable_streak + 1,
+            _ => 0,
+        };
+        let mut changed = false;
+        if let Some(next) = self.thresholds.observe(e.health(), result.is_ok(), cfg) {
+            let previous = e.set_health(next);
+            changed = true;
+            let reason = match &result {
+                Ok(()) => format!("backend is ready (was {})", previous.as_str()),
+                Err(reason) => format!("backend is not ready (was {}): {reason}", previous.as_str()),
+            };
+            metrics::gauge!("infergate_backend_ready", "backend" => e.address().to_owned())
+                .set(if next == Health::Ready { 1.0 } else { 0.0 });
+            pool.events().publish("health_changed", e.address(), "", reason);
+            pool.update_panic();
+        }
+        if result.is_ok() && cfg.model_checks {
+            for model in e.models() {
+                let request = ModelReadyRequest {
+                    name: model.clone(),
+                    version: String::new(),
+                };
+                let ready = tokio::time::timeout(
+                    cfg.timeout(),
+                    GrpcInferenceServiceClient::new(e.channel()).model_ready(request),
+                )
+                .await;
+                let ready = match ready {
+                    Ok(Ok(r)) => r.into_inner().ready,
+                    // A backend without ModelReady is judged by its server health alone.
+                    Ok(Err(s)) if s.code() == Code::Unimplemented => true,
+                    _ => continue,
+                };
+                if e.set_model_ready(&model, ready) {
+                    changed = true;
+                    let what = if ready { "ready again" } else { "not ready (ModelReady false)" };
+                    pool.events().publish("model_health_changed", e.address(), &model, format!("model {model} is {what} on this backend"));
+                }
+            }
+        }
+        changed
+    }
+
+    /// Time to the next check: the interval (plus jitter) while ready; the faster
+    /// unhealthy interval while not, backing off (doubling up to the interval) while
+    /// the backend cannot be reached at all.
+    fn next_wait(&self, e: &Endpoint, cfg: &HealthConfig, rng: &mut fastrand::Rng) -> Duration {
+        let jitter = Duration::from_millis(rng.u64(0..=cfg.interval_jitter_ms));
+        if e.health() == Health::Ready {
+            return cfg.interval() + jitter;
+        }
+        let base = Duration::from_millis(cfg.unhealthy_interval_ms);
+        let backoff = base.saturating_mul(1 << self.unreachable_streak.saturating_sub(1).min(6));
+        backoff.min(cfg.interval().max(base)) + jitter
     }
 }
 

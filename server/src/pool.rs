@@ -194,7 +194,7 @@ impl Pool {
         &self.events
     }
 
-    /// Whether the pool is in panic mode (routing to every backend but drained ones).
+    /// Whether the pool is in panic mode (outlier ejections suspended).
     pub fn in_panic(&self) -> bool {
         self.panic.load(Ordering::Relaxed)
     }
@@ -486,19 +486,15 @@ impl Pool {
                 .or_else(|| route.policy.pick_now(&route.endpoints, &usable));
             let Some(endpoint) = endpoint else { break };
             // A half-open circuit admits only its probes: the permit decides.
-            let permit = if panic {
-                None
-            } else {
-                match endpoint.breaker().acquire_guard(now) {
-                    Some(p) => Some(p),
-                    None => {
-                        refused.push(endpoint);
-                        continue;
-                    }
+            let permit = match endpoint.breaker().acquire_guard(now) {
+                Some(p) => Some(p),
+                None => {
+                    refused.push(endpoint);
+                    continue;
                 }
             };
             let model_permit = match endpoint.model_breaker(model) {
-                Some(b) if !panic => match b.acquire_guard(now) {
+                Some(b) => match b.acquire_guard(now) {
                     Some(p) => Some(p),
                     None => {
                         refused.push(endpoint);
