@@ -247,6 +247,17 @@ pub fn grpc_response(body: Body) -> http::Response<Body> {
 
 /// Turns a transport error into the status a caller sees, naming the backend.
 pub fn transport_status(address: &str, err: &(dyn std::error::Error + 'static)) -> Status {
+    // The channel enforces the `grpc-timeout` it forwards: running out of it is the
+    // caller's deadline, not an unreachable backend.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if e.is::<tonic::TimeoutExpired>() {
+            return Status::deadline_exceeded(format!(
+                "deadline exceeded while waiting for backend {address}"
+            ));
+        }
+        cause = e.source();
+    }
     let mut message = format!("backend {address} unreachable: {err}");
     let mut source = err.source();
     while let Some(cause) = source {

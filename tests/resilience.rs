@@ -1,0 +1,452 @@
+//! End-to-end resilience under steady load, against real simulated backends with
+//! injected faults: ejection of a killed, hung or sick backend and its readmission,
+//! per-model removal, growing ejection of a flapping backend, the fail-fast message,
+//! bulkhead isolation between models, retries that save calls, and deadlines.
+
+mod common;
+
+use common::*;
+use infergate::config::{Config, ModelConfig};
+use infergate::sim::{SimConfig, SimHandle};
+use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use infergate_proto::inference::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn pool_config(sims: &[&SimHandle]) -> Config {
+    let mut cfg = config(&sims.iter().map(|s| s.addr()).collect::<Vec<_>>());
+    cfg.health.interval_ms = 200;
+    cfg.health.unhealthy_interval_ms = 50;
+    cfg.health.interval_jitter_ms = 0;
+    cfg.outlier.interval_ms = 100;
+    cfg.outlier.base_ejection_time_ms = 300;
+    cfg.outlier.ejection_jitter_ms = 0;
+    cfg
+}
+
+/// Steady load: `workers` callers in a loop until `stop`; counts ok and failed calls.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &GrpcInferenceServiceClient<Channel>, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..workers)
+            .map(|w| {
+                let (mut c, stop, ok, failed) =
+                    (client.clone(), stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) && i < 100_000 {
+                        i += 1;
+                        let mut request =
+                            tonic::Request::new(simple_request(&format!("{w}-{i}"), 1));
+                        request.set_timeout(Duration::from_secs(2));
+                        match c.model_infer(request).await {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("load worker");
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_is_ejected_fast_and_readmitted_when_back() {
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let victim = sim("victim", |_| {});
+    let victim_addr = victim.addr();
+    let gw = gateway(pool_config(&[&a, &b, &victim])).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 4);
+    eventually("traffic reaches the victim", Duration::from_secs(5), || {
+        victim.control().completed() > 20
+    })
+    .await;
+    let endpoint = gw
+        .pool()
+        .endpoint(&victim_addr.to_string())
+        .expect("endpoint");
+    let killed_at = Instant::now();
+    victim.kill();
+    eventually(
+        "the killed backend stops being eligible",
+        Duration::from_secs(5),
+        || !endpoint.is_eligible(),
+    )
+    .await;
+    let eject_time = killed_at.elapsed();
+    println!("killed backend out of rotation after {eject_time:?}");
+    assert!(
+        eject_time < Duration::from_millis(200 + 150),
+        "within one health interval: {eject_time:?}"
+    );
+
+    // Bring it back on the same port: readmitted by the health checks.
+    let revived = infergate::sim::spawn(SimConfig {
+        listen: victim_addr,
+        name: "victim".into(),
+        latency_ms: 1.0,
+        ..SimConfig::default()
+    })
+    .expect("restart on the same port");
+    let back_at = Instant::now();
+    eventually("the backend is readmitted", Duration::from_secs(10), || {
+        endpoint.is_eligible()
+    })
+    .await;
+    println!("restarted backend readmitted after {:?}", back_at.elapsed());
+    eventually("it takes traffic again", Duration::from_secs(5), || {
+        revived.control().completed() > 5
+    })
+    .await;
+    let (ok, failed) = load.finish().await;
+    println!("calls during the kill: {ok} ok, {failed} failed");
+    assert!(ok > 100);
+    // Only calls in flight on the killed backend could fail (4 workers at most), and
+    // retries save most of those.
+    assert!(failed <= 4, "{failed} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_backend_is_ejected_by_per_try_timeouts() {
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let hung = sim("hung", |_| {});
+    let mut cfg = pool_config(&[&a, &b, &hung]);
+    cfg.retry.per_try_timeout_ms = Some(100);
+    cfg.retry.max_attempts = 3;
+    cfg.outlier.consecutive_failures = 3;
+    // Health checks stay green (the sim's health service still answers): only live
+    // traffic can tell.
+    let gw = gateway(cfg).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 4);
+    eventually("steady traffic", Duration::from_secs(5), || {
+        hung.control().completed() > 10
+    })
+    .await;
+    hung.control().set_hang(true);
+    let endpoint = gw
+        .pool()
+        .endpoint(&hung.addr().to_string())
+        .expect("endpoint");
+    let hung_at = Instant::now();
+    eventually(
+        "the hung backend is ejected",
+        Duration::from_secs(5),
+        || endpoint.is_ejected(Instant::now()),
+    )
+    .await;
+    println!("hung backend ejected after {:?}", hung_at.elapsed());
+    let reason = gw
+        .pool()
+        .ejection_reason(&hung.addr().to_string())
+        .expect("reason");
+    assert!(reason.contains("consecutive"), "{reason}");
+    let (ok, failed) = load.finish().await;
+    println!("calls while hung: {ok} ok, {failed} failed (per-try timeouts retried elsewhere)");
+    assert_eq!(
+        failed, 0,
+        "every call that hit the hung backend was retried on another"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_one_model_is_removed_for_that_model_only() {
+    let a = sim("a", |_| {});
+    let sick = sim("sick", |_| {});
+    let gw = gateway(pool_config(&[&a, &sick])).await;
+    let mut c = client(gw.addr()).await;
+    sick.control().set_model_failing("simple", true);
+    let endpoint = gw
+        .pool()
+        .endpoint(&sick.addr().to_string())
+        .expect("endpoint");
+    eventually(
+        "simple is marked not ready on the sick backend",
+        Duration::from_secs(5),
+        || endpoint.models_not_ready() == ["simple"],
+    )
+    .await;
+    let before = (
+        sick.control().per_model_started("simple"),
+        sick.control().per_model_started("identity_fp32"),
+    );
+    for i in 0..20 {
+        c.model_infer(simple_request(&format!("s{i}"), 1))
+            .await
+            .expect("simple is served by the other");
+        let request = ModelInferRequest {
+            model_name: "identity_fp32".into(),
+            inputs: vec![model_infer_request::InferInputTensor {
+                name: "INPUT0".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![vec![0u8; 16]],
+            ..Default::default()
+        };
+        c.model_infer(request).await.expect("identity_fp32");
+    }
+    let after = (
+        sick.control().per_model_started("simple"),
+        sick.control().per_model_started("identity_fp32"),
+    );
+    assert_eq!(after.0, before.0, "no simple call went to the sick backend");
+    assert!(after.1 > before.1, "identity_fp32 still goes there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_backend_is_ejected_for_longer_each_time() {
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let flappy = sim("flappy", |_| {});
+    let mut cfg = pool_config(&[&a, &b, &flappy]);
+    cfg.retry.max_attempts = 3;
+    let gw = gateway(cfg).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 3);
+    let key = flappy.addr().to_string();
+    let endpoint = gw.pool().endpoint(&key).expect("endpoint");
+    let mut durations = Vec::new();
+    for round in 0..2 {
+        flappy.control().set_error_rate(1.0);
+        eventually("ejected", Duration::from_secs(5), || {
+            endpoint.is_ejected(Instant::now())
+        })
+        .await;
+        let ejected_at = Instant::now();
+        flappy.control().set_error_rate(0.0);
+        eventually("readmitted", Duration::from_secs(10), || {
+            !endpoint.is_ejected(Instant::now())
+        })
+        .await;
+        durations.push(ejected_at.elapsed());
+        println!("ejection {} lasted {:?}", round + 1, ejected_at.elapsed());
+    }
+    load.finish().await;
+    assert!(
+        durations[1] > durations[0] + Duration::from_millis(150),
+        "{durations:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_is_out_the_call_fails_fast_and_says_why() {
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let mut cfg = pool_config(&[&a, &b]);
+    cfg.outlier.max_ejection_percent = 100.0;
+    cfg.outlier.panic_threshold_percent = 0.0;
+    let gw = gateway(cfg).await;
+    let mut c = client(gw.addr()).await;
+    gw.pool()
+        .eject(
+            &a.addr().to_string(),
+            "by hand for the test",
+            Duration::from_secs(30),
+        )
+        .expect("eject");
+    b.control().set_ready(false);
+    let eb = gw.pool().endpoint(&b.addr().to_string()).expect("endpoint");
+    eventually("b not ready", Duration::from_secs(5), || !eb.is_eligible()).await;
+    let began = Instant::now();
+    let status = c
+        .model_infer(simple_request("x", 1))
+        .await
+        .expect_err("nothing eligible");
+    assert!(began.elapsed() < Duration::from_millis(100), "fails fast");
+    assert_eq!(status.code(), Code::Unavailable);
+    let message = status.message();
+    assert!(
+        message.starts_with("model simple: no backend can take the call (2 backends"),
+        "{message}"
+    );
+    assert!(message.contains("1 not ready"), "{message}");
+    assert!(message.contains("1 ejected (outlier: "), "{message}");
+    assert!(message.contains("by hand for the test"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_model_with_hung_backends_does_not_hurt_another_model() {
+    // Model A (identity_fp32) on two backends that hang; model B (simple) on two others.
+    let a1 = sim("a1", |c: &mut SimConfig| {
+        c.models = vec!["identity_fp32".into()]
+    });
+    let a2 = sim("a2", |c: &mut SimConfig| {
+        c.models = vec!["identity_fp32".into()]
+    });
+    let b1 = sim("b1", |c: &mut SimConfig| c.models = vec!["simple".into()]);
+    let b2 = sim("b2", |c: &mut SimConfig| c.models = vec!["simple".into()]);
+    let mut cfg = pool_config(&[&a1, &a2, &b1, &b2]);
+    cfg.models.insert(
+        "identity_fp32".into(),
+        ModelConfig {
+            bulkhead: Some(infergate::bulkhead::BulkheadConfig {
+                max_concurrent: 4,
+                max_queue: 4,
+                queue_timeout_ms: 100,
+                tenant_share: None,
+            }),
+            ..ModelConfig::default()
+        },
+    );
+    let gw = gateway(cfg).await;
+    let c = client(gw.addr()).await;
+
+    let b_calls = |n: usize| {
+        let c = c.clone();
+        async move {
+            let mut latencies = Vec::new();
+            for i in 0..n {
+                let began = Instant::now();
+                c.clone()
+                    .model_infer(simple_request(&format!("b{i}"), 2))
+                    .await
+                    .expect("model B never fails");
+                latencies.push(began.elapsed());
+            }
+            latencies.sort();
+            latencies
+        }
+    };
+    let baseline = b_calls(100).await;
+
+    a1.control().set_hang(true);
+    a2.control().set_hang(true);
+    let flood: Vec<_> = (0..64)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(ModelInferRequest {
+                    model_name: "identity_fp32".into(),
+                    id: format!("a{i}"),
+                    raw_input_contents: vec![vec![0u8; 16]],
+                    ..Default::default()
+                });
+                request.set_timeout(Duration::from_millis(800));
+                c.model_infer(request).await
+            })
+        })
+        .collect();
+    let during = b_calls(100).await;
+    let mut codes = std::collections::BTreeMap::new();
+    for f in flood {
+        let code = f
+            .await
+            .expect("join")
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|s| s.code());
+        *codes.entry(format!("{code:?}")).or_insert(0) += 1;
+    }
+    let p = |v: &[Duration], q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    println!(
+        "model B p50/p99 before: {:?}/{:?}, during A's flood: {:?}/{:?}; model A outcomes: {codes:?}",
+        p(&baseline, 0.5),
+        p(&baseline, 0.99),
+        p(&during, 0.5),
+        p(&during, 0.99)
+    );
+    assert!(
+        codes.get("ResourceExhausted").copied().unwrap_or(0) > 0,
+        "A's bulkhead refused the flood: {codes:?}"
+    );
+    assert_eq!(codes.get("Ok"), None);
+    let stats = gw.pool().endpoints().len();
+    assert_eq!(stats, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_save_calls_when_a_backend_is_killed_under_load() {
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let victim = sim("victim", |c: &mut SimConfig| c.latency_ms = 1.0);
+    let mut cfg = pool_config(&[&a, &b, &victim]);
+    cfg.retry.max_attempts = 3;
+    let gw = gateway(cfg).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 6);
+    eventually("traffic on the victim", Duration::from_secs(5), || {
+        victim.control().completed() > 30
+    })
+    .await;
+    let in_flight_at_kill = victim.control().in_flight();
+    victim.kill();
+    // Calls keep being routed while the kill is detected: refused connections must be
+    // retried on the other backends.
+    let ok_before = load.ok.load(Ordering::Relaxed);
+    eventually(
+        "more calls succeed after the kill",
+        Duration::from_secs(5),
+        || load.ok.load(Ordering::Relaxed) > ok_before + 300,
+    )
+    .await;
+    let (ok, failed) = load.finish().await;
+    println!("kill under load: {ok} ok, {failed} failed, {in_flight_at_kill} were in flight on the victim");
+    assert!(
+        failed <= in_flight_at_kill,
+        "only calls already on the killed backend may fail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_deadline_against_a_slow_backend_returns_on_time_and_cancels_it() {
+    let slow = sim("slow", |c: &mut SimConfig| c.latency_ms = 1000.0);
+    let gw = gateway(pool_config(&[&slow])).await;
+    let mut c = client(gw.addr()).await;
+    let mut request = tonic::Request::new(simple_request("late", 1));
+    request.set_timeout(Duration::from_millis(50));
+    let began = Instant::now();
+    let status = c.model_infer(request).await.expect_err("deadline");
+    let took = began.elapsed();
+    println!("50 ms deadline answered after {took:?}: {status:?}");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(took < Duration::from_millis(150), "{took:?}");
+    eventually(
+        "the backend saw the cancellation",
+        Duration::from_secs(3),
+        || slow.control().cancelled() == 1,
+    )
+    .await;
+    let sent = slow
+        .control()
+        .last_request_metadata("grpc-timeout")
+        .expect("deadline passed on");
+    let passed = infergate::wire::parse_grpc_timeout(&sent).expect("valid grpc-timeout");
+    assert!(
+        passed <= Duration::from_millis(50),
+        "remaining budget minus margin: {sent}"
+    );
+}
