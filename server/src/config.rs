@@ -116,6 +116,8 @@ pub struct Config {
     pub retry: crate::retry::RetryConfig,
     /// Hedging for every model (off by default; a model's `hedge` table replaces it).
     pub hedge: crate::retry::HedgeConfig,
+    /// The admin API.
+    pub admin: AdminConfig,
     /// Time kept back from the caller's remaining deadline when it is passed on to the
     /// backend, for the way back. Default 5 ms.
     pub deadline_margin_ms: u64,
@@ -145,6 +147,7 @@ impl Default for Config {
             retry: crate::retry::RetryConfig::default(),
             hedge: crate::retry::HedgeConfig::default(),
             deadline_margin_ms: 5,
+            admin: AdminConfig::default(),
             backends: Vec::new(),
             models: BTreeMap::new(),
         }
@@ -327,6 +330,19 @@ pub struct ModelConfig {
     /// (microseconds), so the backend's own queue drops work nobody waits for.
     /// Default false.
     pub triton_timeout_parameter: bool,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token every admin call must carry; the environment variable
+    /// `INFERGATE_ADMIN_TOKEN` sets it too. Without one, the admin port must listen on
+    /// a loopback address.
+    pub token: Option<String>,
+    /// Re-read the config file when it changes on disk (checked every second), besides
+    /// on SIGHUP. Default true.
+    pub watch_config: Option<bool>,
 }
 
 /// `[tenants]`: which tenant a call belongs to.

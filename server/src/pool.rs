@@ -101,6 +101,7 @@ pub struct Pool {
     rng: Mutex<fastrand::Rng>,
     panic: AtomicBool,
     events: EventBus,
+    policy_overrides: RwLock<HashMap<String, PolicyKind>>,
 }
 
 /// An endpoint chosen for one attempt, with the circuit permits it holds. Dropping the
@@ -161,6 +162,7 @@ impl Pool {
             rng: Mutex::new(fastrand::Rng::new()),
             panic: AtomicBool::new(false),
             events,
+            policy_overrides: RwLock::new(HashMap::new()),
         });
         for backend in &config.backends {
             pool.add(Endpoint::from_config(
@@ -180,6 +182,32 @@ impl Pool {
         }
         if let Ok(mut endpoints) = self.endpoints.write() {
             endpoints.push(endpoint);
+        }
+        self.rebuild();
+    }
+
+    /// Removes the endpoint at `address` (its background tasks end on their own).
+    pub fn remove(&self, address: &str) -> Option<Arc<Endpoint>> {
+        let removed = self.endpoints.write().ok().and_then(|mut endpoints| {
+            let i = endpoints.iter().position(|e| e.address() == address)?;
+            Some(endpoints.remove(i))
+        });
+        if removed.is_some() {
+            if let Ok(mut outlier) = self.outlier.lock() {
+                outlier.remove_host(address);
+            }
+            self.rebuild();
+        }
+        removed
+    }
+
+    /// Sets a model's balancing policy at run time.
+    pub fn set_model_policy(&self, model: &str, kind: PolicyKind) {
+        if let Ok(mut overrides) = self.policy_overrides.write() {
+            overrides.insert(model.to_owned(), kind);
+        }
+        if let Ok(mut policies) = self.policies.lock() {
+            policies.remove(model);
         }
         self.rebuild();
     }
@@ -599,10 +627,11 @@ impl Pool {
 
     fn policy_for(&self, model: &str) -> Arc<Policy> {
         let kind = self
-            .settings
-            .model_policy
-            .get(model)
-            .copied()
+            .policy_overrides
+            .read()
+            .ok()
+            .and_then(|o| o.get(model).copied())
+            .or_else(|| self.settings.model_policy.get(model).copied())
             .unwrap_or(self.settings.default_policy);
         match self.policies.lock() {
             Ok(mut policies) => Arc::clone(

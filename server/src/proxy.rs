@@ -177,10 +177,14 @@ impl http_body::Body for ObservedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.code = grpc_code(trailers).or(Some(Code::Unknown));
+                    // Trailers are the last frame of a gRPC response: the call ends here,
+                    // whether or not the server polls the body again before dropping it.
+                    let code = grpc_code(trailers).unwrap_or(Code::Unknown);
+                    this.code = Some(code);
                     if let Some(guard) = &this.guard {
                         load_report::observe(guard.endpoint(), trailers, &this.load);
                     }
+                    this.finish(Some(code));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -6,6 +6,7 @@
 
 use crate::admin::AdminService;
 use crate::config::Config;
+use crate::control::{Control, Tasks};
 use crate::discovery;
 use crate::front::InferenceFront;
 use crate::health::Checker;
@@ -41,6 +42,7 @@ pub struct GatewayHandle {
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
     gateway: Arc<Gateway>,
+    control: Arc<Control>,
     reporter: HealthReporter,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
@@ -63,6 +65,27 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
 pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
+    start_with_file(config, source, None).await
+}
+
+/// Starts a gateway whose config came from `path` (reloaded on SIGHUP and on change).
+pub async fn start_with_file(
+    mut config: Config,
+    source: &str,
+    path: Option<std::path::PathBuf>,
+) -> Result<GatewayHandle, StartError> {
+    if let Ok(token) = std::env::var("INFERGATE_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            config.admin.token = Some(token);
+        }
+    }
+    if config.admin.token.is_none() && !config.admin_listen.ip().is_loopback() {
+        return Err(StartError(format!(
+            "the admin API would listen on {} without a token: set [admin].token or INFERGATE_ADMIN_TOKEN, \
+             or keep --admin-listen on a loopback address",
+            config.admin_listen
+        )));
+    }
     let pool = Pool::new(&config, source).map_err(StartError)?;
     let load = Arc::new(config.load.clone());
     let gateway =
@@ -89,6 +112,19 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
     );
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let control = Control::new(
+        Arc::clone(&pool),
+        Arc::clone(&gateway),
+        config.clone(),
+        path,
+        Tasks {
+            health: config.health.clone(),
+            publisher: checker.publisher(),
+            load: Arc::clone(&load),
+            shutdown: shutdown_rx.clone(),
+        },
+    );
+    tokio::spawn(Arc::clone(&control).watch_reloads(shutdown_rx.clone()));
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -137,7 +173,10 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)
-        .add_service(AdminService::server(Arc::clone(&pool)))
+        .add_service(AdminService::server(
+            Arc::clone(&control),
+            config.admin.token.clone(),
+        ))
         .serve_with_incoming_shutdown(incoming(admin_listener), signal(shutdown_rx.clone()));
     servers.push(tokio::spawn(async move {
         if let Err(e) = admin.await {
@@ -176,6 +215,7 @@ pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartE
         admin_addr,
         metrics_addr,
         gateway,
+        control,
         reporter,
         shutdown,
         servers,
@@ -206,6 +246,11 @@ impl GatewayHandle {
     /// Metrics HTTP address.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// The control path (admin operations, reloads).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// The pool (for tests and the admin API).
