@@ -235,6 +235,9 @@ async fn a_flapping_backend_is_ejected_for_longer_each_time() {
     let flappy = sim("flappy", |_| {});
     let mut cfg = pool_config(&[&a, &b, &flappy]);
     cfg.retry.max_attempts = 3;
+    // Outlier ejection alone: keep the circuit breaker out of the way.
+    cfg.breaker.window = infergate::breaker::WindowKind::Count { size: 1000 };
+    cfg.breaker.minimum_calls = 1000;
     let gw = gateway(cfg).await;
     let c = client(gw.addr()).await;
     let load = Load::start(&c, 3);

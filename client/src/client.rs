@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::tensor::{decode_output, Tensor, TensorData};
+use crate::trace::{ClientSpan, Peer, HEALTH, KSERVE};
 use crate::ClientError;
 
 /// The most bytes one message may have, in either direction (the gateway carries 64 MiB
@@ -28,12 +29,14 @@ pub const FINAL_RESPONSE_PARAM: &str = "triton_final_response";
 
 /// A KServe v2 client bound to one gateway (or backend) address.
 ///
-/// Cloning is cheap: clones share the HTTP/2 connection.
+/// Cloning is cheap: clones share the HTTP/2 connection. Each call starts a CLIENT span
+/// and sends its `traceparent` when a tracer provider is installed (see [`crate::trace`]).
 #[derive(Debug, Clone)]
 pub struct Client {
     channel: Channel,
     headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     timeout: Option<Duration>,
+    peer: Option<Peer>,
 }
 
 /// Turns `127.0.0.1:8001` or `http://host:port` into an endpoint URI string.
@@ -93,7 +96,10 @@ pub fn parse_header(
 impl Client {
     /// Connects to `addr` (`127.0.0.1:8001` or `http://host:8001`).
     pub async fn connect(addr: &str) -> Result<Client, ClientError> {
-        Ok(Client::from_channel(connect_channel(addr).await?))
+        let peer = endpoint(addr).ok().and_then(|e| Peer::from_uri(e.uri()));
+        let mut client = Client::from_channel(connect_channel(addr).await?);
+        client.peer = peer;
+        Ok(client)
     }
 
     /// Wraps an existing channel.
@@ -102,6 +108,7 @@ impl Client {
             channel,
             headers: Vec::new(),
             timeout: None,
+            peer: None,
         }
     }
 
@@ -135,6 +142,19 @@ impl Client {
         req
     }
 
+    /// [`Client::request`] plus the call's CLIENT span, already injected into it.
+    fn traced<T>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        message: T,
+    ) -> (tonic::Request<T>, ClientSpan) {
+        let mut req = self.request(message);
+        let span = ClientSpan::start(service, method, self.peer.as_ref(), req.metadata());
+        span.inject(req.metadata_mut());
+        (req, span)
+    }
+
     /// The generated KServe v2 stub on this client's channel.
     pub fn inference(&self) -> GrpcInferenceServiceClient<Channel> {
         GrpcInferenceServiceClient::new(self.channel.clone())
@@ -144,64 +164,76 @@ impl Client {
 
     /// `ServerLive`.
     pub async fn live(&self) -> Result<bool, ClientError> {
-        let r = self
-            .inference()
-            .server_live(self.request(ServerLiveRequest {}))
-            .await?;
+        let (req, span) = self.traced(KSERVE, "ServerLive", ServerLiveRequest {});
+        let r = self.inference().server_live(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner().live)
     }
 
     /// `ServerReady`.
     pub async fn ready(&self) -> Result<bool, ClientError> {
-        let r = self
-            .inference()
-            .server_ready(self.request(ServerReadyRequest {}))
-            .await?;
+        let (req, span) = self.traced(KSERVE, "ServerReady", ServerReadyRequest {});
+        let r = self.inference().server_ready(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner().ready)
     }
 
     /// `ModelReady` for the default version of `name`.
     pub async fn model_ready(&self, name: &str) -> Result<bool, ClientError> {
-        let r = self
-            .inference()
-            .model_ready(self.request(ModelReadyRequest {
+        let (req, span) = self.traced(
+            KSERVE,
+            "ModelReady",
+            ModelReadyRequest {
                 name: name.to_string(),
                 version: String::new(),
-            }))
-            .await?;
+            },
+        );
+        let r = self.inference().model_ready(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner().ready)
     }
 
     /// `ServerMetadata`.
     pub async fn server_metadata(&self) -> Result<ServerMetadataResponse, ClientError> {
-        let r = self
-            .inference()
-            .server_metadata(self.request(ServerMetadataRequest {}))
-            .await?;
+        let (req, span) = self.traced(KSERVE, "ServerMetadata", ServerMetadataRequest {});
+        let r = self.inference().server_metadata(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner())
     }
 
     /// `ModelMetadata` for the default version of `name`.
     pub async fn model_metadata(&self, name: &str) -> Result<ModelMetadataResponse, ClientError> {
-        let r = self
-            .inference()
-            .model_metadata(self.request(ModelMetadataRequest {
+        let (req, span) = self.traced(
+            KSERVE,
+            "ModelMetadata",
+            ModelMetadataRequest {
                 name: name.to_string(),
                 version: String::new(),
-            }))
-            .await?;
+            },
+        );
+        let r = self.inference().model_metadata(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner())
     }
 
     /// `RepositoryIndex`: every model the server knows, ready or not.
     pub async fn repository_index(&self) -> Result<Vec<ModelIndex>, ClientError> {
-        let r = self
-            .inference()
-            .repository_index(self.request(RepositoryIndexRequest {
+        let (req, span) = self.traced(
+            KSERVE,
+            "RepositoryIndex",
+            RepositoryIndexRequest {
                 repository_name: String::new(),
                 ready: false,
-            }))
-            .await?;
+            },
+        );
+        let r = self.inference().repository_index(req).await;
+        span.end_with(&r);
+        let r = r?;
         Ok(r.into_inner().models)
     }
 
@@ -209,11 +241,16 @@ impl Client {
     /// status name (`SERVING`, `NOT_SERVING`, `SERVICE_UNKNOWN`, `UNKNOWN`).
     pub async fn health(&self, service: &str) -> Result<String, ClientError> {
         let mut h = HealthClient::new(self.channel.clone());
-        let r = h
-            .check(self.request(HealthCheckRequest {
+        let (req, span) = self.traced(
+            HEALTH,
+            "Check",
+            HealthCheckRequest {
                 service: service.to_string(),
-            }))
-            .await?;
+            },
+        );
+        let r = h.check(req).await;
+        span.end_with(&r);
+        let r = r?;
         let status = r.into_inner().status();
         Ok(status.as_str_name().to_string())
     }
@@ -231,14 +268,20 @@ impl Client {
         &self,
         request: ModelInferRequest,
     ) -> Result<tonic::Response<ModelInferResponse>, ClientError> {
-        Ok(self.inference().model_infer(self.request(request)).await?)
+        let (req, span) = self.traced(KSERVE, "ModelInfer", request);
+        let r = self.inference().model_infer(req).await;
+        span.end_with(&r);
+        Ok(r?)
     }
 
     /// `ModelInfer` with a pre-encoded `ModelInferRequest`; the answer stays encoded.
     pub async fn infer_raw(&self, body: Bytes) -> Result<tonic::Response<Bytes>, ClientError> {
         let path =
             tonic::codegen::http::uri::PathAndQuery::from_static(crate::raw::MODEL_INFER_PATH);
-        Ok(crate::raw::unary_raw(self.channel.clone(), path, self.request(body)).await?)
+        let (req, span) = self.traced(KSERVE, "ModelInfer", body);
+        let r = crate::raw::unary_raw(self.channel.clone(), path, req).await;
+        span.end_with(&r);
+        Ok(r?)
     }
 
     /// Calls the `simple` model: returns (OUTPUT0 = a + b, OUTPUT1 = a - b).
@@ -293,26 +336,33 @@ impl Client {
             .await
             .map_err(|_| ClientError::Protocol("request stream closed early".into()))?;
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let mut stream = self
-            .inference()
-            .model_stream_infer(self.request(outbound))
-            .await?
-            .into_inner();
-        let mut tokens = Vec::new();
-        while let Some(msg) = stream.next().await {
-            let msg = msg?;
-            let (token, last) = read_stream_response(&msg)?;
-            if let Some(t) = token {
-                on_token(&t);
-                tokens.push(t);
+        // One span for the whole stream, ended when the last token is in.
+        let (req, span) = self.traced(KSERVE, "ModelStreamInfer", outbound);
+        let result = async {
+            let mut stream = self.inference().model_stream_infer(req).await?.into_inner();
+            let mut tokens = Vec::new();
+            while let Some(msg) = stream.next().await {
+                let msg = msg?;
+                let (token, last) = read_stream_response(&msg)?;
+                if let Some(t) = token {
+                    on_token(&t);
+                    tokens.push(t);
+                }
+                if last {
+                    break;
+                }
             }
-            if last {
-                break;
-            }
+            Ok::<_, ClientError>(tokens)
+        }
+        .await;
+        match &result {
+            Ok(_) => span.end(tonic::Code::Ok, ""),
+            Err(ClientError::Rpc(status)) => span.end(status.code(), status.message()),
+            Err(e) => span.end(tonic::Code::Unknown, &e.to_string()),
         }
         // Half-close our side only after the server said it is done.
         drop(tx);
-        Ok(tokens)
+        result
     }
 }
 

@@ -21,6 +21,7 @@ mod error;
 pub mod input;
 pub mod raw;
 pub mod tensor;
+pub mod trace;
 
 pub use client::{
     connect_channel, endpoint, endpoint_uri, generate_request, parse_header, read_stream_response,

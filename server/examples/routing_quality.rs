@@ -55,19 +55,34 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             id: 1,
             name: "heterogeneous (one backend 3x slower)",
-            backends: vec![(BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS * 3.0, 0.0)],
+            backends: vec![
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS * 3.0, 0.0),
+            ],
             gateways: 1,
         },
         Scenario {
             id: 2,
             name: "hidden load (one backend half taken by invisible work)",
-            backends: vec![(BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS, 0.5)],
+            backends: vec![
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.5),
+            ],
             gateways: 1,
         },
         Scenario {
             id: 3,
             name: "three gateway replicas, one backend with hidden load",
-            backends: vec![(BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS, 0.0), (BASE_MS, 0.5)],
+            backends: vec![
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.0),
+                (BASE_MS, 0.5),
+            ],
             gateways: 3,
         },
     ]
@@ -102,7 +117,10 @@ async fn start(s: &Scenario, policy: PolicyKind) -> (Vec<SimHandle>, Vec<Gateway
             listen: loopback(),
             metrics_listen: loopback(),
             admin_listen: loopback(),
-            backends: sims.iter().map(|x| BackendConfig::new(x.addr().to_string())).collect(),
+            backends: sims
+                .iter()
+                .map(|x| BackendConfig::new(x.addr().to_string()))
+                .collect(),
             balancer: infergate::config::BalancerConfig {
                 policy,
                 ..Default::default()
@@ -176,9 +194,21 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let only: Option<u32> = args.first().and_then(|a| a.parse().ok());
     let seconds: f64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(6.0);
-    let policies = [PolicyKind::RoundRobin, PolicyKind::LeastRequest, PolicyKind::GpuAware];
-    for s in scenarios().into_iter().filter(|s| only.is_none_or(|o| o == s.id)) {
-        println!("\n### Scenario {}: {} — capacity {:.0} calls/s\n", s.id, s.name, s.capacity());
+    let policies = [
+        PolicyKind::RoundRobin,
+        PolicyKind::LeastRequest,
+        PolicyKind::GpuAware,
+    ];
+    for s in scenarios()
+        .into_iter()
+        .filter(|s| only.is_none_or(|o| o == s.id))
+    {
+        println!(
+            "\n### Scenario {}: {} — capacity {:.0} calls/s\n",
+            s.id,
+            s.name,
+            s.capacity()
+        );
         println!("| load | policy | p50 ms | p99 ms | p99.9 ms | goodput/s | errors | calls per backend |");
         println!("|---|---|---|---|---|---|---|---|");
         for load in [0.7, 0.9] {
@@ -205,7 +235,10 @@ async fn main() {
                 p99.insert(policy.as_str(), row.p99);
             }
             if let (Some(g), Some(l)) = (p99.get("gpu_aware"), p99.get("least_request")) {
-                println!("|  | **gpu_aware p99 / least_request p99** | **{:.2}** | | | | | |", g / l);
+                println!(
+                    "|  | **gpu_aware p99 / least_request p99** | **{:.2}** | | | | | |",
+                    g / l
+                );
             }
         }
     }

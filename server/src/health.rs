@@ -236,7 +236,9 @@ impl EndpointCheck {
     async fn check_once(&mut self, pool: &Pool, e: &Endpoint, cfg: &HealthConfig) -> bool {
         let result = check(e, cfg.timeout()).await;
         self.unreachable_streak = match &result {
-            Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => self.unreachable_streak + 1,
+            Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => {
+                self.unreachable_streak + 1
+            }
             _ => 0,
         };
         let mut changed = false;
@@ -245,11 +247,14 @@ impl EndpointCheck {
             changed = true;
             let reason = match &result {
                 Ok(()) => format!("backend is ready (was {})", previous.as_str()),
-                Err(reason) => format!("backend is not ready (was {}): {reason}", previous.as_str()),
+                Err(reason) => {
+                    format!("backend is not ready (was {}): {reason}", previous.as_str())
+                }
             };
             metrics::gauge!("infergate_backend_ready", "backend" => e.address().to_owned())
                 .set(if next == Health::Ready { 1.0 } else { 0.0 });
-            pool.events().publish("health_changed", e.address(), "", reason);
+            pool.events()
+                .publish("health_changed", e.address(), "", reason);
             pool.update_panic();
         }
         if result.is_ok() && cfg.model_checks {
@@ -271,8 +276,17 @@ impl EndpointCheck {
                 };
                 if e.set_model_ready(&model, ready) {
                     changed = true;
-                    let what = if ready { "ready again" } else { "not ready (ModelReady false)" };
-                    pool.events().publish("model_health_changed", e.address(), &model, format!("model {model} is {what} on this backend"));
+                    let what = if ready {
+                        "ready again"
+                    } else {
+                        "not ready (ModelReady false)"
+                    };
+                    pool.events().publish(
+                        "model_health_changed",
+                        e.address(),
+                        &model,
+                        format!("model {model} is {what} on this backend"),
+                    );
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use infergate::config::{BackendConfig, Config, PolicyKind};
-use infergate::{demo, server, sim};
+use infergate::{demo, server, sim, trace};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -173,10 +173,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         "flag"
     };
+    let config_path = args.config.clone();
     runtime(config.worker_threads)
         .map_err(|e| e.to_string())?
         .block_on(async move {
-            let handle = server::start(config, tag)
+            let traces = trace::init(trace::TraceConfig::from_env()?)?;
+            let handle = server::start_with_file(config, tag, config_path)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(
@@ -188,6 +190,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             stop_signal().await;
             tracing::info!("stopping: refusing new calls, finishing in-flight ones");
             handle.shutdown(grace).await;
+            traces.shutdown().await?;
             Ok(())
         })
 }
@@ -199,11 +202,13 @@ fn run_demo(ports: Ports) -> Result<(), String> {
     runtime(config.worker_threads)
         .map_err(|e| e.to_string())?
         .block_on(async move {
+            let traces = trace::init(trace::TraceConfig::from_env()?)?;
             let demo = demo::start(config).await.map_err(|e| e.to_string())?;
             println!("{}", demo.banner());
             stop_signal().await;
             demo.gateway.shutdown(grace).await;
             drop(demo.sims);
+            traces.shutdown().await?;
             Ok(())
         })
 }

@@ -37,6 +37,7 @@ use crate::proxy::{self, ObservedBody};
 use crate::ratelimit::{RateKey, RateLimiter};
 use crate::retry::{self, Failure};
 use crate::telemetry;
+use crate::trace::{self, attr, CallSpan};
 use crate::wire::{self, Deframer, Message, RouteKey};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
@@ -260,11 +261,16 @@ impl Gateway {
     ) -> http::Response<Body> {
         let started = Instant::now();
         telemetry::call_started(rpc.name());
+        let mut span = trace::request_span(&request);
         let mut label = UNKNOWN_MODEL.to_owned();
-        match self.forward_unary(rpc, request, started, &mut label).await {
+        match self
+            .forward_unary(rpc, request, started, &mut label, &mut span)
+            .await
+        {
             Ok(response) => response,
             Err(status) => {
                 telemetry::call_ended(rpc.name(), &label, Some(status.code()), started.elapsed());
+                span.end_with_status(&status);
                 status.into_http()
             }
         }
@@ -276,6 +282,7 @@ impl Gateway {
         request: http::Request<Body>,
         started: Instant,
         label: &mut String,
+        span: &mut CallSpan,
     ) -> Result<http::Response<Body>, Status> {
         // 1. admission (shutdown; tenant and rate limit follow once the model is known)
         self.admit()?;
@@ -304,12 +311,25 @@ impl Gateway {
             &parts.headers,
             (rpc == Forwarded::ModelInfer).then_some(payload.as_ref()),
         );
+        span.set_attr(attr::MODEL, route.model.as_str());
+        span.set_attr(attr::TENANT, caller.tenant.as_str());
+        span.set_attr(attr::POLICY, route.policy.kind().as_str());
         self.rate_limit(&caller, &route.model)?;
         // 4. deadline
         let deadline = deadline(&parts.headers, &policy, started);
         // 5. bulkhead
-        let (slot, route, policy, fallback) = match self.bulkhead(&policy, &caller, deadline).await
-        {
+        let wait = span.child("bulkhead");
+        let admitted = self.bulkhead(&policy, &caller, deadline).await;
+        wait.set_attr(
+            attr::QUEUE_WAIT_MS,
+            started.elapsed().as_secs_f64() * 1000.0,
+        );
+        wait.end(if admitted.is_ok() {
+            Code::Ok
+        } else {
+            Code::ResourceExhausted
+        });
+        let (slot, route, policy, fallback) = match admitted {
             Ok(slot) => (slot, route, policy, None),
             Err(rejected) if policy.fallback_when_full && policy.fallback.is_some() => {
                 let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
@@ -329,6 +349,7 @@ impl Gateway {
             message: &message,
             deadline,
             started,
+            span,
         };
         let result = match deadline {
             Some(d) => {
@@ -346,7 +367,7 @@ impl Gateway {
             None => self.attempts(&call, route, policy, fallback).await,
         };
         let (response, finish) = result?;
-        Ok(finish.wrap(response, slot, label.clone()))
+        Ok(finish.wrap(response, slot, label.clone(), std::mem::take(span)))
     }
 
     async fn bulkhead(
@@ -404,7 +425,19 @@ impl Gateway {
         loop {
             attempt += 1;
             // 7. pick (or fall back)
-            let picked = match self.pool.pick_for_attempt(&route, &tried) {
+            let pick = call.span.child("pick");
+            pick.set_attr(attr::CANDIDATES, route.endpoints.len() as i64);
+            let picked = self.pool.pick_for_attempt(&route, &tried);
+            if let Ok(p) = &picked {
+                pick.set_attr(attr::BACKEND, p.endpoint.address());
+                pick.set_attr(attr::SCORE, route.policy.score(&p.endpoint));
+            }
+            pick.end(if picked.is_ok() {
+                Code::Ok
+            } else {
+                Code::Unavailable
+            });
+            let picked = match picked {
                 Ok(p) => p,
                 Err(e) if fallback.is_none() && policy.fallback.is_some() => {
                     let (r, p) = self.fallback_route(&policy, &e.to_string()).await?;
@@ -501,6 +534,7 @@ impl Gateway {
         };
         tried.push(Arc::clone(&second.endpoint));
         metrics::counter!("infergate_hedges_total", "model" => policy.name.clone()).increment(1);
+        call.span.add_event("hedge sent");
         let hedge = self.attempt(call, route, policy, second, 2, fallback);
         tokio::pin!(hedge);
         tokio::select! {
@@ -532,7 +566,9 @@ impl Gateway {
         } = picked;
         let guard = endpoint.begin();
         let began = Instant::now();
+        let try_span = call.span.client_attempt(endpoint.address(), attempt);
         let mut headers = call.headers.clone();
+        try_span.inject(&mut headers);
         if let Some(d) = call.deadline {
             let remaining = d
                 .saturating_duration_since(began)
@@ -590,13 +626,15 @@ impl Gateway {
                         began.elapsed(),
                     );
                     endpoint.record_outcome(false);
+                    let status = Status::deadline_exceeded(format!(
+                        "backend {} did not answer within the per-try timeout of {} ms",
+                        endpoint.address(),
+                        limit.as_millis()
+                    ));
+                    try_span.end_with_status(&status);
                     return Err(AttemptFailed {
                         failure: Failure::Status(Code::DeadlineExceeded),
-                        status: Status::deadline_exceeded(format!(
-                            "backend {} did not answer within the per-try timeout of {} ms",
-                            endpoint.address(),
-                            limit.as_millis()
-                        )),
+                        status,
                     });
                 }
             },
@@ -622,10 +660,12 @@ impl Gateway {
                     Code::Unavailable,
                     began.elapsed(),
                 );
-                return Err(AttemptFailed {
-                    failure: Failure::Connect,
-                    status,
-                });
+                let failure = match status.code() {
+                    Code::DeadlineExceeded => Failure::Status(Code::DeadlineExceeded),
+                    _ => Failure::Connect,
+                };
+                try_span.end_with_status(&status);
+                return Err(AttemptFailed { failure, status });
             }
         };
         load_report::observe(&endpoint, response.headers(), &self.load);
@@ -644,6 +684,7 @@ impl Gateway {
                 .record_breaker(&endpoint, &route.model, model_permit, code, began.elapsed());
             let retryable = policy.retryable.contains(&code);
             if retryable {
+                try_span.end_with_status(&status);
                 return Err(AttemptFailed {
                     failure: Failure::Status(code),
                     status,
@@ -663,6 +704,7 @@ impl Gateway {
                 fallback: fallback.map(str::to_owned),
                 deadline: call.deadline,
                 recorded: true,
+                span: try_span,
             };
             return Ok((response, finish));
         }
@@ -680,6 +722,7 @@ impl Gateway {
             fallback: fallback.map(str::to_owned),
             deadline: call.deadline,
             recorded: false,
+            span: try_span,
         };
         Ok((response, finish))
     }
@@ -736,13 +779,21 @@ impl Gateway {
         if let Err(status) = self.admit() {
             return status.into_http();
         }
-        let (parts, body) = request.into_parts();
+        let span = trace::request_span(&request);
+        let (mut parts, body) = request.into_parts();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let started = Instant::now();
             telemetry::call_started(Forwarded::ModelStreamInfer.name());
+            // The backend stream is a child of the gateway's span.
+            let attempt = span.client_attempt("stream", 1);
+            attempt.inject(&mut parts.headers);
             let mut label = UNKNOWN_MODEL.to_owned();
             let code = self.pump(&parts.headers, body, &tx, &mut label).await;
+            span.set_attr(attr::MODEL, label.as_str());
+            let c = code.unwrap_or(Code::Cancelled);
+            attempt.end(c);
+            span.end(c);
             telemetry::call_ended(
                 Forwarded::ModelStreamInfer.name(),
                 &label,
@@ -928,6 +979,7 @@ struct Call<'a> {
     message: &'a Message,
     deadline: Option<Instant>,
     started: Instant,
+    span: &'a CallSpan,
 }
 
 /// What must happen when the response handed back ends: outcome accounting for the
@@ -950,6 +1002,8 @@ struct Finish {
     deadline: Option<Instant>,
     /// Outcome already recorded (a trailers-only answer).
     recorded: bool,
+    /// The attempt's CLIENT span.
+    span: CallSpan,
 }
 
 impl Finish {
@@ -958,6 +1012,7 @@ impl Finish {
         response: http::Response<Body>,
         slot: Option<Slot>,
         label: String,
+        server_span: CallSpan,
     ) -> http::Response<Body> {
         let Finish {
             pool,
@@ -973,6 +1028,7 @@ impl Finish {
             fallback,
             deadline,
             recorded,
+            span: attempt_span,
         } = self;
         let code = proxy::grpc_code(response.headers());
         let on_end: proxy::OnEnd = Box::new(move |code| {
@@ -990,6 +1046,9 @@ impl Finish {
                 }
             }
             telemetry::call_ended(rpc.name(), &label, code, started.elapsed());
+            let c = code.unwrap_or(Code::Cancelled);
+            attempt_span.end(c);
+            server_span.end(c);
         });
         let (mut head, body) = response.into_parts();
         if let Some(model) = fallback {

@@ -207,13 +207,10 @@ impl TraceConfig {
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (before `OTEL_EXPORTER_OTLP_ENDPOINT`),
     /// `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`;
     /// `OTEL_SDK_DISABLED=true` turns tracing off. Errors name the variable.
-    pub fn with_env(
-        mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<TraceConfig, String> {
+    pub fn with_env(mut self, var: impl Fn(&str) -> Option<String>) -> Result<TraceConfig, String> {
         let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
-        if let Some(e) = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        if let Some(e) =
+            set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
         {
             self.endpoint = Some(e.trim().to_owned());
         }
@@ -248,7 +245,10 @@ impl TraceConfig {
     /// Checks the fields; errors name the field.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.ratio) {
-            return Err(format!("ratio: must be between 0 and 1, got {}", self.ratio));
+            return Err(format!(
+                "ratio: must be between 0 and 1, got {}",
+                self.ratio
+            ));
         }
         if self.service_name.trim().is_empty() {
             return Err("service_name: must not be empty".to_owned());
@@ -814,7 +814,7 @@ impl Drop for CallSpan {
 mod tests {
     use super::*;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             vars.iter()
                 .find(|(n, _)| *n == k)
@@ -853,20 +853,33 @@ mod tests {
             ]))
             .expect("valid");
         assert_eq!(off.endpoint, None);
-        assert_eq!(TraceConfig::default().with_env(env(&[])), Ok(TraceConfig::default()));
+        assert_eq!(
+            TraceConfig::default().with_env(env(&[])),
+            Ok(TraceConfig::default())
+        );
     }
 
     #[test]
     fn config_errors_name_the_variable() {
         let bad = TraceConfig::default().with_env(env(&[("OTEL_TRACES_SAMPLER", "sometimes")]));
-        assert!(bad.err().unwrap_or_default().contains("OTEL_TRACES_SAMPLER"));
+        assert!(bad
+            .err()
+            .unwrap_or_default()
+            .contains("OTEL_TRACES_SAMPLER"));
         let bad = TraceConfig::default().with_env(env(&[("OTEL_TRACES_SAMPLER_ARG", "2")]));
-        assert!(bad.err().unwrap_or_default().contains("OTEL_TRACES_SAMPLER_ARG"));
+        assert!(bad
+            .err()
+            .unwrap_or_default()
+            .contains("OTEL_TRACES_SAMPLER_ARG"));
         let bad = TraceConfig {
             endpoint: Some("http://".into()),
             ..TraceConfig::default()
         };
-        assert!(bad.validate().err().unwrap_or_default().contains("endpoint"));
+        assert!(bad
+            .validate()
+            .err()
+            .unwrap_or_default()
+            .contains("endpoint"));
     }
 
     #[test]
@@ -889,9 +902,12 @@ mod tests {
         );
         attempt.end(Code::Ok);
         span.end(Code::Ok);
-        fn send_static<T: Send + 'static>() {}
+        fn send_static<T: Send + Sync + 'static>() {}
         send_static::<CallSpan>();
-        assert_eq!(std::mem::size_of::<CallSpan>(), std::mem::size_of::<usize>());
+        assert_eq!(
+            std::mem::size_of::<CallSpan>(),
+            std::mem::size_of::<usize>()
+        );
     }
 
     #[test]

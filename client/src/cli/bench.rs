@@ -10,7 +10,7 @@ use infergate_client::bench::{run_with_progress, BenchConfig};
 use infergate_client::input::parse_infer_json;
 use infergate_client::ClientError;
 
-use super::{to_json, Cli};
+use super::{emit, emitln, note, to_json, Cli};
 
 /// Flags of `bench`.
 #[derive(Debug, Args)]
@@ -126,17 +126,17 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode, ClientError> {
     let quiet = args.quiet;
     let report = run_with_progress(cfg, |p| {
         if !quiet {
-            eprintln!(
+            note(&format!(
                 "[{:6.1}s] sent {}  ok {}  errors {}  rate {:.1}/s",
                 p.elapsed_s, p.sent, p.ok, p.errors, p.rate
-            );
+            ));
         }
     })
     .await?;
     if args.json {
-        println!("{}", to_json(&report)?);
+        emitln(&to_json(&report)?)?;
     } else {
-        print!("{}", report.summary());
+        emit(&report.summary())?;
     }
     Ok(if report.ok > 0 || report.sent == 0 {
         ExitCode::SUCCESS

@@ -7,7 +7,7 @@ use clap::Args;
 use infergate_client::{code_name, ClientError};
 use serde_json::{json, Value};
 
-use super::{print_table, to_json, Cli};
+use super::{emitln, note, print_table, to_json, Cli};
 
 /// Flags of `health`.
 #[derive(Debug, Args)]
@@ -80,11 +80,11 @@ pub async fn run(cli: &Cli, args: &HealthArgs) -> Result<ExitCode, ClientError> 
             "models": Value::from(per_model),
             "ok": server_ready,
         });
-        println!("{}", to_json(&doc)?);
+        emitln(&to_json(&doc)?)?;
     } else {
-        print_table(&["TARGET", "CHECK", "RESULT"], &rows);
+        print_table(&["TARGET", "CHECK", "RESULT"], &rows)?;
         if !server_ready {
-            eprintln!("not ready");
+            note("not ready");
         }
     }
     Ok(if server_ready {

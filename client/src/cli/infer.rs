@@ -13,7 +13,7 @@ use infergate_client::tensor::{decode_outputs, parameter_to_json};
 use infergate_client::ClientError;
 use serde_json::{json, Map, Value};
 
-use super::{print_table, to_json, Cli};
+use super::{emitln, note, print_table, to_json, Cli};
 
 /// Values shown per output in the table before the rest is elided (all of them with --json).
 const TABLE_VALUES: usize = 32;
@@ -112,7 +112,7 @@ pub async fn run(cli: &Cli, args: &InferArgs) -> Result<ExitCode, ClientError> {
         if let (Some(b), Some(obj)) = (&backend, doc.as_object_mut()) {
             obj.insert("backend".into(), Value::from(b.clone()));
         }
-        println!("{}", to_json(&doc)?);
+        emitln(&to_json(&doc)?)?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -126,7 +126,7 @@ pub async fn run(cli: &Cli, args: &InferArgs) -> Result<ExitCode, ClientError> {
     if let Some(b) = backend {
         head.push_str(&format!("  backend {b}"));
     }
-    println!("{head}");
+    emitln(&head)?;
     let rows: Vec<Vec<String>> = outputs
         .iter()
         .map(|t| {
@@ -148,7 +148,7 @@ pub async fn run(cli: &Cli, args: &InferArgs) -> Result<ExitCode, ClientError> {
             ]
         })
         .collect();
-    print_table(&["OUTPUT", "DATATYPE", "SHAPE", "VALUES"], &rows);
+    print_table(&["OUTPUT", "DATATYPE", "SHAPE", "VALUES"], &rows)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -214,19 +214,19 @@ async fn run_stream(cli: &Cli, args: &InferArgs) -> Result<ExitCode, ClientError
         Ok(t) => t,
         Err(e) => {
             if !json {
-                println!();
+                // Ends the partial line; the call's error matters more than stdout's.
+                let _ = emitln("");
             }
             return Err(e);
         }
     };
     if json {
-        println!(
-            "{}",
-            to_json(&json!({ "model_name": model, "tokens": tokens, "text": tokens.concat() }))?
-        );
+        emitln(&to_json(
+            &json!({ "model_name": model, "tokens": tokens, "text": tokens.concat() }),
+        )?)?;
     } else {
-        println!();
-        eprintln!("({} tokens)", tokens.len());
+        emitln("")?;
+        note(&format!("({} tokens)", tokens.len()));
     }
     Ok(ExitCode::SUCCESS)
 }

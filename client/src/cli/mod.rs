@@ -1,11 +1,13 @@
 //! The command-line surface of `infergate-cli`: global flags, the subcommand enum, and error
 //! reporting. Each subcommand lives in its own module.
 
+mod admin;
 mod bench;
 mod health;
 mod infer;
 mod models;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -31,7 +33,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands. (The control-plane work adds `admin` here, with its module in cli/.)
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one inference (ModelInfer), or stream tokens from a decoupled model (ModelStreamInfer)
@@ -42,6 +44,8 @@ pub enum Command {
     Health(health::HealthArgs),
     /// Generate load and report throughput, latency percentiles, errors and per-backend share
     Bench(bench::BenchArgs),
+    /// Operate the gateway through its admin API: backends, models, events, configuration
+    Admin(admin::AdminArgs),
 }
 
 impl Cli {
@@ -67,22 +71,76 @@ impl Cli {
     }
 }
 
-/// Runs the chosen subcommand; the exit code says whether it found what it checks for.
-pub async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    match &cli.command {
-        Command::Infer(args) => infer::run(&cli, args).await,
-        Command::Models(args) => models::run(&cli, args).await,
-        Command::Health(args) => health::run(&cli, args).await,
-        Command::Bench(args) => bench::run(&cli, args).await,
+/// A failed command: the error, and a sentence on what to do about it.
+#[derive(Debug)]
+pub struct CliError {
+    /// What went wrong.
+    pub error: ClientError,
+    /// What to try next, when there is something to say.
+    pub hint: Option<String>,
+}
+
+impl From<ClientError> for CliError {
+    fn from(error: ClientError) -> Self {
+        CliError {
+            hint: error.hint().map(str::to_string),
+            error,
+        }
     }
 }
 
-/// Prints an error, its gRPC code and a hint to stderr.
-pub fn report_error(err: &ClientError) {
-    eprintln!("error: {err}");
-    if let Some(hint) = err.hint() {
-        eprintln!("hint: {hint}");
+/// Runs the chosen subcommand; the exit code says whether it found what it checks for.
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match &cli.command {
+        Command::Infer(args) => Ok(infer::run(&cli, args).await?),
+        Command::Models(args) => Ok(models::run(&cli, args).await?),
+        Command::Health(args) => Ok(health::run(&cli, args).await?),
+        Command::Bench(args) => Ok(bench::run(&cli, args).await?),
+        Command::Admin(args) => admin::run(&cli, args).await,
     }
+}
+
+/// Prints an error and a hint to stderr and returns the exit code. Output cut short by a
+/// closed pipe (`infergate-cli ... | head`) is not an error: nothing is printed and the
+/// exit code is 0.
+pub fn report_error(err: &CliError) -> ExitCode {
+    if is_broken_pipe(&err.error) {
+        return ExitCode::SUCCESS;
+    }
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "error: {}", err.error);
+    if let Some(hint) = &err.hint {
+        let _ = writeln!(stderr, "hint: {hint}");
+    }
+    ExitCode::FAILURE
+}
+
+/// Whether an error is stdout closed under us.
+pub fn is_broken_pipe(err: &ClientError) -> bool {
+    matches!(err, ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Writes text to stdout as is. Every command prints through here (never `println!`, which
+/// panics when stdout is a closed pipe); a write error comes back as `ClientError::Io`
+/// for `report_error` to judge.
+pub fn emit(text: &str) -> Result<(), ClientError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|source| ClientError::Io {
+            path: "stdout".to_string(),
+            source,
+        })
+}
+
+/// Writes a note for people to stderr; a closed stderr is not worth failing over.
+pub fn note(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// Writes one line to stdout (see [`emit`]).
+pub fn emitln(text: &str) -> Result<(), ClientError> {
+    emit(&format!("{text}\n"))
 }
 
 /// Parses `KEY=VALUE`.
@@ -100,9 +158,9 @@ pub fn to_json<T: serde::Serialize>(value: &T) -> Result<String, ClientError> {
         .map_err(|e| ClientError::Protocol(format!("cannot render JSON: {e}")))
 }
 
-/// Prints rows as left-aligned columns.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+/// Renders rows as left-aligned columns, one line each (with a final newline).
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
@@ -110,9 +168,9 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
         let last = cells.len().saturating_sub(1);
-        let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
             out.push_str(cell);
             if i < last {
@@ -124,12 +182,18 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&" ".repeat(pad + 2));
             }
         }
-        println!("{out}");
+        out.push('\n');
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+    out
+}
+
+/// Prints rows as left-aligned columns.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<(), ClientError> {
+    emit(&render_table(header, rows))
 }
 
 #[cfg(test)]
@@ -187,5 +251,30 @@ mod tests {
         .expect("parses");
         assert!(matches!(cli.command, Command::Bench(_)));
         assert!(Cli::try_parse_from(["infergate-cli", "bench", "--rate", "fast"]).is_err());
+    }
+
+    #[test]
+    fn tables_line_up() {
+        let rows = vec![
+            vec!["a".to_string(), "long cell".to_string(), "x".to_string()],
+            vec!["bbbb".to_string(), "c".to_string(), "y".to_string()],
+        ];
+        assert_eq!(
+            render_table(&["H1", "H2", "H3"], &rows),
+            "H1    H2         H3\na     long cell  x\nbbbb  c          y\n"
+        );
+    }
+
+    #[test]
+    fn a_closed_pipe_is_quiet_success() {
+        let pipe = CliError::from(ClientError::Io {
+            path: "stdout".to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+        });
+        assert!(is_broken_pipe(&pipe.error));
+        assert_eq!(report_error(&pipe), ExitCode::SUCCESS);
+        let other = CliError::from(ClientError::InvalidInput("x".to_string()));
+        assert!(!is_broken_pipe(&other.error));
+        assert_eq!(report_error(&other), ExitCode::FAILURE);
     }
 }

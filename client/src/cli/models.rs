@@ -6,7 +6,7 @@ use clap::Args;
 use infergate_client::ClientError;
 use serde_json::json;
 
-use super::{print_table, to_json, Cli};
+use super::{emitln, print_table, to_json, Cli};
 
 /// Flags of `models`.
 #[derive(Debug, Args)]
@@ -25,9 +25,9 @@ pub async fn run(cli: &Cli, args: &ModelsArgs) -> Result<ExitCode, ClientError> 
             .iter()
             .map(|m| json!({"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}))
             .collect();
-        println!("{}", to_json(&list)?);
+        emitln(&to_json(&list)?)?;
     } else if models.is_empty() {
-        println!("no models");
+        emitln("no models")?;
     } else {
         let rows: Vec<Vec<String>> = models
             .iter()
@@ -40,7 +40,7 @@ pub async fn run(cli: &Cli, args: &ModelsArgs) -> Result<ExitCode, ClientError> 
                 ]
             })
             .collect();
-        print_table(&["NAME", "VERSION", "STATE", "REASON"], &rows);
+        print_table(&["NAME", "VERSION", "STATE", "REASON"], &rows)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::control::{FailReason, ModelStats, SimControl};
 use super::models::{self, InvalidInput, Model};
+use crate::trace::{self, attr, CallSpan};
 
 const RELAXED: Ordering = Ordering::Relaxed;
 
@@ -244,11 +245,13 @@ impl Engine {
         Ok(model)
     }
 
-    /// Runs a non-decoupled model on a slot.
+    /// Runs a non-decoupled model on a slot, under `queue` and `execute` spans that are
+    /// children of the call's `span`.
     async fn execute(
         &self,
         model: Model,
         req: &ModelInferRequest,
+        span: &CallSpan,
     ) -> Result<ModelInferResponse, Failure> {
         let run = match model {
             Model::Simple => models::run_simple,
@@ -266,7 +269,11 @@ impl Engine {
         let stats = self.stats(model)?;
         // Validate before queueing, as a real server does.
         let resp = run(req)?;
+        let queue = span.child("queue");
         let (slot, _) = self.acquire(stats).await?;
+        queue.end(Code::Ok);
+        let execute = span.child("execute");
+        execute.set_attr(attr::MODEL, model.name());
         let compute = self.service_time(req);
         // A zero service time must not cost a timer tick (1 ms): benchmarks of the
         // gateway's own overhead run the simulator at zero.
@@ -274,6 +281,7 @@ impl Engine {
             tokio::time::sleep(compute).await;
         }
         drop(slot);
+        execute.end(Code::Ok);
         self.note_exec(stats, compute);
         Ok(resp)
     }
@@ -377,14 +385,20 @@ impl GrpcInferenceService for InferenceSvc {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let engine = &self.engine;
         engine.ctl.record_metadata(req.metadata());
+        let span = trace::grpc_server_span(trace::SIM_SCOPE, "ModelInfer", req.metadata());
         let req = req.into_inner();
+        if span.is_recording() {
+            span.set_attr(attr::SIM, engine.ctl.name());
+            span.set_attr(attr::MODEL, req.model_name.as_str());
+        }
         let mut guard = CallGuard::new(engine, Model::from_name(&req.model_name));
         let result = match engine.admit(&req).await {
-            Ok(model) => engine.execute(model, &req).await,
+            Ok(model) => engine.execute(model, &req, &span).await,
             Err(e) => Err(e),
         };
         match result {
             Ok(resp) => {
+                span.end(Code::Ok);
                 guard.finish(Ok(()));
                 drop(guard);
                 let md = engine.answer_metadata();
@@ -397,6 +411,7 @@ impl GrpcInferenceService for InferenceSvc {
                 Ok(resp)
             }
             Err(Failure::Status(status, reason)) => {
+                span.end_with_status(&status);
                 guard.finish(Err(reason));
                 drop(guard);
                 let md = engine.answer_metadata();
@@ -416,9 +431,17 @@ impl GrpcInferenceService for InferenceSvc {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<StreamOut>, Status> {
         self.engine.ctl.record_metadata(req.metadata());
+        // One span for the whole stream, ended once every request on it is answered.
+        let span = trace::grpc_server_span(trace::SIM_SCOPE, "ModelStreamInfer", req.metadata());
+        span.set_attr(attr::SIM, self.engine.ctl.name());
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let reader = tokio::spawn(read_stream(self.engine.clone(), inbound, tx));
+        let reader = tokio::spawn(read_stream(
+            self.engine.clone(),
+            inbound,
+            tx,
+            Arc::new(span),
+        ));
         let out = StreamBody {
             rx,
             _reader: AbortOnDrop(reader),
@@ -567,27 +590,35 @@ impl Stream for StreamBody {
 
 /// Reads requests off a stream and runs each in its own task, so many can be in flight
 /// at once. Ends (closing the response stream) once the client has stopped sending and
-/// every request is answered.
+/// every request is answered. `span` is the stream's server span: each request's spans
+/// are its children; it ends here, or when the reader is aborted (the client left).
 async fn read_stream(
     engine: Arc<Engine>,
     mut inbound: Streaming<ModelInferRequest>,
     tx: mpsc::Sender<ModelStreamInferResponse>,
+    span: Arc<CallSpan>,
 ) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    tasks.spawn(stream_request(engine.clone(), req, tx.clone()));
+                    tasks.spawn(stream_request(engine.clone(), req, tx.clone(), span.clone()));
                 }
                 Ok(None) => break,
                 // The client reset the stream: nobody is listening any more.
-                Err(_) => return,
+                Err(_) => {
+                    span.add_event("client reset");
+                    return;
+                }
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
     while tasks.join_next().await.is_some() {}
+    if let Ok(span) = Arc::try_unwrap(span) {
+        span.end(Code::Ok);
+    }
 }
 
 fn stream_error(req: &ModelInferRequest, message: String) -> ModelStreamInferResponse {
@@ -610,11 +641,12 @@ async fn stream_request(
     engine: Arc<Engine>,
     req: ModelInferRequest,
     tx: mpsc::Sender<ModelStreamInferResponse>,
+    span: Arc<CallSpan>,
 ) {
     let mut guard = CallGuard::new(&engine, Model::from_name(&req.model_name));
     let result = match engine.admit(&req).await {
-        Ok(Model::TinyLlm) => generate(&engine, &req, &tx).await,
-        Ok(model) => match engine.execute(model, &req).await {
+        Ok(Model::TinyLlm) => generate(&engine, &req, &tx, &span).await,
+        Ok(model) => match engine.execute(model, &req, &span).await {
             Ok(resp) => {
                 let _ = tx.send(stream_ok(resp)).await;
                 Ok(())
@@ -626,6 +658,7 @@ async fn stream_request(
     match result {
         Ok(()) => guard.finish(Ok(())),
         Err(Failure::Status(status, reason)) => {
+            span.add_event("request failed");
             guard.finish(Err(reason));
             drop(guard);
             let _ = tx
@@ -641,10 +674,15 @@ async fn generate(
     engine: &Engine,
     req: &ModelInferRequest,
     tx: &mpsc::Sender<ModelStreamInferResponse>,
+    span: &CallSpan,
 ) -> Result<(), Failure> {
     let llm = models::parse_llm(req)?;
     let stats = engine.stats(Model::TinyLlm)?;
+    let queue = span.child("queue");
     let (slot, _) = engine.acquire(stats).await?;
+    queue.end(Code::Ok);
+    let execute = span.child("execute");
+    execute.set_attr(attr::MODEL, Model::TinyLlm.name());
     let start = Instant::now();
     tokio::time::sleep(engine.service_time(req)).await;
     if llm.max_tokens == 0 {
@@ -666,6 +704,7 @@ async fn generate(
         }
     }
     drop(slot);
+    execute.end(Code::Ok);
     engine.note_exec(stats, start.elapsed());
     Ok(())
 }

@@ -16,6 +16,12 @@
 //!   drop every connection at once, as when a process dies;
 //! - [`run_cli`] serves on the caller's runtime until Ctrl-C or SIGTERM (`infergate sim`).
 //!
+//! Tracing: `ModelInfer` and `ModelStreamInfer` continue the caller's W3C trace with a
+//! SERVER span and `queue`/`execute` children, through the global tracer provider when
+//! [`crate::trace::init`] has installed one (a spawned simulator initialises nothing, so
+//! it shares its process's exporter); [`run_cli`] initialises it from the `OTEL_*`
+//! variables.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use infergate::sim::{spawn, SimConfig};
@@ -526,6 +532,9 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
     let (hang, refuse) = (args.hang, args.refuse);
     let cfg = args.into_config();
     let engine = build(&cfg)?;
+    // A standalone simulator exports its own spans when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let traces =
+        crate::trace::TraceConfig::from_env_for("infergate-sim").and_then(crate::trace::init)?;
     engine.ctl.set_hang(hang);
     engine.ctl.set_refuse(refuse);
 
@@ -546,7 +555,11 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         None => println!("sim {} listening on {addr}", cfg.name),
     }
     let exit: ExitHook = Arc::new(|| std::process::exit(1));
-    serve(engine, cfg.orca_oob, listener, metrics, exit, termination()).await?;
+    let served = serve(engine, cfg.orca_oob, listener, metrics, exit, termination()).await;
+    if let Err(e) = traces.shutdown().await {
+        tracing::warn!(error = %e, "trace export did not finish");
+    }
+    served?;
     Ok(())
 }
 
