@@ -287,3 +287,139 @@ async fn an_unreachable_name_server_is_an_error_not_an_empty_set() {
     );
     stop(stop_tx, task).await;
 }
+
+/// The gateway end to end: backends come and go with the zone's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_adds_and_drains_backends_as_records_change() {
+    // Three simulated backends on 127.0.0.1, .2 and .3, all on one port.
+    let first = infergate::sim::spawn(infergate::sim::SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        name: "dns-1".into(),
+        latency_ms: 1.0,
+        ..Default::default()
+    })
+    .expect("sim on 127.0.0.1");
+    let port = first.addr().port();
+    let at = |ip: [u8; 4], n: &str| {
+        infergate::sim::spawn(infergate::sim::SimConfig {
+            listen: SocketAddr::from((ip, port)),
+            name: n.into(),
+            latency_ms: 1.0,
+            ..Default::default()
+        })
+        .expect("sim on another loopback address")
+    };
+    let (second, third) = (at([127, 0, 0, 2], "dns-2"), at([127, 0, 0, 3], "dns-3"));
+    let zone = zone(&[[127, 0, 0, 1], [127, 0, 0, 2]]);
+    let (_server, dns) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), zone.clone()).await;
+
+    let mut cfg = infergate::config::Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Default::default()
+    };
+    cfg.health.interval_ms = 100;
+    cfg.balancer.slow_start_ms = 0;
+    cfg.dns = vec![DnsConfig {
+        name: HOST.into(),
+        port,
+        interval_ms: 50,
+        nameserver: Some(dns),
+    }];
+    let gw = infergate::server::start(cfg, "test")
+        .await
+        .expect("gateway");
+    let addresses = |gw: &infergate::server::GatewayHandle| -> BTreeSet<String> {
+        gw.pool()
+            .endpoints()
+            .iter()
+            .map(|e| e.address().to_owned())
+            .collect()
+    };
+    let expect = |ips: &[u8]| -> BTreeSet<String> {
+        ips.iter().map(|i| format!("127.0.0.{i}:{port}")).collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while addresses(&gw) != expect(&[1, 2])
+        || !gw
+            .pool()
+            .endpoints()
+            .iter()
+            .all(|e| e.is_eligible() && e.serves("simple"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backends from DNS: {:?}",
+            addresses(&gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.addr()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client =
+        infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            channel,
+        );
+    let request = || infergate_proto::inference::ModelInferRequest {
+        model_name: "simple".into(),
+        inputs: ["INPUT0", "INPUT1"]
+            .iter()
+            .map(
+                |n| infergate_proto::inference::model_infer_request::InferInputTensor {
+                    name: (*n).into(),
+                    datatype: "INT32".into(),
+                    shape: vec![1, 16],
+                    ..Default::default()
+                },
+            )
+            .collect(),
+        raw_input_contents: vec![vec![0u8; 64], vec![0u8; 64]],
+        ..Default::default()
+    };
+    for _ in 0..40 {
+        client.model_infer(request()).await.expect("served");
+    }
+    assert!(first.control().started() > 0 && second.control().started() > 0);
+
+    // The record for .2 goes, one for .3 comes: .3 joins, .2 is drained and removed.
+    set_backends(&zone, &[[127, 0, 0, 1], [127, 0, 0, 3]], 2).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while addresses(&gw) != expect(&[1, 3])
+        || !gw
+            .pool()
+            .endpoints()
+            .iter()
+            .all(|e| e.is_eligible() && e.serves("simple"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backends after the change: {:?}",
+            addresses(&gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = second.control().started();
+    for _ in 0..40 {
+        client.model_infer(request()).await.expect("served");
+    }
+    assert_eq!(
+        second.control().started(),
+        before,
+        "the removed backend gets nothing"
+    );
+    assert!(
+        third.control().started() > 0,
+        "the added backend takes traffic"
+    );
+    let sources: BTreeSet<String> = gw
+        .pool()
+        .endpoints()
+        .iter()
+        .map(|e| e.source().to_owned())
+        .collect();
+    assert_eq!(sources, BTreeSet::from(["dns".to_owned()]));
+}

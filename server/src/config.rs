@@ -123,6 +123,9 @@ pub struct Config {
     pub deadline_margin_ms: u64,
     /// The backends.
     pub backends: Vec<BackendConfig>,
+    /// DNS names whose A/AAAA records are backends (a Kubernetes headless service),
+    /// re-resolved on an interval: new addresses are added, vanished ones drained.
+    pub dns: Vec<crate::dns::DnsConfig>,
     /// Per-model settings, by model name.
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -149,6 +152,7 @@ impl Default for Config {
             deadline_margin_ms: 5,
             admin: AdminConfig::default(),
             backends: Vec::new(),
+            dns: Vec::new(),
             models: BTreeMap::new(),
         }
     }
@@ -515,6 +519,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        for (i, d) in self.dns.iter().enumerate() {
+            sub(&format!("dns[{i}]"), d.validate())?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, backend) in self.backends.iter().enumerate() {

@@ -125,6 +125,28 @@ pub async fn start_with_file(
         },
     );
     tokio::spawn(Arc::clone(&control).watch_reloads(shutdown_rx.clone()));
+    for (i, dns) in config.dns.iter().enumerate() {
+        let watcher = crate::dns::DnsWatcher::new(dns.clone())
+            .map_err(|e| StartError(format!("dns[{i}]: {e}")))?;
+        let control = Arc::clone(&control);
+        let apply = move |change: crate::dns::Change| {
+            for address in change.added {
+                let backend = crate::config::BackendConfig::new(address.to_string());
+                if let Err(e) = control.add_backend(backend, "dns") {
+                    tracing::warn!(%address, "DNS discovery could not add the backend: {e}");
+                }
+            }
+            for address in change.removed {
+                let control = Arc::clone(&control);
+                tokio::spawn(async move {
+                    let _ = control
+                        .remove_backend(&address.to_string(), Duration::from_secs(30))
+                        .await;
+                });
+            }
+        };
+        tokio::spawn(watcher.run(apply, shutdown_rx.clone()));
+    }
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
