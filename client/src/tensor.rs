@@ -183,7 +183,7 @@ impl TensorData {
             raw: &[u8],
             f: impl Fn([u8; N]) -> T,
         ) -> Result<Vec<T>, ClientError> {
-            if raw.len() % N != 0 {
+            if !raw.len().is_multiple_of(N) {
                 return Err(ClientError::Protocol(format!(
                     "{datatype} raw contents of {} bytes is not a multiple of {N}",
                     raw.len()

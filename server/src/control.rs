@@ -201,6 +201,14 @@ impl Control {
         timeout: Duration,
     ) -> Result<u64, ControlError> {
         let (_, left, waited) = self.drain(address, timeout).await?;
+        if self
+            .pool
+            .endpoint(address)
+            .is_some_and(|e| !e.is_draining())
+        {
+            // Undrained meanwhile (re-added by discovery, or by an operator): it stays.
+            return Ok(left);
+        }
         self.pool.remove(address);
         self.pool.events().publish(
             "backend_removed",

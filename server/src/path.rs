@@ -291,6 +291,8 @@ impl Gateway {
         let message = proxy::read_unary(body, self.max_message_bytes, rpc.name()).await?;
         // 3. route
         let key = self.peek(rpc, &message)?;
+        metrics::histogram!("infergate_request_bytes", "method" => rpc.name())
+            .record(message.wire_len() as f64);
         if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
             return self
                 .forward_any(rpc, &parts.headers, message, started)
@@ -527,6 +529,7 @@ impl Gateway {
             _ = tokio::time::sleep(delay) => {}
         }
         if !policy.budget.try_withdraw(Instant::now()) {
+            metrics::counter!("infergate_hedge_budget_exhausted_total", "model" => policy.name.clone()).increment(1);
             return first.await;
         }
         let Ok(second) = self.pool.pick_for_attempt(route, tried) else {
@@ -543,7 +546,10 @@ impl Gateway {
                 Err(_) => hedge.await,
             },
             r = &mut hedge => match r {
-                Ok(ok) => Ok(ok),
+                Ok(ok) => {
+                    metrics::counter!("infergate_hedge_wins_total", "model" => policy.name.clone()).increment(1);
+                    Ok(ok)
+                }
                 Err(_) => first.await,
             },
         }

@@ -252,6 +252,12 @@ impl Pool {
             Some(code) => CallOutcome::with_code(code, elapsed),
             None => CallOutcome::connect_failure(elapsed),
         };
+        metrics::counter!(
+            "infergate_backend_attempts_total",
+            "backend" => endpoint.address().to_owned(),
+            "code" => code.map(crate::telemetry::code_name).unwrap_or("TRANSPORT_ERROR")
+        )
+        .increment(1);
         let events = match (self.outlier.lock(), self.rng.lock()) {
             (Ok(mut outlier), Ok(mut rng)) => {
                 outlier.record(endpoint.address(), outcome, now, &mut rng)
@@ -286,6 +292,7 @@ impl Pool {
         metrics::counter!(
             "infergate_circuit_transitions_total",
             "backend" => endpoint.address().to_owned(),
+            "model" => if model.is_empty() { "all".to_owned() } else { model.to_owned() },
             "to" => t.to.as_str()
         )
         .increment(1);
@@ -359,6 +366,8 @@ impl Pool {
                     if let Some(e) = &endpoint {
                         e.set_ejected(None);
                     }
+                    metrics::counter!("infergate_backend_readmissions_total", "backend" => event.host.clone())
+                        .increment(1);
                     self.events
                         .publish("backend_readmitted", &event.host, "", event.to_string());
                 }

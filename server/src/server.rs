@@ -86,6 +86,8 @@ pub async fn start_with_file(
             config.admin_listen
         )));
     }
+    // The recorder first, so the first health round's metrics are kept.
+    let metrics_handle = telemetry::install();
     let pool = Pool::new(&config, source).map_err(StartError)?;
     let load = Arc::new(config.load.clone());
     let gateway =
@@ -131,12 +133,31 @@ pub async fn start_with_file(
         let control = Arc::clone(&control);
         let apply = move |change: crate::dns::Change| {
             for address in change.added {
-                let backend = crate::config::BackendConfig::new(address.to_string());
+                let key = address.to_string();
+                if let Some(existing) = control.pool().endpoint(&key) {
+                    // Back before its drain finished: keep it.
+                    if existing.is_draining() && existing.source() == "dns" {
+                        let control = Arc::clone(&control);
+                        tokio::spawn(async move {
+                            let _ = control.undrain(&key).await;
+                        });
+                    }
+                    continue;
+                }
+                let backend = crate::config::BackendConfig::new(key);
                 if let Err(e) = control.add_backend(backend, "dns") {
                     tracing::warn!(%address, "DNS discovery could not add the backend: {e}");
                 }
             }
             for address in change.removed {
+                // Only backends DNS added are DNS's to remove.
+                let from_dns = control
+                    .pool()
+                    .endpoint(&address.to_string())
+                    .is_some_and(|e| e.source() == "dns");
+                if !from_dns {
+                    continue;
+                }
                 let control = Arc::clone(&control);
                 tokio::spawn(async move {
                     let _ = control
@@ -206,11 +227,12 @@ pub async fn start_with_file(
         }
     }));
 
-    if let Some(handle) = telemetry::install() {
-        tokio::spawn(telemetry::serve(
+    if let Some(handle) = metrics_handle {
+        tokio::spawn(telemetry::serve_with_hook(
             metrics_listener,
             handle,
             shutdown_rx.clone(),
+            Some(telemetry::gateway_scrape_hook(&gateway)),
         ));
     } else {
         tracing::warn!("metrics recorder unavailable; /metrics is not served");

@@ -7,10 +7,11 @@
 //! under `unknown`, so a client cannot blow up the series count.
 //!
 //! Every metric name the gateway records is described in [`describe`] (HELP text and
-//! unit), run once when the recorder is installed; `docs/METRICS.md` lists them. Some
-//! gauges are not kept up to date on the request path but computed at scrape time from
-//! the pool and the model policies ([`export_pool_gauges`], [`export_model_gauges`]),
-//! run by the [`ScrapeHook`] given to [`serve_with_hook`].
+//! unit), run once when the recorder is installed; `docs/METRICS.md` lists them. State
+//! that is not kept on the request path (per-backend in flight, load, ejection, circuit;
+//! bulkhead occupancy) is read at scrape time from the pool and the model policies and
+//! rendered as text ([`render_pool`], [`render_models`]) by the [`ScrapeHook`] given to
+//! [`serve_with_hook`], so backends that leave the pool leave no stale series.
 
 use crate::breaker::BreakerState;
 use crate::endpoint::Health;
@@ -82,72 +83,43 @@ pub fn describe() {
         "Time from a forwarded call's arrival to the end of its response (streams: the \
          stream's whole life), by model and method."
     );
+    describe_histogram!(
+        "infergate_request_bytes",
+        Unit::Bytes,
+        "Size of forwarded unary request messages on the wire (gRPC frame included), by method."
+    );
+    describe_counter!(
+        "infergate_backend_attempts_total",
+        Unit::Count,
+        "Attempts sent to a backend, by backend and the gRPC code it ended with \
+         (TRANSPORT_ERROR: never reached, reset, or per-try timeout)."
+    );
+    describe_counter!(
+        "infergate_backend_readmissions_total",
+        Unit::Count,
+        "Backends readmitted after an outlier (or manual) ejection, by backend."
+    );
+    describe_counter!(
+        "infergate_hedge_wins_total",
+        Unit::Count,
+        "Hedged calls whose hedge answered first, by model."
+    );
+    describe_counter!(
+        "infergate_hedge_budget_exhausted_total",
+        Unit::Count,
+        "Hedges not sent because the retry budget was spent, by model."
+    );
     describe_gauge!(
         "infergate_requests_in_flight",
         Unit::Count,
         "Forwarded calls started and not yet ended, by method."
     );
 
-    // Backends, kept on transitions (health.rs, pool.rs) and at scrape time (below).
+    // Backends, kept on transitions (health.rs, pool.rs) and set again at scrape time
+    // by `render_pool`, whose other families are rendered as text, not described here.
     describe_gauge!(
         "infergate_backend_ready",
         "1 when the backend's health checks say it is ready, else 0 (unknown or not ready)."
-    );
-    describe_gauge!(
-        "infergate_backend_in_flight",
-        Unit::Count,
-        "Attempts the gateway has sent to the backend and that have not ended (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_utilization",
-        Unit::Percent,
-        "The backend's last reported utilization, as a ratio (0..1, may exceed 1); absent \
-         until the first report (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_queue_depth",
-        Unit::Count,
-        "Requests waiting at the backend according to its last load report (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_load_report_age_seconds",
-        Unit::Seconds,
-        "Age of the backend's last load report (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_ejected",
-        "1 while outlier detection (or an operator) has ejected the backend, else 0 \
-         (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_draining",
-        "1 while the backend is draining (administrative; takes no new calls), else 0 \
-         (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_weight",
-        "The backend's balancing weight (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_circuit_state",
-        "State of the backend-wide circuit breaker: 0 closed, 1 half open, 2 open, 3 forced \
-         open by an operator (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_backend_model_circuit_state",
-        "State of the per-model circuit breaker of a backend, same values as \
-         infergate_backend_circuit_state; only breakers that exist (scrape time)."
-    );
-    describe_counter!(
-        "infergate_backend_requests_total",
-        Unit::Count,
-        "Attempts sent to the backend since it joined the pool (retries and hedges \
-         included; scrape time)."
-    );
-    describe_counter!(
-        "infergate_backend_failures_total",
-        Unit::Count,
-        "Attempts on the backend that ended in an error (scrape time)."
     );
     describe_counter!(
         "infergate_backend_ejections_total",
@@ -171,37 +143,7 @@ pub fn describe() {
         "Events published on the admin event bus, by kind."
     );
 
-    // Admission (path.rs) and bulkhead state (scrape time).
-    describe_gauge!(
-        "infergate_bulkhead_active",
-        Unit::Count,
-        "Bulkhead slots held now, by model (models with a bulkhead; scrape time)."
-    );
-    describe_gauge!(
-        "infergate_bulkhead_queued",
-        Unit::Count,
-        "Calls waiting for a bulkhead slot now, by model (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_bulkhead_max_concurrent",
-        Unit::Count,
-        "The bulkhead's configured max_concurrent, by model (scrape time)."
-    );
-    describe_gauge!(
-        "infergate_bulkhead_max_queue",
-        Unit::Count,
-        "The bulkhead's configured max_queue, by model (scrape time)."
-    );
-    describe_counter!(
-        "infergate_bulkhead_admitted_total",
-        Unit::Count,
-        "Calls given a bulkhead slot, at once or after waiting, by model (scrape time)."
-    );
-    describe_counter!(
-        "infergate_bulkhead_cancelled_total",
-        Unit::Count,
-        "Calls that went away while waiting for a bulkhead slot, by model (scrape time)."
-    );
+    // Admission (path.rs); bulkhead state is rendered by `render_models`.
     describe_counter!(
         "infergate_bulkhead_rejected_total",
         Unit::Count,
@@ -287,8 +229,10 @@ pub fn call_ended(method: &'static str, model: &str, code: Option<Code>, elapsed
     .record(elapsed.as_secs_f64());
 }
 
-/// Work run on every scrape before rendering, e.g. setting gauges computed from the pool.
-pub type ScrapeHook = Arc<dyn Fn() + Send + Sync>;
+/// Work run on every scrape: it appends Prometheus text (whole metric families, with
+/// HELP and TYPE lines) to what the recorder renders. Families rendered by a hook must
+/// not share a name with a metric recorded through the `metrics` macros.
+pub type ScrapeHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 /// The gauge value of a circuit breaker state.
 pub fn circuit_state_value(state: BreakerState) -> f64 {
@@ -308,84 +252,244 @@ fn flag(on: bool) -> f64 {
     }
 }
 
-/// Sets the per-backend gauges (and the counters the endpoints keep themselves) from
-/// the pool as it is now. Backends never leave the pool, so no series goes stale.
-pub fn export_pool_gauges(pool: &Pool) {
-    let now = tokio::time::Instant::now();
-    for endpoint in pool.endpoints() {
-        let backend = endpoint.address().to_owned();
-        let label = || ("backend", backend.clone());
-        let gauge = |name: &'static str, value: f64| {
-            metrics::gauge!(name, &[label()]).set(value);
-        };
-        gauge("infergate_backend_in_flight", endpoint.in_flight() as f64);
-        gauge(
-            "infergate_backend_ready",
-            flag(endpoint.health() == Health::Ready),
-        );
-        gauge("infergate_backend_ejected", flag(endpoint.is_ejected(now)));
-        gauge("infergate_backend_draining", flag(endpoint.is_draining()));
-        gauge("infergate_backend_weight", f64::from(endpoint.weight()));
-        gauge(
-            "infergate_backend_circuit_state",
-            circuit_state_value(endpoint.breaker().state()),
-        );
-        if let Some(reading) = endpoint.load().read(now) {
-            gauge("infergate_backend_utilization", reading.utilization);
-            gauge("infergate_backend_queue_depth", reading.queue_depth);
-            gauge(
-                "infergate_backend_load_report_age_seconds",
-                reading.age.as_secs_f64(),
-            );
-        }
-        metrics::counter!("infergate_backend_requests_total", &[label()])
-            .absolute(endpoint.requests_total());
-        metrics::counter!("infergate_backend_failures_total", &[label()])
-            .absolute(endpoint.failures_total());
-        for (model, breaker) in endpoint.all_breakers() {
-            if model.is_empty() {
-                continue; // the backend-wide breaker, exported above
-            }
-            metrics::gauge!(
-                "infergate_backend_model_circuit_state",
-                "backend" => backend.clone(),
-                "model" => model
-            )
-            .set(circuit_state_value(breaker.state()));
-        }
-    }
-    metrics::gauge!("infergate_pool_panic").set(flag(pool.in_panic()));
+/// A metric family assembled at scrape time.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(Vec<(&'static str, String)>, f64)>,
 }
 
-/// Sets the per-model bulkhead gauges (and its admitted/cancelled counters) for every
-/// model with live settings and a bulkhead. Model names come from the pool's routes, so
-/// the label stays bounded.
-pub fn export_model_gauges(models: &Models) {
+impl Family {
+    fn new(name: &'static str, kind: &'static str, help: &'static str) -> Self {
+        Family {
+            name,
+            kind,
+            help,
+            samples: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, labels: Vec<(&'static str, String)>, value: f64) {
+        self.samples.push((labels, value));
+    }
+
+    /// Appends the family in text format 0.0.4; nothing when it has no samples.
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        if self.samples.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+        for (labels, value) in &self.samples {
+            out.push_str(self.name);
+            if !labels.is_empty() {
+                out.push('{');
+                for (i, (key, value)) in labels.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(key);
+                    out.push_str("=\"");
+                    for c in value.chars() {
+                        match c {
+                            '\\' => out.push_str("\\\\"),
+                            '"' => out.push_str("\\\""),
+                            '\n' => out.push_str("\\n"),
+                            c => out.push(c),
+                        }
+                    }
+                    out.push('"');
+                }
+                out.push('}');
+            }
+            let _ = if value.is_nan() {
+                writeln!(out, " NaN")
+            } else if value.is_infinite() {
+                writeln!(out, " {}Inf", if *value > 0.0 { "+" } else { "-" })
+            } else {
+                writeln!(out, " {value}")
+            };
+        }
+        out.push('\n');
+    }
+}
+
+/// Appends the per-backend state of `pool` as it is now: in flight, load report
+/// (utilization, queue depth, age), ejected, draining, weight, circuit states and the
+/// attempt counters the endpoints keep. Rendered as text rather than recorded, so a
+/// backend removed from the pool leaves no stale series behind. Also sets
+/// `infergate_backend_ready` and `infergate_pool_panic` (recorded gauges, normally set
+/// on transitions) so they exist even for transitions that happened before the
+/// recorder was installed.
+pub fn render_pool(pool: &Pool, out: &mut String) {
+    let now = tokio::time::Instant::now();
+    let mut in_flight = Family::new(
+        "infergate_backend_in_flight",
+        "gauge",
+        "Attempts the gateway has sent to the backend and that have not ended.",
+    );
+    let mut utilization = Family::new(
+        "infergate_backend_utilization",
+        "gauge",
+        "The backend's last reported utilization, as a ratio (0..1, may exceed 1); absent until the first report.",
+    );
+    let mut queue_depth = Family::new(
+        "infergate_backend_queue_depth",
+        "gauge",
+        "Requests waiting at the backend according to its last load report.",
+    );
+    let mut report_age = Family::new(
+        "infergate_backend_load_report_age_seconds",
+        "gauge",
+        "Age of the backend's last load report, in seconds.",
+    );
+    let mut ejected = Family::new(
+        "infergate_backend_ejected",
+        "gauge",
+        "1 while outlier detection (or an operator) has ejected the backend, else 0.",
+    );
+    let mut draining = Family::new(
+        "infergate_backend_draining",
+        "gauge",
+        "1 while the backend is draining (administrative; takes no new calls), else 0.",
+    );
+    let mut weight = Family::new(
+        "infergate_backend_weight",
+        "gauge",
+        "The backend's balancing weight.",
+    );
+    let mut circuit = Family::new(
+        "infergate_backend_circuit_state",
+        "gauge",
+        "State of the backend-wide circuit breaker: 0 closed, 1 half open, 2 open, 3 forced open.",
+    );
+    let mut model_circuit = Family::new(
+        "infergate_backend_model_circuit_state",
+        "gauge",
+        "State of a per-model circuit breaker of the backend (values as infergate_backend_circuit_state); only breakers that exist.",
+    );
+    let mut requests = Family::new(
+        "infergate_backend_requests_total",
+        "counter",
+        "Attempts sent to the backend since it joined the pool (retries and hedges included).",
+    );
+    let mut failures = Family::new(
+        "infergate_backend_failures_total",
+        "counter",
+        "Attempts on the backend that ended in an error.",
+    );
+    for endpoint in pool.endpoints() {
+        let backend = endpoint.address().to_owned();
+        let b = || vec![("backend", backend.clone())];
+        metrics::gauge!("infergate_backend_ready", "backend" => backend.clone())
+            .set(flag(endpoint.health() == Health::Ready));
+        in_flight.add(b(), endpoint.in_flight() as f64);
+        if let Some(reading) = endpoint.load().read(now) {
+            utilization.add(b(), reading.utilization);
+            queue_depth.add(b(), reading.queue_depth);
+            report_age.add(b(), reading.age.as_secs_f64());
+        }
+        ejected.add(b(), flag(endpoint.is_ejected(now)));
+        draining.add(b(), flag(endpoint.is_draining()));
+        weight.add(b(), f64::from(endpoint.weight()));
+        circuit.add(b(), circuit_state_value(endpoint.breaker().state()));
+        for (model, breaker) in endpoint.all_breakers() {
+            if !model.is_empty() {
+                model_circuit.add(
+                    vec![("backend", backend.clone()), ("model", model)],
+                    circuit_state_value(breaker.state()),
+                );
+            }
+        }
+        requests.add(b(), endpoint.requests_total() as f64);
+        failures.add(b(), endpoint.failures_total() as f64);
+    }
+    metrics::gauge!("infergate_pool_panic").set(flag(pool.in_panic()));
+    for family in [
+        in_flight,
+        utilization,
+        queue_depth,
+        report_age,
+        ejected,
+        draining,
+        weight,
+        circuit,
+        model_circuit,
+        requests,
+        failures,
+    ] {
+        family.render(out);
+    }
+}
+
+/// Appends the bulkhead state of every model with live settings and a bulkhead: slots
+/// held, calls queued, the limits, and calls admitted and cancelled. Model names come
+/// from the pool's routes, so the label stays bounded.
+pub fn render_models(models: &Models, out: &mut String) {
+    let mut active = Family::new(
+        "infergate_bulkhead_active",
+        "gauge",
+        "Bulkhead slots held now.",
+    );
+    let mut queued = Family::new(
+        "infergate_bulkhead_queued",
+        "gauge",
+        "Calls waiting for a bulkhead slot now.",
+    );
+    let mut max_concurrent = Family::new(
+        "infergate_bulkhead_max_concurrent",
+        "gauge",
+        "The bulkhead's configured max_concurrent.",
+    );
+    let mut max_queue = Family::new(
+        "infergate_bulkhead_max_queue",
+        "gauge",
+        "The bulkhead's configured max_queue.",
+    );
+    let mut admitted = Family::new(
+        "infergate_bulkhead_admitted_total",
+        "counter",
+        "Calls given a bulkhead slot, at once or after waiting.",
+    );
+    let mut cancelled = Family::new(
+        "infergate_bulkhead_cancelled_total",
+        "counter",
+        "Calls that went away while waiting for a bulkhead slot.",
+    );
     for policy in models.all() {
         let Some(bulkhead) = &policy.bulkhead else {
             continue;
         };
         let stats = bulkhead.stats();
         let cfg = bulkhead.config();
-        let label = || ("model", policy.name.clone());
-        metrics::gauge!("infergate_bulkhead_active", &[label()]).set(stats.active as f64);
-        metrics::gauge!("infergate_bulkhead_queued", &[label()]).set(stats.queued as f64);
-        metrics::gauge!("infergate_bulkhead_max_concurrent", &[label()])
-            .set(cfg.max_concurrent as f64);
-        metrics::gauge!("infergate_bulkhead_max_queue", &[label()]).set(cfg.max_queue as f64);
-        metrics::counter!("infergate_bulkhead_admitted_total", &[label()])
-            .absolute(stats.admitted_total);
-        metrics::counter!("infergate_bulkhead_cancelled_total", &[label()])
-            .absolute(stats.cancelled_total);
+        let m = || vec![("model", policy.name.clone())];
+        active.add(m(), stats.active as f64);
+        queued.add(m(), stats.queued as f64);
+        max_concurrent.add(m(), cfg.max_concurrent as f64);
+        max_queue.add(m(), cfg.max_queue as f64);
+        admitted.add(m(), stats.admitted_total as f64);
+        cancelled.add(m(), stats.cancelled_total as f64);
+    }
+    for family in [
+        active,
+        queued,
+        max_concurrent,
+        max_queue,
+        admitted,
+        cancelled,
+    ] {
+        family.render(out);
     }
 }
 
-/// The scrape hook of a gateway: pool gauges and model (bulkhead) gauges.
+/// The scrape hook of a gateway: [`render_pool`] and [`render_models`].
 pub fn gateway_scrape_hook(gateway: &Arc<crate::path::Gateway>) -> ScrapeHook {
     let gateway = Arc::clone(gateway);
-    Arc::new(move || {
-        export_pool_gauges(&gateway.pool);
-        export_model_gauges(&gateway.models);
+    Arc::new(move |out: &mut String| {
+        render_pool(&gateway.pool, out);
+        render_models(&gateway.models, out);
     })
 }
 
@@ -399,8 +503,8 @@ pub async fn serve(
     serve_with_hook(listener, handle, shutdown, None).await
 }
 
-/// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown`,
-/// running `hook` (if any) before each render.
+/// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown`;
+/// `hook` (if any) appends scrape-time families to each answer.
 pub async fn serve_with_hook(
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -427,11 +531,16 @@ pub async fn serve_with_hook(
             let request = String::from_utf8_lossy(&head[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+                // The hook runs first: gauges it sets through the recorder show in
+                // this render; the text it writes goes after.
+                let mut extra = String::new();
                 if let Some(hook) = &hook {
-                    hook();
+                    hook(&mut extra);
                 }
                 handle.run_upkeep();
-                ("200 OK", handle.render())
+                let mut body = handle.render();
+                body.push_str(&extra);
+                ("200 OK", body)
             } else {
                 ("404 Not Found", "only /metrics is served here\n".to_owned())
             };

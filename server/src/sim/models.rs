@@ -170,7 +170,7 @@ pub(crate) fn request_tensor_bytes(req: &ModelInferRequest) -> usize {
 
 /// Little-endian INT32 elements of a raw tensor; `None` when the length is not a multiple of 4.
 pub(crate) fn decode_i32_le(raw: &[u8]) -> Option<Vec<i32>> {
-    if raw.len() % 4 != 0 {
+    if !raw.len().is_multiple_of(4) {
         return None;
     }
     Some(
