@@ -88,6 +88,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Prometheus metrics (`/metrics`). Default 127.0.0.1:8002.
     pub metrics_listen: SocketAddr,
+    /// Record metrics at all. Default true (`--no-metrics` turns recording off; the
+    /// overhead benchmark uses it as its baseline).
+    pub metrics: bool,
     /// Admin gRPC API. Default 127.0.0.1:8003.
     pub admin_listen: SocketAddr,
     /// Tokio worker threads; absent = one per core.
@@ -135,6 +138,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8002)),
+            metrics: true,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8003)),
             worker_threads: None,
             max_message_bytes: 64 << 20,

@@ -60,9 +60,13 @@ struct ServeArgs {
     /// A backend's host:port; repeat for more. Added to the config file's backends.
     #[arg(long = "backend", value_name = "HOST:PORT")]
     backends: Vec<String>,
-    /// Balancing policy for the whole pool: round_robin or least_request.
+    /// Balancing policy for the whole pool: round_robin, weighted, least_request or
+    /// gpu_aware (the default).
     #[arg(long)]
     policy: Option<PolicyKind>,
+    /// Do not record metrics (nothing is served on --metrics-listen).
+    #[arg(long)]
+    no_metrics: bool,
     #[command(flatten)]
     ports: Ports,
 }
@@ -155,6 +159,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     args.ports.apply(&mut config);
     if let Some(policy) = args.policy {
         config.balancer.policy = policy;
+    }
+    if args.no_metrics {
+        config.metrics = false;
     }
     for address in &args.backends {
         config.backends.push(BackendConfig::new(address.clone()));

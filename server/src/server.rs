@@ -87,7 +87,11 @@ pub async fn start_with_file(
         )));
     }
     // The recorder first, so the first health round's metrics are kept.
-    let metrics_handle = telemetry::install();
+    let metrics_handle = if config.metrics {
+        telemetry::install()
+    } else {
+        None
+    };
     let pool = Pool::new(&config, source).map_err(StartError)?;
     let load = Arc::new(config.load.clone());
     let gateway =
@@ -234,7 +238,7 @@ pub async fn start_with_file(
             shutdown_rx.clone(),
             Some(telemetry::gateway_scrape_hook(&gateway)),
         ));
-    } else {
+    } else if config.metrics {
         tracing::warn!("metrics recorder unavailable; /metrics is not served");
     }
     tokio::spawn(checker.run(shutdown_rx.clone()));
