@@ -635,6 +635,27 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid_and_shows_the_defaults() {
+        // docs/ARCHITECTURE.md's example must parse, and what it sets must be the
+        // defaults it claims to show.
+        let doc = include_str!("../../docs/ARCHITECTURE.md");
+        let start = doc.find("```toml\n").expect("a toml block") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let config = Config::parse(&doc[start..end], "docs/ARCHITECTURE.md").expect("parses");
+        config.validate("docs/ARCHITECTURE.md").expect("valid");
+        let defaults = Config::default();
+        assert_eq!(config.balancer, defaults.balancer);
+        assert_eq!(config.health, defaults.health);
+        assert_eq!(config.load, defaults.load);
+        assert_eq!(config.outlier, defaults.outlier);
+        assert_eq!(config.breaker, defaults.breaker);
+        assert_eq!(config.retry, defaults.retry);
+        assert_eq!(config.hedge, defaults.hedge);
+        assert_eq!(config.tenants, defaults.tenants);
+        assert_eq!(config.discovery, defaults.discovery);
+    }
+
+    #[test]
     fn errors_name_file_field_and_reason() {
         let err = Config::parse("[health]\ninterval = 5\n", "gw.toml").expect_err("unknown");
         assert_eq!(err.source, "gw.toml");

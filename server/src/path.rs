@@ -270,6 +270,14 @@ impl Gateway {
             Ok(response) => response,
             Err(status) => {
                 telemetry::call_ended(rpc.name(), &label, Some(status.code()), started.elapsed());
+                tracing::debug!(
+                    method = rpc.name(),
+                    model = %label,
+                    code = ?status.code(),
+                    trace_id = span.trace_id().unwrap_or_default(),
+                    "call refused: {}",
+                    status.message()
+                );
                 span.end_with_status(&status);
                 status.into_http()
             }
