@@ -99,6 +99,16 @@ async fn scenario(fault: Fault) -> String {
             .unwrap_or(()),
     }
     let eject = wait_until(Duration::from_secs(10), || !endpoint.is_eligible()).await;
+    let why = match endpoint.availability("simple", Instant::now(), false) {
+        Err(infergate::endpoint::Unavailable::Ejected) => format!(
+            "outlier ejection: {}",
+            gw.pool()
+                .ejection_reason(&victim_addr.to_string())
+                .unwrap_or_default()
+        ),
+        Err(other) => other.describe().to_owned(),
+        Ok(()) => "not detected".to_owned(),
+    };
     tokio::time::sleep(Duration::from_secs(3)).await;
     match fault {
         Fault::Kill => sims[0] = Some(sim_at(victim_addr, "b0")),
@@ -120,7 +130,6 @@ async fn scenario(fault: Fault) -> String {
         .iter()
         .map(|e| (e.requests_total(), e.failures_total()))
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let reason = gw.pool().ejection_reason(&victim_addr.to_string());
     gw.shutdown(Duration::from_secs(1)).await;
     let ms = |d: Option<Duration>| {
         d.map(|d| format!("{} ms", d.as_millis()))
@@ -133,7 +142,7 @@ async fn scenario(fault: Fault) -> String {
         stats.0,
         stats.1,
         100.0 * stats.1 as f64 / stats.0.max(1) as f64,
-        reason.unwrap_or_else(|| "health check / circuit".into())
+        why
     )
 }
 

@@ -147,9 +147,11 @@ impl Policy {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Each skip takes the next turn from the shared counter, so the share of an
+        // ineligible backend spreads over all the others instead of going to its
+        // neighbour in the list.
         (0..n)
-            .map(|i| &endpoints[(start + i) % n])
+            .map(|_| &endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n])
             .find(|e| eligible(e))
     }
 }

@@ -87,7 +87,8 @@ pub struct OutlierConfig {
     pub success_rate_request_volume: u32,
     /// Ejects a host whose mean latency (successful calls, one interval) exceeds this
     /// factor times the median of the other hosts' means; 0 = off, otherwise above 1.
-    /// Default 3.0.
+    /// Default 10.0: far enough above the pool that a legitimately slower GPU in a
+    /// mixed pool (often 2-4x) is balanced around, not ejected.
     pub latency_factor: f64,
     /// Successful calls a host needs in the interval to take part in the latency
     /// comparison. Default 20.
@@ -124,7 +125,7 @@ impl Default for OutlierConfig {
             success_rate_stdev_factor: 1.9,
             success_rate_minimum_hosts: 3,
             success_rate_request_volume: 20,
-            latency_factor: 3.0,
+            latency_factor: 10.0,
             latency_minimum_volume: 20,
             latency_minimum_hosts: 3,
             interval_ms: 1000,
@@ -1154,13 +1155,13 @@ mod tests {
         for (host, ms) in [("a:1", 10), ("b:1", 12), ("c:1", 9), ("d:1", 11)] {
             feed(&mut d, host, CallOutcome::ok(ms * MS), 20, now, &mut rng);
         }
-        feed(&mut d, "e:1", CallOutcome::ok(105 * MS), 20, now, &mut rng);
+        feed(&mut d, "e:1", CallOutcome::ok(120 * MS), 20, now, &mut rng);
         let events = d.evaluate(now, &mut rng);
         assert_eq!(ejected(&events), ["e:1"]);
         let reason = d.ejection("e:1").expect("ejected").reason;
         assert_eq!(
             reason,
-            "mean latency 105.0 ms is 10.0x the other backends' median 10.5 ms (limit 3x)"
+            "mean latency 120.0 ms is 11.4x the other backends' median 10.5 ms (limit 10x)"
         );
     }
 
