@@ -432,6 +432,7 @@ impl Gateway {
         original.budget.record_request(Instant::now());
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut attempt = 0u32;
+        let mut primary_failure: Option<String> = None;
         loop {
             attempt += 1;
             // 7. pick (or fall back)
@@ -450,14 +451,23 @@ impl Gateway {
             let picked = match picked {
                 Ok(p) => p,
                 Err(e) if fallback.is_none() && policy.fallback.is_some() => {
-                    let (r, p) = self.fallback_route(&policy, &e.to_string()).await?;
+                    let why = e.to_string();
+                    let (r, p) = self.fallback_route(&policy, &why).await?;
                     fallback = Some(r.model.clone());
+                    primary_failure = Some(why);
                     route = r;
                     policy = p;
                     attempt -= 1;
                     continue;
                 }
-                Err(e) => return Err(route_status(e)),
+                Err(e) => {
+                    return Err(match (&primary_failure, &fallback) {
+                        (Some(why), Some(model)) => Status::unavailable(format!(
+                            "{why}; fallback model '{model}' cannot take it either: {e}"
+                        )),
+                        _ => route_status(e),
+                    })
+                }
             };
             tried.push(Arc::clone(&picked.endpoint));
             let hedge_delay = if attempt == 1 && policy.hedge.enabled {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use super::models::{gpu_utilization, Model, ALL_MODELS};
+use super::models::{gpu_utilization, Model};
 
 const RELAXED: Ordering = Ordering::Relaxed;
 
@@ -453,7 +453,7 @@ pub(crate) fn clamp_fraction(v: f64) -> f64 {
 
 /// All known model names, for error messages.
 pub(crate) fn known_model_names() -> String {
-    ALL_MODELS
+    super::models::KNOWN_MODELS
         .iter()
         .map(|m| m.name())
         .collect::<Vec<_>>()

@@ -254,7 +254,7 @@ impl Engine {
         span: &CallSpan,
     ) -> Result<ModelInferResponse, Failure> {
         let run = match model {
-            Model::Simple => models::run_simple,
+            Model::Simple | Model::SimpleSmall => models::run_simple,
             Model::IdentityFp32 => models::run_identity,
             Model::TinyLlm => {
                 return Err(Failure::Status(

@@ -26,15 +26,26 @@ pub(crate) enum Model {
     IdentityFp32,
     /// A decoupled "language model" streaming one token per response.
     TinyLlm,
+    /// `simple` under another name: a stand-in "smaller model" for fallback set-ups.
+    /// Served only when named in `--models`.
+    SimpleSmall,
 }
 
 /// Every model, in a fixed order (the order of metrics and statistics).
 pub(crate) const ALL_MODELS: [Model; 3] = [Model::Simple, Model::IdentityFp32, Model::TinyLlm];
 
+/// Every model the simulator can serve: the defaults and the opt-in ones.
+pub(crate) const KNOWN_MODELS: [Model; 4] = [
+    Model::Simple,
+    Model::IdentityFp32,
+    Model::TinyLlm,
+    Model::SimpleSmall,
+];
+
 impl Model {
     /// The model named `name`, if the simulator knows it.
     pub(crate) fn from_name(name: &str) -> Option<Model> {
-        ALL_MODELS.into_iter().find(|m| m.name() == name)
+        KNOWN_MODELS.into_iter().find(|m| m.name() == name)
     }
 
     /// The model's name on the wire.
@@ -43,6 +54,7 @@ impl Model {
             Model::Simple => "simple",
             Model::IdentityFp32 => "identity_fp32",
             Model::TinyLlm => "tiny_llm",
+            Model::SimpleSmall => "simple_small",
         }
     }
 
@@ -53,7 +65,7 @@ impl Model {
 
     fn inputs(self) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
         match self {
-            Model::Simple => vec![
+            Model::Simple | Model::SimpleSmall => vec![
                 ("INPUT0", "INT32", DataType::TypeInt32, vec![-1, 16]),
                 ("INPUT1", "INT32", DataType::TypeInt32, vec![-1, 16]),
             ],
@@ -67,7 +79,7 @@ impl Model {
 
     fn outputs(self) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
         match self {
-            Model::Simple => vec![
+            Model::Simple | Model::SimpleSmall => vec![
                 ("OUTPUT0", "INT32", DataType::TypeInt32, vec![-1, 16]),
                 ("OUTPUT1", "INT32", DataType::TypeInt32, vec![-1, 16]),
             ],
@@ -94,7 +106,7 @@ impl Model {
 
     /// The answer to `ModelConfig`. Dims exclude the batch dimension when batching.
     pub(crate) fn config(self) -> ModelConfig {
-        let batching = matches!(self, Model::Simple);
+        let batching = matches!(self, Model::Simple | Model::SimpleSmall);
         let dims = |shape: Vec<i64>| {
             if batching {
                 shape.into_iter().skip(1).collect()
