@@ -578,7 +578,7 @@ impl Gateway {
         &self,
         call: &Call<'_>,
         route: &ModelRoute,
-        policy: &ModelPolicy,
+        policy: &Arc<ModelPolicy>,
         picked: Picked,
         attempt: u32,
         fallback: Option<&str>,
@@ -591,7 +591,7 @@ impl Gateway {
         let guard = endpoint.begin();
         let began = Instant::now();
         let try_span = call.span.client_attempt(endpoint.address(), attempt);
-        let mut headers = call.headers.clone();
+        let mut headers = proxy::forwarded_headers(call.headers);
         try_span.inject(&mut headers);
         if let Some(d) = call.deadline {
             let remaining = d
@@ -629,7 +629,7 @@ impl Gateway {
             ])
         };
         // 8. per-try timeout
-        let sent = send(&endpoint, call.rpc, &headers, body);
+        let sent = send(&endpoint, call.rpc, headers, body);
         let response = match policy.retry.per_try_timeout() {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(r) => r,
@@ -737,7 +737,7 @@ impl Gateway {
             endpoint: Arc::clone(&endpoint),
             model: route.model.clone(),
             permits: (permit, model_permit),
-            policy_latencies: Some(self.models.get(&route.model)),
+            policy_latencies: Some(Arc::clone(policy)),
             guard,
             rpc: call.rpc,
             started: call.started,
@@ -761,7 +761,13 @@ impl Gateway {
     ) -> Result<http::Response<Body>, Status> {
         let endpoint = self.pool.pick_any().map_err(route_status)?;
         let guard = endpoint.begin();
-        let response = send(&endpoint, rpc, headers, proxy::full_body(message.framed())).await?;
+        let response = send(
+            &endpoint,
+            rpc,
+            proxy::forwarded_headers(headers),
+            proxy::full_body(message.framed()),
+        )
+        .await?;
         let code = proxy::grpc_code(response.headers());
         let on_end: proxy::OnEnd = Box::new(move |code| {
             telemetry::call_ended(rpc.name(), UNKNOWN_MODEL, code, started.elapsed());
@@ -952,7 +958,14 @@ impl Gateway {
             let body = Body::new(http_body_util::StreamBody::new(
                 tokio_stream::wrappers::ReceiverStream::new(up_rx),
             ));
-            let response = match send(&endpoint, Forwarded::ModelStreamInfer, headers, body).await {
+            let response = match send(
+                &endpoint,
+                Forwarded::ModelStreamInfer,
+                proxy::forwarded_headers(headers),
+                body,
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(status) => {
                     endpoint.record_outcome(false);
@@ -1168,14 +1181,14 @@ pub fn route_status(err: RouteError) -> Status {
 async fn send(
     endpoint: &Endpoint,
     rpc: Forwarded,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<http::Response<Body>, Status> {
     let mut request = http::Request::new(body);
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = http::Uri::from_static(rpc.path());
     *request.version_mut() = http::Version::HTTP_2;
-    proxy::forward_headers(headers, request.headers_mut());
+    *request.headers_mut() = headers;
     let mut channel = endpoint.channel();
     let ready = channel
         .ready()

@@ -32,6 +32,18 @@ const HOP_BY_HOP: [&str; 7] = [
     "content-length",
 ];
 
+/// The call metadata of `src` to send on, without hop-by-hop headers: one clone of the
+/// map (its values are reference-counted) and a few removals.
+pub fn forwarded_headers(src: &HeaderMap) -> HeaderMap {
+    let mut headers = src.clone();
+    for name in HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    headers
+}
+
 /// Copies call metadata from `src` to `dst`, leaving out hop-by-hop headers.
 pub fn forward_headers(src: &HeaderMap, dst: &mut HeaderMap) {
     for (name, value) in src {
