@@ -453,3 +453,32 @@ async fn a_short_deadline_against_a_slow_backend_returns_on_time_and_cancels_it(
         "remaining budget minus margin: {sent}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_offers_health_watch_is_followed_at_once() {
+    let a = sim("a", |_| {});
+    let mut cfg = pool_config(&[&a]);
+    // A long polling interval: only a Watch push can explain a fast flip.
+    cfg.health.interval_ms = 30_000;
+    cfg.health.unhealthy_interval_ms = 30_000;
+    cfg.health.initial_jitter_ms = 0;
+    let gw = gateway(cfg).await;
+    let e = gw.pool().endpoint(&a.addr().to_string()).expect("endpoint");
+    assert!(e.is_eligible());
+    let began = Instant::now();
+    a.control().set_ready(false);
+    eventually("not ready", Duration::from_secs(5), || !e.is_eligible()).await;
+    let first = began.elapsed();
+    let again = Instant::now();
+    a.control().set_ready(true);
+    eventually("ready again", Duration::from_secs(5), || e.is_eligible()).await;
+    println!("out after {first:?}, back after {:?}", again.elapsed());
+    assert!(
+        first < Duration::from_secs(2),
+        "followed by Watch, not by 30 s polling"
+    );
+    assert!(
+        again.elapsed() < Duration::from_secs(2),
+        "followed by Watch, not by 30 s polling"
+    );
+}

@@ -1,8 +1,10 @@
 //! Active health checking of backends. Runs beside the request path; its only effect on
 //! calls is the [`Health`] it sets on each endpoint, which the balancer reads.
 //!
-//! A check is `grpc.health.v1.Health/Check` for the whole server (service ""); a backend
-//! without the health service (UNIMPLEMENTED) is asked `ServerReady` instead. A backend
+//! A backend that offers `grpc.health.v1.Health/Watch` is followed on a Watch stream: its
+//! pushes flip health at once. Otherwise (UNIMPLEMENTED) a check is `Check` for the
+//! whole server (service ""), and a backend without the health service is asked
+//! `ServerReady` instead. A backend
 //! that cannot be reached fails the check. Health flips only after
 //! `healthy_threshold` / `unhealthy_threshold` results in a row, so one lost probe does
 //! not eject a backend and one lucky probe does not readmit it.
@@ -205,7 +207,8 @@ pub fn spawn_for(
     tokio::spawn(async move {
         let mut state = EndpointCheck::default();
         let mut rng = fastrand::Rng::new();
-        let mut wait = Duration::from_millis(rng.u64(0..=cfg.initial_jitter_ms)) + cfg.interval();
+        // Start at once (after the jitter): a Watch stream should be open from the start.
+        let mut wait = Duration::from_millis(rng.u64(0..=cfg.initial_jitter_ms));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -214,6 +217,19 @@ pub fn spawn_for(
             let Some(e) = endpoint.upgrade() else { return };
             if !pool.endpoints().iter().any(|x| Arc::ptr_eq(x, &e)) {
                 return;
+            }
+            if state.watch_supported {
+                match state
+                    .watch(&pool, &e, &cfg, &publisher, &mut shutdown)
+                    .await
+                {
+                    WatchEnd::Shutdown => return,
+                    WatchEnd::Unsupported => state.watch_supported = false,
+                    WatchEnd::Broken => {
+                        wait = state.next_wait(&e, &cfg, &mut rng);
+                        continue;
+                    }
+                }
             }
             let changed = state.check_once(&pool, &e, &cfg).await;
             if changed {
@@ -224,71 +240,206 @@ pub fn spawn_for(
     });
 }
 
+/// How a Watch stream ended.
+enum WatchEnd {
+    /// The gateway is stopping.
+    Shutdown,
+    /// The backend does not offer Watch: poll with Check from now on.
+    Unsupported,
+    /// The stream could not be opened or broke: counted as a failed check.
+    Broken,
+}
+
 /// One backend's checking state: threshold counters and connection backoff.
-#[derive(Default)]
 struct EndpointCheck {
     thresholds: Thresholds,
     unreachable_streak: u32,
+    /// Whether to try `grpc.health.v1.Health/Watch` (until the backend says UNIMPLEMENTED).
+    watch_supported: bool,
+}
+
+impl Default for EndpointCheck {
+    fn default() -> Self {
+        EndpointCheck {
+            thresholds: Thresholds::default(),
+            unreachable_streak: 0,
+            watch_supported: true,
+        }
+    }
 }
 
 impl EndpointCheck {
-    /// Checks the backend (and its models); returns true if anything visible changed.
-    async fn check_once(&mut self, pool: &Pool, e: &Endpoint, cfg: &HealthConfig) -> bool {
-        let result = check(e, cfg.timeout()).await;
+    /// Follows the backend's `Watch` stream: each push is authoritative and flips health
+    /// at once; `ModelReady` is still checked every interval. Returns when the stream
+    /// ends, breaks, is not offered, or the gateway stops.
+    async fn watch(
+        &mut self,
+        pool: &Pool,
+        e: &Endpoint,
+        cfg: &HealthConfig,
+        publisher: &Publisher,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> WatchEnd {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let opened =
+            tokio::time::timeout(cfg.timeout(), HealthClient::new(e.channel()).watch(request))
+                .await;
+        let mut stream = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) if status.code() == Code::Unimplemented => {
+                return WatchEnd::Unsupported
+            }
+            Ok(Err(status)) => {
+                let reason = format!(
+                    "health watch failed: {:?} {}",
+                    status.code(),
+                    status.message()
+                );
+                if self.apply(pool, e, cfg, Err(reason)) {
+                    publisher.publish(pool).await;
+                }
+                return WatchEnd::Broken;
+            }
+            Err(_) => {
+                if self.apply(pool, e, cfg, Err("health watch timed out".into())) {
+                    publisher.publish(pool).await;
+                }
+                return WatchEnd::Broken;
+            }
+        };
+        let mut ticker = tokio::time::interval(cfg.interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let changed = match message {
+                        Ok(Some(update)) => {
+                            let serving = update.status() == ServingStatus::Serving;
+                            self.unreachable_streak = 0;
+                            self.thresholds = Thresholds::default();
+                            let next = if serving { Health::Ready } else { Health::NotReady };
+                            let reason = format!("grpc.health.v1 Watch says {}", update.status().as_str_name());
+                            self.flip(pool, e, next, &reason)
+                        }
+                        Ok(None) | Err(_) => {
+                            let changed = self.apply(pool, e, cfg, Err("health watch stream ended".into()));
+                            if changed {
+                                publisher.publish(pool).await;
+                            }
+                            return WatchEnd::Broken;
+                        }
+                    };
+                    if changed {
+                        publisher.publish(pool).await;
+                    }
+                }
+                _ = ticker.tick() => {
+                    if !pool.endpoints().iter().any(|x| std::ptr::eq(x.as_ref(), e)) {
+                        return WatchEnd::Shutdown;
+                    }
+                    if e.health() == Health::Ready && cfg.model_checks && self.check_models(pool, e, cfg).await {
+                        publisher.publish(pool).await;
+                    }
+                }
+                _ = shutdown.changed() => return WatchEnd::Shutdown,
+            }
+        }
+    }
+
+    /// Sets health to `next` if it differs, with the event and metric; true if changed.
+    fn flip(&self, pool: &Pool, e: &Endpoint, next: Health, reason: &str) -> bool {
+        if e.health() == next {
+            return false;
+        }
+        let previous = e.set_health(next);
+        metrics::gauge!("infergate_backend_ready", "backend" => e.address().to_owned())
+            .set(if next == Health::Ready { 1.0 } else { 0.0 });
+        pool.events().publish(
+            "health_changed",
+            e.address(),
+            "",
+            format!(
+                "backend is {} (was {}): {reason}",
+                next.as_str(),
+                previous.as_str()
+            ),
+        );
+        pool.update_panic();
+        true
+    }
+
+    /// Feeds one check result through the thresholds; true if health flipped.
+    fn apply(
+        &mut self,
+        pool: &Pool,
+        e: &Endpoint,
+        cfg: &HealthConfig,
+        result: Result<(), String>,
+    ) -> bool {
         self.unreachable_streak = match &result {
             Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => {
                 self.unreachable_streak + 1
             }
             _ => 0,
         };
-        let mut changed = false;
-        if let Some(next) = self.thresholds.observe(e.health(), result.is_ok(), cfg) {
-            let previous = e.set_health(next);
-            changed = true;
-            let reason = match &result {
-                Ok(()) => format!("backend is ready (was {})", previous.as_str()),
-                Err(reason) => {
-                    format!("backend is not ready (was {}): {reason}", previous.as_str())
-                }
-            };
-            metrics::gauge!("infergate_backend_ready", "backend" => e.address().to_owned())
-                .set(if next == Health::Ready { 1.0 } else { 0.0 });
-            pool.events()
-                .publish("health_changed", e.address(), "", reason);
-            pool.update_panic();
-        }
-        if result.is_ok() && cfg.model_checks {
-            for model in e.models() {
-                let request = ModelReadyRequest {
-                    name: model.clone(),
-                    version: String::new(),
+        match self.thresholds.observe(e.health(), result.is_ok(), cfg) {
+            Some(next) => {
+                let reason = match &result {
+                    Ok(()) => "checks pass".to_owned(),
+                    Err(reason) => reason.clone(),
                 };
-                let ready = tokio::time::timeout(
-                    cfg.timeout(),
-                    GrpcInferenceServiceClient::new(e.channel()).model_ready(request),
-                )
-                .await;
-                let ready = match ready {
-                    Ok(Ok(r)) => r.into_inner().ready,
-                    // A backend without ModelReady is judged by its server health alone.
-                    Ok(Err(s)) if s.code() == Code::Unimplemented => true,
-                    _ => continue,
-                };
-                if e.set_model_ready(&model, ready) {
-                    changed = true;
-                    let what = if ready {
-                        "ready again"
-                    } else {
-                        "not ready (ModelReady false)"
-                    };
-                    pool.events().publish(
-                        "model_health_changed",
-                        e.address(),
-                        &model,
-                        format!("model {model} is {what} on this backend"),
-                    );
-                }
+                self.flip(pool, e, next, &reason)
             }
+            None => false,
+        }
+    }
+
+    /// `ModelReady` for every model the backend serves; true if any changed.
+    async fn check_models(&self, pool: &Pool, e: &Endpoint, cfg: &HealthConfig) -> bool {
+        let mut changed = false;
+        for model in e.models() {
+            let request = ModelReadyRequest {
+                name: model.clone(),
+                version: String::new(),
+            };
+            let ready = tokio::time::timeout(
+                cfg.timeout(),
+                GrpcInferenceServiceClient::new(e.channel()).model_ready(request),
+            )
+            .await;
+            let ready = match ready {
+                Ok(Ok(r)) => r.into_inner().ready,
+                // A backend without ModelReady is judged by its server health alone.
+                Ok(Err(s)) if s.code() == Code::Unimplemented => true,
+                _ => continue,
+            };
+            if e.set_model_ready(&model, ready) {
+                changed = true;
+                let what = if ready {
+                    "ready again"
+                } else {
+                    "not ready (ModelReady false)"
+                };
+                pool.events().publish(
+                    "model_health_changed",
+                    e.address(),
+                    &model,
+                    format!("model {model} is {what} on this backend"),
+                );
+            }
+        }
+        changed
+    }
+
+    /// Checks the backend (and its models); returns true if anything visible changed.
+    async fn check_once(&mut self, pool: &Pool, e: &Endpoint, cfg: &HealthConfig) -> bool {
+        let result = check(e, cfg.timeout()).await;
+        let passed = result.is_ok();
+        let mut changed = self.apply(pool, e, cfg, result);
+        if passed && cfg.model_checks {
+            changed |= self.check_models(pool, e, cfg).await;
         }
         changed
     }
