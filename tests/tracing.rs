@@ -288,3 +288,66 @@ async fn a_gateway_call_is_one_trace_across_three_processes() {
     assert!(spans.iter().all(|s| s.trace_id == root.trace_id));
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A call whose first attempt fails on one backend and is retried on another: both
+/// attempts are CLIENT spans under the one gateway span, numbered, each naming its
+/// backend and its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_shows_both_attempts_in_one_trace() {
+    let _ = shared();
+    let bad = sim("retry-sim-bad", |c| c.error_rate = 1.0);
+    let good = sim("retry-sim-good", |_| {});
+    let mut cfg = config(&[bad.addr(), good.addr()]);
+    // Round robin starts at the first backend: the first attempt goes to the bad one.
+    cfg.balancer.policy = infergate::config::PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
+    let client = Client::connect(&gw.addr().to_string())
+        .await
+        .expect("client connects");
+    client
+        .infer_full(simple_request("retried", 1))
+        .await
+        .expect("the retry on the good backend answers");
+
+    let attempts = |spans: &[Span]| {
+        spans
+            .iter()
+            .filter(|s| s.scope == trace::GATEWAY_SCOPE && s.kind == SpanKind::Client)
+            .count()
+    };
+    let spans = trace_served_by("retry-sim-good", |spans| attempts(spans) >= 2).await;
+    let gw_span = one(&spans, "gateway SERVER", |s| {
+        s.scope == trace::GATEWAY_SCOPE && s.kind == SpanKind::Server
+    });
+    assert_eq!(gw_span.attr("rpc.grpc.status_code"), Some("0"));
+    let first = one(&spans, "first attempt", |s| {
+        s.kind == SpanKind::Client && s.attr("infergate.attempt") == Some("1")
+    });
+    let second = one(&spans, "second attempt", |s| {
+        s.kind == SpanKind::Client && s.attr("infergate.attempt") == Some("2")
+    });
+    assert_eq!(
+        first.attr("infergate.backend"),
+        Some(bad.addr().to_string().as_str())
+    );
+    assert_eq!(
+        first.attr("rpc.grpc.status_code"),
+        Some("14"),
+        "UNAVAILABLE"
+    );
+    assert_eq!(
+        second.attr("infergate.backend"),
+        Some(good.addr().to_string().as_str())
+    );
+    assert_eq!(second.attr("rpc.grpc.status_code"), Some("0"));
+    for attempt in [first, second] {
+        assert!(descends_from(&spans, attempt, gw_span));
+    }
+    let good_server = spans
+        .iter()
+        .find(|s| s.attr("infergate.sim") == Some("retry-sim-good") && s.kind == SpanKind::Server)
+        .expect("the good backend's span");
+    assert_eq!(good_server.parent_span_id, second.span_id);
+    assert!(spans.iter().all(|s| s.trace_id == gw_span.trace_id));
+    gw.shutdown(Duration::from_secs(1)).await;
+}

@@ -819,7 +819,9 @@ impl Gateway {
             let attempt = span.client_attempt("stream", 1);
             attempt.inject(&mut parts.headers);
             let mut label = UNKNOWN_MODEL.to_owned();
-            let code = self.pump(&parts.headers, body, &tx, &mut label).await;
+            let code = self
+                .pump(&parts.headers, body, &tx, &mut label, started)
+                .await;
             span.set_attr(attr::MODEL, label.as_str());
             let c = code.unwrap_or(Code::Cancelled);
             attempt.end(c);
@@ -842,7 +844,9 @@ impl Gateway {
         mut body: Body,
         tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
         label: &mut String,
+        started: Instant,
     ) -> Option<Code> {
+        let mut first_response = true;
         let mut deframer = Deframer::new(self.max_message_bytes);
         let mut messages = Vec::new();
         let mut upstream: Option<Upstream> = None;
@@ -900,6 +904,11 @@ impl Gateway {
                             }
                             tx.send(Ok(frame)).await.ok()?;
                             return Some(code);
+                        }
+                        if first_response && frame.is_data() {
+                            first_response = false;
+                            metrics::histogram!("infergate_stream_first_response_seconds", "model" => label.clone())
+                                .record(started.elapsed().as_secs_f64());
                         }
                         tx.send(Ok(frame)).await.ok()?;
                     }

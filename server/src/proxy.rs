@@ -124,6 +124,8 @@ pub struct ObservedBody {
     code: Option<Code>,
     load: Arc<LoadConfig>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Response bytes seen so far (gRPC frames, headers excluded).
+    bytes: u64,
 }
 
 impl ObservedBody {
@@ -144,6 +146,7 @@ impl ObservedBody {
             code,
             load,
             deadline: None,
+            bytes: 0,
         }
     }
 
@@ -155,6 +158,9 @@ impl ObservedBody {
     }
 
     fn finish(&mut self, code: Option<Code>) {
+        if self.on_end.is_some() {
+            metrics::histogram!("infergate_response_bytes").record(self.bytes as f64);
+        }
         if let Some(guard) = self.guard.take() {
             if let Some(code) = code {
                 guard.endpoint().record_outcome(code == Code::Ok);
@@ -188,6 +194,9 @@ impl http_body::Body for ObservedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     // Trailers are the last frame of a gRPC response: the call ends here,
                     // whether or not the server polls the body again before dropping it.

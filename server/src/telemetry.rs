@@ -88,6 +88,16 @@ pub fn describe() {
         Unit::Bytes,
         "Size of forwarded unary request messages on the wire (gRPC frame included), by method."
     );
+    describe_histogram!(
+        "infergate_response_bytes",
+        Unit::Bytes,
+        "Size of forwarded unary responses passed back to callers (gRPC frames, headers excluded)."
+    );
+    describe_histogram!(
+        "infergate_stream_first_response_seconds",
+        Unit::Seconds,
+        "Time from a ModelStreamInfer stream's start to its first response from the backend, by model."
+    );
     describe_counter!(
         "infergate_backend_attempts_total",
         Unit::Count,
