@@ -5,7 +5,11 @@
 //! ```text
 //! cargo run --release -p infergate --example routing_quality            # all scenarios, 6 s a run
 //! cargo run --release -p infergate --example routing_quality -- 3 10    # scenario 3 only, 10 s a run
+//! CHOICES=0 OOB_MS=10 cargo run --release -p infergate --example routing_quality -- 3
 //! ```
+//!
+//! `CHOICES` sets `balancer.choice_count` (0 compares every backend instead of two at
+//! random); `OOB_MS` sets the ORCA out-of-band report interval the gateways ask for.
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
 //! 1. heterogeneous: four backends, one three times slower (60 ms);
@@ -123,10 +127,19 @@ async fn start(s: &Scenario, policy: PolicyKind) -> (Vec<SimHandle>, Vec<Gateway
                 .collect(),
             balancer: infergate::config::BalancerConfig {
                 policy,
+                // CHOICES=0 compares every backend instead of two random ones.
+                choice_count: std::env::var("CHOICES")
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(2),
                 ..Default::default()
             },
             ..Config::default()
         };
+        let mut config = config;
+        if let Some(ms) = std::env::var("OOB_MS").ok().and_then(|v| v.parse().ok()) {
+            config.load.oob_interval_ms = ms;
+        }
         gateways.push(server::start(config, "bench").await.expect("gateway"));
     }
     (sims, gateways)
