@@ -107,13 +107,7 @@ pub fn parse_code(name: &str) -> Result<Code, String> {
         })
 }
 
-/// The canonical name of a gRPC code (`Code::Unavailable` → `"UNAVAILABLE"`).
-pub fn code_name(code: Code) -> &'static str {
-    CODE_NAMES
-        .iter()
-        .find(|(_, c)| *c == code)
-        .map_or("UNKNOWN", |(n, _)| n)
-}
+pub use crate::telemetry::code_name;
 
 /// A set of gRPC codes, as a bit mask (a lookup costs one AND).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
