@@ -73,6 +73,9 @@ pub struct Endpoint {
     ejected_until: AtomicU64,
     /// Models whose `ModelReady` check failed on this backend.
     models_not_ready: RwLock<HashSet<String>>,
+    /// `infergate_backend_attempts_total` handles by outcome (17 codes, then transport
+    /// errors), made on first use so the hot path does no label allocation.
+    attempt_counters: [std::sync::OnceLock<metrics::Counter>; 18],
 }
 
 /// Why an endpoint cannot take a call for a model right now.
@@ -195,6 +198,7 @@ impl Endpoint {
             breaker_config,
             ejected_until: AtomicU64::new(0),
             models_not_ready: RwLock::new(HashSet::new()),
+            attempt_counters: Default::default(),
         }))
     }
 
@@ -327,6 +331,20 @@ impl Endpoint {
     /// Sets the static weight.
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Counts one attempt's outcome (`None`: transport error).
+    pub fn count_attempt(&self, code: Option<tonic::Code>) {
+        let slot = code.map(|c| c as usize).unwrap_or(17).min(17);
+        self.attempt_counters[slot]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "infergate_backend_attempts_total",
+                    "backend" => self.address.clone(),
+                    "code" => code.map(infergate_proto::code_name).unwrap_or("TRANSPORT_ERROR")
+                )
+            })
+            .increment(1);
     }
 
     /// Its last load report.

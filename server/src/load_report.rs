@@ -263,6 +263,95 @@ pub fn reduce(report: &OrcaLoadReport, cfg: &LoadConfig) -> Load {
     }
 }
 
+/// [`reduce`] straight from an encoded `OrcaLoadReport`, without decoding it into a
+/// message. None when the bytes are not a well-formed report.
+pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    fn double(buf: &mut &[u8]) -> Option<f64> {
+        let raw: [u8; 8] = buf.get(..8)?.try_into().ok()?;
+        *buf = &buf[8..];
+        Some(f64::from_le_bytes(raw))
+    }
+    /// A map<string, double> entry: (key, value).
+    fn entry(mut e: &[u8]) -> Option<(&[u8], f64)> {
+        let (mut key, mut value) = (&[][..], 0.0);
+        while !e.is_empty() {
+            let tag = varint(&mut e)?;
+            match (tag >> 3, tag & 7) {
+                (1, 2) => {
+                    let len = varint(&mut e)? as usize;
+                    key = e.get(..len)?;
+                    e = &e[len..];
+                }
+                (2, 1) => value = double(&mut e)?,
+                _ => return None,
+            }
+        }
+        Some((key, value))
+    }
+    let wanted = |name: &[u8]| cfg.utilization_fields.iter().any(|f| f.as_bytes() == name);
+    let mut utilization = 0.0f64;
+    let mut queue_depth = 0.0f64;
+    let take = |v: f64, utilization: &mut f64| {
+        if v.is_finite() {
+            *utilization = utilization.max(v);
+        }
+    };
+    while !bytes.is_empty() {
+        let tag = varint(&mut bytes)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match wire {
+            0 => {
+                varint(&mut bytes)?;
+            }
+            1 => {
+                let v = double(&mut bytes)?;
+                let name: &[u8] = match field {
+                    1 => b"cpu_utilization",
+                    2 => b"mem_utilization",
+                    9 => b"application_utilization",
+                    _ => b"",
+                };
+                if !name.is_empty() && wanted(name) {
+                    take(v, &mut utilization);
+                }
+            }
+            2 => {
+                let len = varint(&mut bytes)? as usize;
+                let body = bytes.get(..len)?;
+                bytes = &bytes[len..];
+                if field == 5 || field == 8 {
+                    let (key, v) = entry(body)?;
+                    if wanted(key) {
+                        take(v, &mut utilization);
+                    }
+                    if field == 8 && key == cfg.queue_field.as_bytes() && v.is_finite() && v >= 0.0
+                    {
+                        queue_depth = v;
+                    }
+                }
+            }
+            5 => bytes = bytes.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(Load {
+        utilization,
+        queue_depth,
+    })
+}
+
 /// Reads an ORCA report from response headers or trailers, in any of the forms backends
 /// send: `endpoint-load-metrics-bin` (base64 protobuf) or `endpoint-load-metrics` with a
 /// `TEXT ` (`key=value` or `key:value`, comma separated) or `JSON ` body.
@@ -284,6 +373,19 @@ pub fn from_headers(headers: &HeaderMap) -> Option<(OrcaLoadReport, Source)> {
 
 /// Applies the report found in `headers`, if any, to `endpoint`.
 pub fn observe(endpoint: &Endpoint, headers: &HeaderMap, cfg: &LoadConfig) {
+    // The per-call binary report is read without building the message (no maps, no
+    // strings): it arrives on every response, so this is on the request path.
+    if let Some(value) = headers.get("endpoint-load-metrics-bin") {
+        if let Some(load) = decode_base64(value.as_bytes()).and_then(|b| reduce_bytes(&b, cfg)) {
+            endpoint.load().store(
+                load.utilization,
+                load.queue_depth,
+                Source::OrcaPerCall,
+                Instant::now(),
+            );
+        }
+        return;
+    }
     if let Some((report, source)) = from_headers(headers) {
         let load = reduce(&report, cfg);
         endpoint
@@ -627,6 +729,17 @@ mod tests {
         let (parsed, source) = from_headers(&headers).expect("report");
         assert_eq!(source, Source::OrcaPerCall);
         let load = reduce(&parsed, &LoadConfig::default());
+        let raw = prost::Message::encode_to_vec(&report);
+        assert_eq!(
+            reduce_bytes(&raw, &LoadConfig::default()),
+            Some(load),
+            "the fast path agrees"
+        );
+        assert_eq!(
+            reduce_bytes(&raw[..raw.len() - 3], &LoadConfig::default()),
+            None,
+            "truncated"
+        );
         assert_eq!(
             load,
             Load {

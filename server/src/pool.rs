@@ -252,12 +252,7 @@ impl Pool {
             Some(code) => CallOutcome::with_code(code, elapsed),
             None => CallOutcome::connect_failure(elapsed),
         };
-        metrics::counter!(
-            "infergate_backend_attempts_total",
-            "backend" => endpoint.address().to_owned(),
-            "code" => code.map(crate::telemetry::code_name).unwrap_or("TRANSPORT_ERROR")
-        )
-        .increment(1);
+        endpoint.count_attempt(code);
         let events = match (self.outlier.lock(), self.rng.lock()) {
             (Ok(mut outlier), Ok(mut rng)) => {
                 outlier.record(endpoint.address(), outcome, now, &mut rng)
