@@ -44,15 +44,6 @@ pub fn forwarded_headers(src: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// Copies call metadata from `src` to `dst`, leaving out hop-by-hop headers.
-pub fn forward_headers(src: &HeaderMap, dst: &mut HeaderMap) {
-    for (name, value) in src {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            dst.append(name.clone(), value.clone());
-        }
-    }
-}
-
 /// The status to answer when a request body cannot be cut into messages.
 pub fn frame_status(err: &FrameError) -> Status {
     match err {
@@ -304,8 +295,7 @@ mod tests {
         src.insert("te", HeaderValue::from_static("trailers"));
         src.insert("x-tenant", HeaderValue::from_static("a"));
         src.append("x-tenant", HeaderValue::from_static("b"));
-        let mut dst = HeaderMap::new();
-        forward_headers(&src, &mut dst);
+        let dst = forwarded_headers(&src);
         assert!(dst.get("connection").is_none());
         assert_eq!(dst.get_all("x-tenant").iter().count(), 2);
         assert_eq!(dst.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
