@@ -1,0 +1,40 @@
+//! End-to-end deadline: a 50 ms deadline against a backend that takes 1 s. Its own test
+//! binary, so that the time it measures is not shared with other tests running beside it.
+
+mod common;
+
+use common::*;
+use infergate::sim::SimConfig;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_deadline_against_a_slow_backend_returns_on_time_and_cancels_it() {
+    let slow = sim("slow", |c: &mut SimConfig| c.latency_ms = 1000.0);
+    let gw = gateway(config(&[slow.addr()])).await;
+    let mut c = client(gw.addr()).await;
+    let mut request = tonic::Request::new(simple_request("late", 1));
+    request.set_timeout(Duration::from_millis(50));
+    let began = Instant::now();
+    let status = c.model_infer(request).await.expect_err("deadline");
+    let took = began.elapsed();
+    println!("50 ms deadline answered after {took:?}: {status:?}");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(took < Duration::from_millis(150), "{took:?}");
+    eventually(
+        "the backend saw the cancellation",
+        Duration::from_secs(3),
+        || slow.control().cancelled() == 1,
+    )
+    .await;
+    let sent = slow
+        .control()
+        .last_request_metadata("grpc-timeout")
+        .expect("deadline passed on");
+    let passed = infergate::wire::parse_grpc_timeout(&sent).expect("valid grpc-timeout");
+    assert!(
+        passed <= Duration::from_millis(50),
+        "remaining budget minus margin: {sent}"
+    );
+}
