@@ -363,8 +363,15 @@ impl Gateway {
         };
         let result = match deadline {
             Some(d) => {
-                match tokio::time::timeout_at(d, self.attempts(&call, route, policy, fallback))
-                    .await
+                // Answer a margin before the caller's deadline: the caller's gRPC stack
+                // (and this server's own) give up at the deadline itself, so the
+                // DEADLINE_EXCEEDED that names the model must be on its way by then.
+                let answer_by = d.checked_sub(self.deadline_margin).unwrap_or(d);
+                match tokio::time::timeout_at(
+                    answer_by,
+                    self.attempts(&call, route, policy, fallback),
+                )
+                .await
                 {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded(format!(
