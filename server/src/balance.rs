@@ -110,11 +110,15 @@ impl Policy {
         match self.kind {
             PolicyKind::RoundRobin => self.round_robin(endpoints, eligible),
             PolicyKind::Weighted => weighted(endpoints, eligible, now, p, rng),
-            PolicyKind::LeastRequest => sampled(endpoints, eligible, p.choice_count, rng, |e| {
-                least_request_score(e, now, p)
-            }),
-            PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| {
-                gpu_score(e, now, p)
+            PolicyKind::LeastRequest => {
+                sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
+                    base: least_request_score(e, now, p),
+                    latency: None,
+                })
+            }
+            PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
+                base: gpu_score(e, now, p),
+                latency: e.latency_ewma_ms(),
             }),
         }
         .cloned()
@@ -193,12 +197,32 @@ pub fn gpu_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 {
 
 /// Samples `choice_count` distinct candidates (O(choice_count), not O(n)) and keeps the
 /// eligible one with the lowest score; scans when sampling finds none eligible.
+/// A candidate's score, with the backend's recent latency when it is known. Two
+/// candidates whose latencies are both known are compared by score × latency (the
+/// expected time to be served: work ahead of the call times how fast the backend
+/// works); otherwise by score alone, so a backend without samples is neither favoured
+/// nor punished.
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    base: f64,
+    latency: Option<f64>,
+}
+
+impl Score {
+    fn better_than(&self, other: &Score) -> bool {
+        match (self.latency, other.latency) {
+            (Some(a), Some(b)) => self.base * a < other.base * b,
+            _ => self.base < other.base,
+        }
+    }
+}
+
 fn sampled<'a>(
     endpoints: &'a [Arc<Endpoint>],
     eligible: &dyn Fn(&Endpoint) -> bool,
     choice_count: usize,
     rng: &mut fastrand::Rng,
-    score: impl Fn(&Endpoint) -> f64,
+    score: impl Fn(&Endpoint) -> Score,
 ) -> Option<&'a Arc<Endpoint>> {
     let n = endpoints.len();
     if n == 0 {
@@ -207,7 +231,7 @@ fn sampled<'a>(
     if choice_count == 0 || choice_count >= n {
         return scan_lowest(endpoints, eligible, rng, &score);
     }
-    let mut best: Option<(&Arc<Endpoint>, f64)> = None;
+    let mut best: Option<(&Arc<Endpoint>, Score)> = None;
     let mut picked = [usize::MAX; 8];
     let draws = choice_count.min(picked.len());
     for slot in 0..draws {
@@ -219,7 +243,7 @@ fn sampled<'a>(
         let candidate = &endpoints[i];
         if eligible(candidate) {
             let s = score(candidate);
-            if best.is_none_or(|(_, b)| s < b) {
+            if best.is_none_or(|(_, b)| s.better_than(&b)) {
                 best = Some((candidate, s));
             }
         }
@@ -232,7 +256,7 @@ fn scan_lowest<'a>(
     endpoints: &'a [Arc<Endpoint>],
     eligible: &dyn Fn(&Endpoint) -> bool,
     rng: &mut fastrand::Rng,
-    score: &impl Fn(&Endpoint) -> f64,
+    score: &impl Fn(&Endpoint) -> Score,
 ) -> Option<&'a Arc<Endpoint>> {
     // Start at a random offset so ties do not always go to the first endpoint.
     let n = endpoints.len();
@@ -244,7 +268,13 @@ fn scan_lowest<'a>(
         .map(|i| &endpoints[(offset + i) % n])
         .filter(|e| eligible(e))
         .map(|e| (e, score(e)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .fold(
+            None,
+            |best: Option<(&Arc<Endpoint>, Score)>, c| match best {
+                Some(b) if !c.1.better_than(&b.1) => Some(b),
+                _ => Some(c),
+            },
+        )
         .map(|(e, _)| e)
 }
 
@@ -409,6 +439,37 @@ mod tests {
             least_request_score(&endpoints[0], later, &p)
         );
         assert!(gpu_score(&endpoints[0], later, &p) < gpu_score(&endpoints[1], later, &p));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_aware_weighs_work_by_how_fast_each_backend_serves() {
+        let endpoints = pool(2);
+        // Same load; endpoint 0 takes 60 ms a call, endpoint 1 takes 20 ms.
+        endpoints[0].observe_latency(Duration::from_millis(60));
+        endpoints[1].observe_latency(Duration::from_millis(20));
+        let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
+        let mut rng = fastrand::Rng::with_seed(4);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let e = policy.pick(&endpoints, &mut rng).expect("pick");
+            held.push(e.begin());
+        }
+        // (in_flight + 1) x latency: 1 x 60 ties with 3 x 20, so the fast one takes the
+        // first three calls and the slow one only the fourth.
+        assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (1, 3));
+        // Least request ignores latency.
+        drop(held);
+        let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
+        let held: Vec<_> = (0..4)
+            .map(|_| lr.pick(&endpoints, &mut rng).expect("pick").begin())
+            .collect();
+        assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
+        drop(held);
+        // A faster sample lowers the estimate by a fifth of the gap; a slower one counts at once.
+        endpoints[0].observe_latency(Duration::from_millis(10));
+        assert_eq!(endpoints[0].latency_ewma_ms(), Some(50.0));
+        endpoints[0].observe_latency(Duration::from_millis(80));
+        assert_eq!(endpoints[0].latency_ewma_ms(), Some(80.0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -76,6 +76,8 @@ pub struct Endpoint {
     /// `infergate_backend_attempts_total` handles by outcome (17 codes, then transport
     /// errors), made on first use so the hot path does no label allocation.
     attempt_counters: [std::sync::OnceLock<metrics::Counter>; 18],
+    /// Peak-EWMA of successful calls' latency, microseconds (0 = no sample yet).
+    latency_ewma_us: AtomicU64,
 }
 
 /// Why an endpoint cannot take a call for a model right now.
@@ -199,6 +201,7 @@ impl Endpoint {
             ejected_until: AtomicU64::new(0),
             models_not_ready: RwLock::new(HashSet::new()),
             attempt_counters: Default::default(),
+            latency_ewma_us: AtomicU64::new(0),
         }))
     }
 
@@ -331,6 +334,28 @@ impl Endpoint {
     /// Sets the static weight.
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Folds a successful call's latency into the backend's peak-EWMA: a slower sample
+    /// counts at once, faster ones pull it down gradually (a fifth at a time), so a
+    /// backend that slows down is noticed before one that recovers is trusted again.
+    pub fn observe_latency(&self, elapsed: Duration) {
+        let sample = (elapsed.as_micros() as u64).max(1);
+        let old = self.latency_ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 || sample >= old {
+            sample
+        } else {
+            old - (old - sample) / 5
+        };
+        self.latency_ewma_us.store(new, Ordering::Relaxed);
+    }
+
+    /// The latency estimate in milliseconds, once there is one.
+    pub fn latency_ewma_ms(&self) -> Option<f64> {
+        match self.latency_ewma_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(us as f64 / 1000.0),
+        }
     }
 
     /// Counts one attempt's outcome (`None`: transport error).

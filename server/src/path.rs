@@ -1093,6 +1093,7 @@ impl Finish {
                 pool.record_breaker(&endpoint, &model, permit, code, elapsed);
                 pool.record_breaker(&endpoint, &model, model_permit, code, elapsed);
                 if code == Code::Ok {
+                    endpoint.observe_latency(elapsed);
                     if let Some(p) = policy_latencies {
                         p.latencies.record(elapsed);
                     }
