@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// A configuration problem: where it is (file and field) and why it is wrong.
@@ -600,13 +600,6 @@ fn field_from_message(message: &str) -> String {
         .filter(|_| message.contains("field"))
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Where a config came from, for error messages and the admin API.
-#[derive(Debug, Clone, Default)]
-pub struct ConfigSource {
-    /// The file, when there was one.
-    pub path: Option<PathBuf>,
 }
 
 #[cfg(test)]

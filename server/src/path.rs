@@ -641,22 +641,15 @@ impl Gateway {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(r) => r,
                 Err(_) => {
-                    self.pool.record_outcome(&endpoint, None, began.elapsed());
-                    self.pool.record_breaker(
-                        &endpoint,
-                        &route.model,
-                        permit,
-                        Code::DeadlineExceeded,
-                        began.elapsed(),
-                    );
-                    self.pool.record_breaker(
-                        &endpoint,
-                        &route.model,
-                        model_permit,
-                        Code::DeadlineExceeded,
-                        began.elapsed(),
-                    );
                     endpoint.record_outcome(false);
+                    self.pool.record_attempt(
+                        &endpoint,
+                        &route.model,
+                        (permit, model_permit),
+                        None,
+                        Code::DeadlineExceeded,
+                        began.elapsed(),
+                    );
                     let status = Status::deadline_exceeded(format!(
                         "backend {} did not answer within the per-try timeout of {} ms",
                         endpoint.address(),
@@ -676,18 +669,11 @@ impl Gateway {
             Ok(r) => r,
             Err(status) => {
                 endpoint.record_outcome(false);
-                self.pool.record_outcome(&endpoint, None, began.elapsed());
-                self.pool.record_breaker(
+                self.pool.record_attempt(
                     &endpoint,
                     &route.model,
-                    permit,
-                    Code::Unavailable,
-                    began.elapsed(),
-                );
-                self.pool.record_breaker(
-                    &endpoint,
-                    &route.model,
-                    model_permit,
+                    (permit, model_permit),
+                    None,
                     Code::Unavailable,
                     began.elapsed(),
                 );
@@ -707,12 +693,14 @@ impl Gateway {
             // another backend may still be tried.
             let code = status.code();
             endpoint.record_outcome(false);
-            self.pool
-                .record_outcome(&endpoint, Some(code), began.elapsed());
-            self.pool
-                .record_breaker(&endpoint, &route.model, permit, code, began.elapsed());
-            self.pool
-                .record_breaker(&endpoint, &route.model, model_permit, code, began.elapsed());
+            self.pool.record_attempt(
+                &endpoint,
+                &route.model,
+                (permit, model_permit),
+                Some(code),
+                code,
+                began.elapsed(),
+            );
             let retryable = policy.retryable.contains(&code);
             if retryable {
                 try_span.end_with_status(&status);
@@ -985,11 +973,11 @@ impl Gateway {
                 Ok(r) => r,
                 Err(status) => {
                     endpoint.record_outcome(false);
-                    self.pool.record_outcome(&endpoint, None, began.elapsed());
-                    self.pool.record_breaker(
+                    self.pool.record_attempt(
                         &endpoint,
                         &route.model,
-                        picked.permit,
+                        (picked.permit, picked.model_permit),
+                        None,
                         Code::Unavailable,
                         began.elapsed(),
                     );
@@ -1001,8 +989,14 @@ impl Gateway {
                 Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
             {
                 endpoint.record_outcome(false);
-                self.pool
-                    .record_outcome(&endpoint, Some(status.code()), began.elapsed());
+                self.pool.record_attempt(
+                    &endpoint,
+                    &route.model,
+                    (picked.permit, picked.model_permit),
+                    Some(status.code()),
+                    status.code(),
+                    began.elapsed(),
+                );
                 if policy.retryable.contains(&status.code()) {
                     last = Some(status);
                     continue;
@@ -1088,10 +1082,7 @@ impl Finish {
             let _slot = slot;
             let elapsed = attempt_began.elapsed();
             if let (Some(code), false) = (code, recorded) {
-                pool.record_outcome(&endpoint, Some(code), elapsed);
-                let (permit, model_permit) = permits;
-                pool.record_breaker(&endpoint, &model, permit, code, elapsed);
-                pool.record_breaker(&endpoint, &model, model_permit, code, elapsed);
+                pool.record_attempt(&endpoint, &model, permits, Some(code), code, elapsed);
                 if code == Code::Ok {
                     endpoint.observe_latency(elapsed);
                     if let Some(p) = policy_latencies {

@@ -265,17 +265,26 @@ impl Pool {
         }
     }
 
-    /// Records a breaker outcome and publishes any transition.
-    pub fn record_breaker(
+    /// Records how one attempt on `endpoint` ended, everywhere it counts: the outlier
+    /// detector (`outlier` None: never reached, reset, or per-try timeout) and the
+    /// backend's and backend × model's circuit breakers (`breaker`: the code they see),
+    /// publishing any circuit transition.
+    pub fn record_attempt(
         &self,
         endpoint: &Endpoint,
         model: &str,
-        picked_permit: Option<PermitGuard>,
-        code: Code,
+        permits: (Option<PermitGuard>, Option<PermitGuard>),
+        outlier: Option<Code>,
+        breaker: Code,
         elapsed: Duration,
     ) {
-        if let Some(permit) = picked_permit {
-            if let Some(t) = permit.record(Outcome { code, elapsed }, Instant::now()) {
+        self.record_outcome(endpoint, outlier, elapsed);
+        for permit in [permits.0, permits.1].into_iter().flatten() {
+            let outcome = Outcome {
+                code: breaker,
+                elapsed,
+            };
+            if let Some(t) = permit.record(outcome, Instant::now()) {
                 self.circuit_event(endpoint, model, &t);
             }
         }
@@ -487,11 +496,6 @@ impl Pool {
         }
         self.rebuild();
         self.known_route(model).ok_or_else(unknown)
-    }
-
-    /// Picks an endpoint for a call on `route`, or says why none can take it.
-    pub fn pick(&self, route: &ModelRoute) -> Result<Arc<Endpoint>, RouteError> {
-        self.pick_for_attempt(route, &[]).map(|p| p.endpoint)
     }
 
     /// Picks an endpoint for one attempt, avoiding `exclude` (backends earlier attempts
@@ -727,7 +731,10 @@ mod tests {
         .expect("pool");
         let route = pool.known_route("simple").expect("route");
         assert_eq!(route.endpoints.len(), 2);
-        let err = pool.pick(&route).expect_err("nothing checked yet");
+        let err = pool
+            .pick_for_attempt(&route, &[])
+            .err()
+            .expect("nothing checked yet");
         assert_eq!(
             err.to_string(),
             "model simple: no backend can take the call (2 backends, 2 not checked yet)"
@@ -735,10 +742,19 @@ mod tests {
         route.endpoints[0].set_health(Health::NotReady);
         route.endpoints[1].set_health(Health::Ready);
         route.endpoints[1].set_draining(true);
-        let err = pool.pick(&route).expect_err("none eligible");
+        let err = pool
+            .pick_for_attempt(&route, &[])
+            .err()
+            .expect("none eligible");
         assert!(err.to_string().contains("1 not ready, 1 draining"), "{err}");
         route.endpoints[1].set_draining(false);
-        assert_eq!(pool.pick(&route).expect("pick").address(), "127.0.0.1:2");
+        assert_eq!(
+            pool.pick_for_attempt(&route, &[])
+                .expect("pick")
+                .endpoint
+                .address(),
+            "127.0.0.1:2"
+        );
     }
 
     #[tokio::test]

@@ -483,16 +483,6 @@ pub fn gateway_scrape_hook(gateway: &Arc<crate::path::Gateway>) -> ScrapeHook {
     })
 }
 
-/// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown`.
-/// Same as [`serve_with_hook`] with no hook.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_with_hook(listener, handle, shutdown, None).await
-}
-
 /// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown`;
 /// `hook` (if any) appends scrape-time families to each answer.
 pub async fn serve_with_hook(
