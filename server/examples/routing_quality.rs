@@ -212,6 +212,16 @@ async fn main() {
         PolicyKind::LeastRequest,
         PolicyKind::GpuAware,
     ];
+    let policies: Vec<PolicyKind> = match std::env::var("POLICIES") {
+        Ok(list) => list
+            .split(',')
+            .map(|p| {
+                p.parse()
+                    .expect("POLICIES: round_robin, least_request, gpu_aware")
+            })
+            .collect(),
+        Err(_) => policies.to_vec(),
+    };
     for s in scenarios()
         .into_iter()
         .filter(|s| only.is_none_or(|o| o == s.id))
@@ -226,7 +236,7 @@ async fn main() {
         println!("|---|---|---|---|---|---|---|---|");
         for load in [0.7, 0.9] {
             let mut p99 = BTreeMap::new();
-            for policy in policies {
+            for &policy in &policies {
                 let row = run(&s, policy, s.capacity() * load, seconds).await;
                 let total: u64 = row.share.values().sum();
                 let share: Vec<String> = row

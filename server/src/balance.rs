@@ -35,8 +35,8 @@ pub struct PolicyParams {
     pub active_request_bias: f64,
     /// gpu_aware: weight of one reported queued request.
     pub queue_weight: f64,
-    /// gpu_aware: utilization clamp.
-    pub max_utilization: f64,
+    /// gpu_aware: weight of projected load among backends with room.
+    pub spread: f64,
     /// Ramp-up window of backends that join a serving pool.
     pub slow_start: Duration,
     /// Reports older than this are ignored.
@@ -56,7 +56,7 @@ impl PolicyParams {
             choice_count: cfg.choice_count,
             active_request_bias: cfg.active_request_bias,
             queue_weight: cfg.queue_weight,
-            max_utilization: cfg.max_utilization,
+            spread: cfg.spread,
             slow_start: Duration::from_millis(cfg.slow_start_ms),
             stale_after,
         }
@@ -112,13 +112,13 @@ impl Policy {
             PolicyKind::Weighted => weighted(endpoints, eligible, now, p, rng),
             PolicyKind::LeastRequest => {
                 sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
-                    base: least_request_score(e, now, p),
-                    latency: None,
+                    least_request: least_request_score(e, now, p),
+                    expected_ms: None,
                 })
             }
             PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
-                base: gpu_score(e, now, p),
-                latency: e.latency_ewma_ms(),
+                least_request: least_request_score(e, now, p),
+                expected_ms: expected_latency_ms(e, now, p),
             }),
         }
         .cloned()
@@ -133,12 +133,14 @@ impl Policy {
         THREAD_RNG.with(|rng| self.pick_with(endpoints, eligible, &mut rng.borrow_mut()))
     }
 
-    /// The score this policy gives `e` now (lower is better), for traces and the admin API.
+    /// The score this policy gives `e` now (lower is better), for traces: gpu_aware's
+    /// expected latency in milliseconds when it has one, else least_request's score.
     pub fn score(&self, e: &Endpoint) -> f64 {
         let now = Instant::now();
+        let lr = least_request_score(e, now, &self.params);
         match self.kind {
-            PolicyKind::GpuAware => gpu_score(e, now, &self.params),
-            _ => least_request_score(e, now, &self.params),
+            PolicyKind::GpuAware => expected_latency_ms(e, now, &self.params).unwrap_or(lr),
+            _ => lr,
         }
     }
 
@@ -170,49 +172,59 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
     load / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start))
 }
 
-/// gpu_aware's score (lower wins):
+/// gpu_aware's score (lower wins): the latency a new call can expect on `e`, in
+/// milliseconds, or None when the backend has no fresh report, no learned per-call
+/// utilization or no latency sample yet (then it is compared by least_request's score).
 ///
 /// ```text
-/// score = (in_flight + 1 + queue_weight × reported_queue) / (1 − min(utilization, max_utilization))
-///         / (weight × slow_start_factor)
+/// load     = max(utilization + (queue_weight × reported_queue + sent_since_report + 1) × per_call,
+///                (in_flight + 1) × per_call)
+/// expected = floor_latency × (max(1, load) + spread × load) / (weight × slow_start_factor)
 /// ```
 ///
-/// The numerator is the work the call would wait behind; the denominator the share of
-/// the accelerator still free, so a GPU that reports 50% busy with work the gateway
-/// cannot see counts twice as loaded, and one at 95% twenty times. Reported queue depth
-/// covers calls from every gateway replica, which a replica's own in-flight count
-/// cannot. Without a fresh report (older than `load.stale_after_ms`, or none), both
-/// reported terms drop out and the score is least_request's.
-pub fn gpu_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 {
-    let (utilization, queue) = match e.load().fresh(now, p.stale_after) {
-        Some(r) => (
-            r.utilization.clamp(0.0, p.max_utilization),
-            r.queue_depth.max(0.0) * p.queue_weight,
-        ),
-        None => (0.0, 0.0),
-    };
-    let work = e.in_flight() as f64 + 1.0 + queue;
-    work / (1.0 - utilization) / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start))
+/// `load` is the backend's projected occupancy once this call lands, in units of its
+/// capacity: what it last reported (utilization counts work the gateway cannot see and
+/// every replica's calls; the queue counts what waits), plus the calls this gateway
+/// sent since that report (at most those still in flight), plus this one — and never
+/// less than this gateway's own calls in flight, which it knows exactly and at once
+/// while the report may lag by one completion. `per_call`
+/// is how much one call moves the reported utilization, learned from the reports
+/// themselves, so the gateway needs no capacity figure per backend. Below 1 the call
+/// finds room and takes about `floor_latency` (a low quantile of the backend's
+/// successful calls: its service time); above 1 it waits `load − 1` service times. So
+/// a GPU three times slower is only used when a fast one would make the call wait more
+/// than two service times, and a GPU half taken by hidden work fills up after half as
+/// many calls. Among backends with room, `spread × load` prefers the emptier one, so
+/// equal backends share calls instead of one filling up first.
+pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<f64> {
+    let load = e.load();
+    let reading = load.fresh(now, p.stale_after);
+    let reading = reading?;
+    let per_call = load.per_call_utilization()?;
+    let floor = e.latency_floor_ms()?;
+    let since = load.sent_since_report().min(e.in_flight()) as f64;
+    let queue = reading.queue_depth.max(0.0) * p.queue_weight;
+    let reported = reading.utilization.max(0.0) + (queue + since + 1.0) * per_call;
+    let own = (e.in_flight() as f64 + 1.0) * per_call;
+    let projected = reported.max(own);
+    let expected = floor * (projected.max(1.0) + p.spread * projected);
+    Some(expected / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start)))
 }
 
-/// Samples `choice_count` distinct candidates (O(choice_count), not O(n)) and keeps the
-/// eligible one with the lowest score; scans when sampling finds none eligible.
-/// A candidate's score, with the backend's recent latency when it is known. Two
-/// candidates whose latencies are both known are compared by score × latency (the
-/// expected time to be served: work ahead of the call times how fast the backend
-/// works); otherwise by score alone, so a backend without samples is neither favoured
-/// nor punished.
+/// A candidate's score. Two candidates that both have an expected latency are compared
+/// by it; otherwise by least_request's score, so a backend without reports is neither
+/// favoured nor punished against one with them.
 #[derive(Debug, Clone, Copy)]
 struct Score {
-    base: f64,
-    latency: Option<f64>,
+    least_request: f64,
+    expected_ms: Option<f64>,
 }
 
 impl Score {
     fn better_than(&self, other: &Score) -> bool {
-        match (self.latency, other.latency) {
-            (Some(a), Some(b)) => self.base * a < other.base * b,
-            _ => self.base < other.base,
+        match (self.expected_ms, other.expected_ms) {
+            (Some(a), Some(b)) => a < b,
+            _ => self.least_request < other.least_request,
         }
     }
 }
@@ -396,24 +408,30 @@ mod tests {
         counts
     }
 
+    /// Gives `e` a service time of `ms`, teaches it that one call adds `per_call` to
+    /// its utilization, then stores a report of `utilization` and `queue`.
+    fn report(e: &Endpoint, ms: u64, per_call: f64, utilization: f64, queue: f64) {
+        use crate::load_report::Source;
+        let now = Instant::now();
+        e.observe_latency(Duration::from_millis(ms));
+        e.load()
+            .store_observed(per_call, 0.0, Source::OrcaPerCall, now, Some(1));
+        e.load()
+            .store_observed(utilization, queue, Source::OrcaPerCall, now, None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn gpu_aware_avoids_a_backend_that_reports_high_utilization() {
-        use crate::load_report::Source;
         let endpoints = pool(3);
-        let now = Instant::now();
-        endpoints[0]
-            .load()
-            .store(0.9, 0.0, Source::OrcaPerCall, now);
-        endpoints[1]
-            .load()
-            .store(0.1, 0.0, Source::OrcaPerCall, now);
-        endpoints[2]
-            .load()
-            .store(0.1, 0.0, Source::OrcaPerCall, now);
+        report(&endpoints[0], 20, 0.25, 0.9, 0.0);
+        report(&endpoints[1], 20, 0.25, 0.1, 0.0);
+        report(&endpoints[2], 20, 0.25, 0.1, 0.0);
         let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
         let counts = share(&policy, &endpoints, 11, 300);
-        // With two choices the busy backend only wins when sampled against itself: never.
+        // One more call would put the busy one past full (0.9 + 0.25): with two choices
+        // it only wins when sampled against itself, which never happens.
         assert_eq!(counts[0], 0, "{counts:?}");
+        assert!(counts[1] > 100 && counts[2] > 100, "{counts:?}");
         // Least request ignores the reports and spreads evenly.
         let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
         let counts = share(&lr, &endpoints, 11, 300);
@@ -422,42 +440,49 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gpu_aware_counts_reported_queue_and_falls_back_when_stale() {
-        use crate::load_report::Source;
         let endpoints = pool(2);
-        let now = Instant::now();
-        endpoints[0].load().store(0.5, 8.0, Source::OrcaOob, now);
-        endpoints[1].load().store(0.5, 0.0, Source::OrcaOob, now);
-        // Local in-flight says the opposite: 3 calls on endpoint 1.
+        report(&endpoints[0], 20, 0.25, 0.5, 8.0);
+        report(&endpoints[1], 20, 0.25, 0.5, 0.0);
+        // Local in-flight says the opposite: 3 calls sent to endpoint 1 since its report.
         let _local: Vec<_> = (0..3).map(|_| endpoints[1].begin()).collect();
         let p = PolicyParams::default();
-        assert!(gpu_score(&endpoints[0], now, &p) > gpu_score(&endpoints[1], now, &p));
+        let now = Instant::now();
+        let expected = |e: &Endpoint, at| expected_latency_ms(e, at, &p).expect("expected");
+        // 0: 0.5 + (8 + 0 + 1) x 0.25 = 2.75 capacities; 1: 0.5 + (3 + 1) x 0.25 = 1.5.
+        assert_eq!(expected(&endpoints[0], now), 20.0 * (2.75 + 0.25 * 2.75));
+        assert_eq!(expected(&endpoints[1], now), 20.0 * (1.5 + 0.25 * 1.5));
+        let policy = Policy::new(PolicyKind::GpuAware, p.clone());
+        let mut rng = fastrand::Rng::with_seed(3);
+        let picked = policy.pick(&endpoints, &mut rng).expect("pick");
+        assert!(Arc::ptr_eq(&picked, &endpoints[1]));
         tokio::time::advance(p.stale_after + Duration::from_millis(1)).await;
-        let later = Instant::now();
-        // Stale: both reports drop out and the score is least_request's.
-        assert_eq!(
-            gpu_score(&endpoints[0], later, &p),
-            least_request_score(&endpoints[0], later, &p)
-        );
-        assert!(gpu_score(&endpoints[0], later, &p) < gpu_score(&endpoints[1], later, &p));
+        // Stale: the reports drop out and least_request decides (endpoint 0 is idle).
+        assert_eq!(expected_latency_ms(&endpoints[0], Instant::now(), &p), None);
+        let picked = policy.pick(&endpoints, &mut rng).expect("pick");
+        assert!(Arc::ptr_eq(&picked, &endpoints[0]));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn gpu_aware_weighs_work_by_how_fast_each_backend_serves() {
+    async fn gpu_aware_uses_a_slow_backend_only_when_a_fast_one_would_queue() {
         let endpoints = pool(2);
-        // Same load; endpoint 0 takes 60 ms a call, endpoint 1 takes 20 ms.
-        endpoints[0].observe_latency(Duration::from_millis(60));
-        endpoints[1].observe_latency(Duration::from_millis(20));
+        // Both idle, room for four calls each; endpoint 0 takes 60 ms a call, 1 takes 20.
+        report(&endpoints[0], 60, 0.25, 0.0, 0.0);
+        report(&endpoints[1], 20, 0.25, 0.0, 0.0);
         let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
         let mut rng = fastrand::Rng::with_seed(4);
         let mut held = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..11 {
             let e = policy.pick(&endpoints, &mut rng).expect("pick");
             held.push(e.begin());
         }
-        // (in_flight + 1) x latency: 1 x 60 ties with 3 x 20, so the fast one takes the
-        // first three calls and the slow one only the fourth.
-        assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (1, 3));
-        // Least request ignores latency.
+        // The tenth call on the fast one waits 1.5 of its service times (load 2.5 →
+        // 20 x 3.125 = 62.5 ms) against 60 x 1.0625 = 63.75 ms on the idle slow one; the
+        // eleventh would wait longer, so it goes to the slow one.
+        assert_eq!(
+            (endpoints[0].in_flight(), endpoints[1].in_flight()),
+            (1, 10)
+        );
+        // Least request ignores speed.
         drop(held);
         let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
         let held: Vec<_> = (0..4)
@@ -465,11 +490,37 @@ mod tests {
             .collect();
         assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
         drop(held);
-        // A faster sample lowers the estimate by a fifth of the gap; a slower one counts at once.
-        endpoints[0].observe_latency(Duration::from_millis(10));
-        assert_eq!(endpoints[0].latency_ewma_ms(), Some(50.0));
-        endpoints[0].observe_latency(Duration::from_millis(80));
-        assert_eq!(endpoints[0].latency_ewma_ms(), Some(80.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_estimates_track_slowdowns_and_ignore_queued_calls() {
+        let e = &pool(1)[0];
+        e.observe_latency(Duration::from_millis(60));
+        // Peak-EWMA: a faster sample lowers it by a fifth of the gap; a slower one counts at once.
+        e.observe_latency(Duration::from_millis(10));
+        assert_eq!(e.latency_ewma_ms(), Some(50.0));
+        e.observe_latency(Duration::from_millis(80));
+        assert_eq!(e.latency_ewma_ms(), Some(80.0));
+        // The floor halves the gap to a faster sample...
+        let e = &pool(1)[0];
+        e.observe_latency(Duration::from_millis(40));
+        e.observe_latency(Duration::from_millis(20));
+        assert_eq!(e.latency_floor_ms(), Some(30.0));
+        e.observe_latency(Duration::from_millis(20));
+        e.observe_latency(Duration::from_millis(20));
+        assert_eq!(e.latency_floor_ms(), Some(22.5));
+        // ...barely moves for a few calls that queued...
+        for _ in 0..10 {
+            e.observe_latency(Duration::from_millis(40));
+        }
+        let floor = e.latency_floor_ms().expect("floor");
+        assert!((22.5..26.0).contains(&floor), "{floor}");
+        // ...and follows a backend that really got slower.
+        for _ in 0..300 {
+            e.observe_latency(Duration::from_millis(40));
+        }
+        let floor = e.latency_floor_ms().expect("floor");
+        assert!((39.0..=40.0).contains(&floor), "{floor}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -176,9 +176,10 @@ pub struct BalancerConfig {
     /// gpu_aware: how much a reported queued request counts against a backend,
     /// relative to one of its own in-flight calls. Default 1.
     pub queue_weight: f64,
-    /// gpu_aware: utilization is clamped to this before it divides the score, so a
-    /// saturated backend is strongly disfavoured but never infinitely. Default 0.95.
-    pub max_utilization: f64,
+    /// gpu_aware: how much the projected load counts among backends that all have room
+    /// for the call: 0 sends each call to the fastest of them, larger values spread
+    /// calls more evenly. Default 0.25.
+    pub spread: f64,
     /// A backend that joins a pool already serving ramps from 10% to full share over
     /// this long. 0 = off. Default 10000 ms.
     pub slow_start_ms: u64,
@@ -191,7 +192,7 @@ impl Default for BalancerConfig {
             choice_count: 2,
             active_request_bias: 1.0,
             queue_weight: 1.0,
-            max_utilization: 0.95,
+            spread: 0.25,
             slow_start_ms: 10_000,
         }
     }
@@ -451,10 +452,10 @@ impl Config {
                 "must be 0 or more".into(),
             ));
         }
-        if !(0.0..1.0).contains(&b.max_utilization) {
+        if !(0.0..=10.0).contains(&b.spread) {
             return Err(err(
-                "balancer.max_utilization".into(),
-                "must be at least 0 and below 1".into(),
+                "balancer.spread".into(),
+                "must be between 0 and 10".into(),
             ));
         }
         if self.load.utilization_fields.is_empty() {

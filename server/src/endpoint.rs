@@ -8,7 +8,7 @@
 
 use crate::breaker::{BreakerConfig, BreakerState, SharedBreaker};
 use crate::config::BackendConfig;
-use crate::load_report::{LoadState, ScrapeConfig};
+use crate::load_report::{Load, LoadState, ScrapeConfig, Source};
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -78,6 +78,9 @@ pub struct Endpoint {
     attempt_counters: [std::sync::OnceLock<metrics::Counter>; 18],
     /// Peak-EWMA of successful calls' latency, microseconds (0 = no sample yet).
     latency_ewma_us: AtomicU64,
+    /// A low quantile (about the 3rd percentile) of successful calls' latency,
+    /// microseconds: what a call takes here when it does not queue (0 = no sample yet).
+    latency_floor_us: AtomicU64,
 }
 
 /// Why an endpoint cannot take a call for a model right now.
@@ -202,6 +205,7 @@ impl Endpoint {
             models_not_ready: RwLock::new(HashSet::new()),
             attempt_counters: Default::default(),
             latency_ewma_us: AtomicU64::new(0),
+            latency_floor_us: AtomicU64::new(0),
         }))
     }
 
@@ -348,6 +352,43 @@ impl Endpoint {
             old - (old - sample) / 5
         };
         self.latency_ewma_us.store(new, Ordering::Relaxed);
+        // The floor moves down half the gap on a faster sample and up a 64th of it on a
+        // slower one, so it settles near the 3rd percentile: calls that queued barely
+        // move it, while a backend that really slows down raises it within ~100 calls.
+        let floor = self.latency_floor_us.load(Ordering::Relaxed);
+        let floor = if floor == 0 {
+            sample
+        } else if sample < floor {
+            floor - (floor - sample) / 2
+        } else {
+            floor + (sample - floor).div_ceil(64)
+        };
+        self.latency_floor_us.store(floor, Ordering::Relaxed);
+    }
+
+    /// What a call takes here when it does not queue (a low quantile of successful
+    /// calls' latency), in milliseconds, once there is a sample.
+    pub fn latency_floor_ms(&self) -> Option<f64> {
+        match self.latency_floor_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(us as f64 / 1000.0),
+        }
+    }
+
+    /// Stores a load report. `per_call`: it came with one of this gateway's responses,
+    /// whose call has finished on the backend though it still counts in flight here.
+    pub fn report_load(&self, load: Load, source: Source, per_call: bool) {
+        let own = self
+            .in_flight
+            .load(Ordering::Relaxed)
+            .saturating_sub(u64::from(per_call));
+        self.load.store_observed(
+            load.utilization,
+            load.queue_depth,
+            source,
+            Instant::now(),
+            Some(own),
+        );
     }
 
     /// The latency estimate in milliseconds, once there is one.
@@ -463,6 +504,7 @@ impl Endpoint {
     pub fn begin(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.load.sent();
         InFlightGuard {
             endpoint: Arc::clone(self),
         }

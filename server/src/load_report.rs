@@ -158,6 +158,11 @@ pub struct LoadState {
     /// Nanoseconds since [`epoch`] when the last report arrived; 0 = never.
     at_nanos: AtomicU64,
     source: AtomicU8,
+    /// Calls this gateway sent to the backend since the last report.
+    sent_since: AtomicU64,
+    /// How much one of this gateway's calls adds to the reported utilization, learned
+    /// from reports (f64 bits; 0 = not learned yet). See [`LoadState::store_observed`].
+    per_call: AtomicU64,
 }
 
 impl Default for LoadState {
@@ -167,6 +172,8 @@ impl Default for LoadState {
             queue_depth: AtomicU64::new(0f64.to_bits()),
             at_nanos: AtomicU64::new(0),
             source: AtomicU8::new(Source::None as u8),
+            sent_since: AtomicU64::new(0),
+            per_call: AtomicU64::new(0f64.to_bits()),
         }
     }
 }
@@ -190,8 +197,46 @@ fn epoch() -> Instant {
 }
 
 impl LoadState {
-    /// Stores a reading taken now.
+    /// Stores a reading taken now, without learning from it (see
+    /// [`LoadState::store_observed`]).
     pub fn store(&self, utilization: f64, queue_depth: f64, source: Source, now: Instant) {
+        self.store_observed(utilization, queue_depth, source, now, None);
+    }
+
+    /// Stores a reading taken now, when `own_in_flight` of this gateway's calls were
+    /// running on the backend. From readings with no queue and utilization below 1 it
+    /// learns how much one call adds to the utilization: a low quantile (about the
+    /// 10th percentile) of `utilization / own_in_flight` — down a quarter of the gap on
+    /// a lower sample, up a 32nd on a higher one. Readings taken while other replicas'
+    /// calls or hidden work also ran give higher ratios; the low quantile keeps the
+    /// ones where this gateway's calls were most of what ran, so the estimate tends to
+    /// one call's share of the backend, and everything else counts in the
+    /// utilization itself. Until there is an estimate, any reading with calls running
+    /// gives a first one (a backend that is always busy may never report room).
+    pub fn store_observed(
+        &self,
+        utilization: f64,
+        queue_depth: f64,
+        source: Source,
+        now: Instant,
+        own_in_flight: Option<u64>,
+    ) {
+        if let Some(own) = own_in_flight.filter(|n| *n > 0) {
+            let old = f64::from_bits(self.per_call.load(Ordering::Relaxed));
+            let unsaturated = queue_depth <= 0.0 && (0.0..0.99).contains(&utilization);
+            if unsaturated || (old <= 0.0 && utilization > 0.0) {
+                let sample = (utilization / own as f64).min(1.0);
+                let new = if old <= 0.0 {
+                    sample
+                } else if sample < old {
+                    old - (old - sample) / 4.0
+                } else {
+                    old + (sample - old) / 32.0
+                };
+                self.per_call.store(new.to_bits(), Ordering::Relaxed);
+            }
+        }
+        self.sent_since.store(0, Ordering::Relaxed);
         self.utilization
             .store(utilization.to_bits(), Ordering::Relaxed);
         self.queue_depth
@@ -219,6 +264,22 @@ impl LoadState {
     /// The last reading if it is younger than `stale_after`.
     pub fn fresh(&self, now: Instant, stale_after: Duration) -> Option<Reading> {
         self.read(now).filter(|r| r.age <= stale_after)
+    }
+
+    /// Counts a call sent to the backend (since the last report).
+    pub fn sent(&self) {
+        self.sent_since.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls sent since the last report.
+    pub fn sent_since_report(&self) -> u64 {
+        self.sent_since.load(Ordering::Relaxed)
+    }
+
+    /// Utilization one call adds, once learned (below 0.01 counts as not learned: a
+    /// report that does not move with the gateway's calls says nothing about them).
+    pub fn per_call_utilization(&self) -> Option<f64> {
+        Some(f64::from_bits(self.per_call.load(Ordering::Relaxed))).filter(|c| *c >= 0.01)
     }
 }
 
@@ -377,20 +438,13 @@ pub fn observe(endpoint: &Endpoint, headers: &HeaderMap, cfg: &LoadConfig) {
     // strings): it arrives on every response, so this is on the request path.
     if let Some(value) = headers.get("endpoint-load-metrics-bin") {
         if let Some(load) = decode_base64(value.as_bytes()).and_then(|b| reduce_bytes(&b, cfg)) {
-            endpoint.load().store(
-                load.utilization,
-                load.queue_depth,
-                Source::OrcaPerCall,
-                Instant::now(),
-            );
+            endpoint.report_load(load, Source::OrcaPerCall, true);
         }
         return;
     }
     if let Some((report, source)) = from_headers(headers) {
         let load = reduce(&report, cfg);
-        endpoint
-            .load()
-            .store(load.utilization, load.queue_depth, source, Instant::now());
+        endpoint.report_load(load, source, true);
     }
 }
 
@@ -547,12 +601,7 @@ pub async fn run_oob(
                     match (next, endpoint.upgrade()) {
                         (Ok(Some(report)), Some(e)) => {
                             let load = reduce(&report, &cfg);
-                            e.load().store(
-                                load.utilization,
-                                load.queue_depth,
-                                Source::OrcaOob,
-                                Instant::now(),
-                            );
+                            e.report_load(load, Source::OrcaOob, false);
                         }
                         (_, None) => return,
                         (Ok(None), _) | (Err(_), _) => break,
@@ -606,8 +655,14 @@ pub async fn run_scrape(
                     .map(|v| v.sum)
                     .unwrap_or(0.0);
                 if let Some(e) = endpoint.upgrade() {
-                    e.load()
-                        .store(utilization, queue, Source::Prometheus, Instant::now());
+                    e.report_load(
+                        Load {
+                            utilization,
+                            queue_depth: queue,
+                        },
+                        Source::Prometheus,
+                        false,
+                    );
                 }
             }
             Ok(Err(err)) => tracing::debug!(%metrics_address, "scrape failed: {err}"),
@@ -839,5 +894,44 @@ mod tests {
         assert!(state
             .fresh(Instant::now(), Duration::from_secs(2))
             .is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learns_what_one_call_adds_and_counts_calls_since_the_report() {
+        let state = LoadState::default();
+        let now = Instant::now();
+        assert_eq!(state.per_call_utilization(), None);
+        // Nothing to learn from without calls running.
+        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(0));
+        state.store(0.9, 0.0, Source::OrcaOob, now);
+        assert_eq!(state.per_call_utilization(), None);
+        // Two calls running at 0.5: a quarter each.
+        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(2));
+        assert_eq!(state.per_call_utilization(), Some(0.25));
+        // Then up a 32nd of the gap to a higher sample, down a quarter to a lower one.
+        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(1));
+        assert_eq!(state.per_call_utilization(), Some(0.2578125));
+        state.store_observed(0.3, 0.0, Source::OrcaPerCall, now, Some(2));
+        assert_eq!(state.per_call_utilization(), Some(0.2308593750));
+        // Once learned, saturated or queueing readings teach nothing.
+        state.store_observed(1.0, 0.0, Source::OrcaPerCall, now, Some(1));
+        state.store_observed(0.5, 3.0, Source::OrcaPerCall, now, Some(1));
+        assert_eq!(state.per_call_utilization(), Some(0.2308593750));
+        // Before that, a busy backend's reading gives a first estimate.
+        let busy = LoadState::default();
+        busy.store_observed(1.0, 4.0, Source::OrcaPerCall, now, Some(2));
+        assert_eq!(busy.per_call_utilization(), Some(0.5));
+        // Calls sent since the last report, reset by the next one.
+        state.sent();
+        state.sent();
+        assert_eq!(state.sent_since_report(), 2);
+        state.store(0.9, 0.0, Source::OrcaOob, now);
+        assert_eq!(state.sent_since_report(), 0);
+        // A backend whose utilization does not move with the gateway's calls says
+        // nothing about them: the estimate fades below 0.01 and counts as unknown.
+        for _ in 0..60 {
+            state.store_observed(0.0, 0.0, Source::OrcaPerCall, now, Some(3));
+        }
+        assert_eq!(state.per_call_utilization(), None);
     }
 }
