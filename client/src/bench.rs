@@ -68,6 +68,9 @@ pub struct BenchConfig {
     pub concurrency: usize,
     /// Open loop: calls per second on a fixed schedule (overrides `concurrency`).
     pub rate: Option<f64>,
+    /// Open loop: Poisson arrivals (exponential gaps drawn from `seed`) at `rate` on
+    /// average, instead of one every `1 / rate` seconds.
+    pub poisson: bool,
     /// Open loop: the most calls outstanding at once.
     pub max_in_flight: usize,
     /// Stop sending after this long (whichever of `duration` and `count` comes first).
@@ -146,6 +149,7 @@ impl Default for BenchConfig {
             model: "simple".into(),
             concurrency: 1,
             rate: None,
+            poisson: false,
             max_in_flight: 1024,
             duration: None,
             count: None,
@@ -360,8 +364,9 @@ where
             let stats = Arc::new(Mutex::new(Stats::new()?));
             let (target, counters) = (target.clone(), counters.clone());
             let max_in_flight = cfg.max_in_flight;
+            let schedule = Schedule::new(rate, cfg.poisson.then_some(cfg.seed));
             tokio::spawn(async move {
-                open_loop(target, counters, limits, rate, max_in_flight, stats).await
+                open_loop(target, counters, limits, schedule, max_in_flight, stats).await
             })
         }
     };
@@ -764,14 +769,43 @@ async fn closed_loop(
 }
 
 /// Open loop: call `i` is due at `start + i / rate`; its latency counts from then.
+/// When open-loop calls are due, seconds after the start.
+struct Schedule {
+    rate: f64,
+    /// Poisson arrivals: the generator of the gaps and the time of the next call.
+    random: Option<(fastrand::Rng, f64)>,
+}
+
+impl Schedule {
+    fn new(rate: f64, poisson_seed: Option<u64>) -> Self {
+        Schedule {
+            rate,
+            random: poisson_seed.map(|seed| (fastrand::Rng::with_seed(seed), 0.0)),
+        }
+    }
+
+    /// The due time of call `i` (called with i = 0, 1, 2, ... in order).
+    fn due(&mut self, i: u64) -> f64 {
+        match &mut self.random {
+            None => i as f64 / self.rate,
+            Some((rng, next)) => {
+                // Exponential gap with mean 1 / rate (1 − u is in (0, 1], so ln is finite).
+                *next += -(1.0 - rng.f64()).ln() / self.rate;
+                *next
+            }
+        }
+    }
+}
+
 async fn open_loop(
     target: Arc<Target>,
     counters: Arc<Counters>,
     limits: Limits,
-    rate: f64,
+    mut schedule: Schedule,
     max_in_flight: usize,
     stats: Arc<Mutex<Stats>>,
 ) -> Result<(Stats, u64), ClientError> {
+    let rate = schedule.rate;
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let mut i = 0u64;
     let mut missed = 0u64;
@@ -779,7 +813,7 @@ async fn open_loop(
         if limits.count.is_some_and(|c| i >= c) {
             break;
         }
-        let due = limits.start + Duration::from_secs_f64(i as f64 / rate);
+        let due = limits.start + Duration::from_secs_f64(schedule.due(i));
         if limits.deadline.is_some_and(|d| due >= d) {
             break;
         }
@@ -943,6 +977,26 @@ mod tests {
         for cfg in bad {
             assert!(cfg.validate().is_err(), "{cfg:?}");
         }
+    }
+
+    #[test]
+    fn poisson_schedule_is_seeded_and_keeps_the_mean_rate() {
+        let mut fixed = Schedule::new(100.0, None);
+        assert_eq!((fixed.due(0), fixed.due(3)), (0.0, 0.03));
+        let draw = |seed| {
+            let mut s = Schedule::new(100.0, Some(seed));
+            (0..10_000).map(|i| s.due(i)).collect::<Vec<f64>>()
+        };
+        let a = draw(5);
+        assert_eq!(a, draw(5), "same seed, same arrivals");
+        assert_ne!(a, draw(6));
+        assert!(a.windows(2).all(|w| w[0] <= w[1]), "in order");
+        // 10,000 gaps of mean 10 ms: 100 s give or take a few percent.
+        let last = a[a.len() - 1];
+        assert!((95.0..105.0).contains(&last), "{last}");
+        // Random gaps: some far shorter than the mean, some far longer.
+        let gaps: Vec<f64> = a.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().any(|g| *g < 0.001) && gaps.iter().any(|g| *g > 0.03));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! `CHOICES` sets `balancer.choice_count` (0 compares every backend instead of two at
-//! random); `OOB_MS` sets the ORCA out-of-band report interval the gateways ask for.
+//! random); `OOB_MS` sets the ORCA out-of-band report interval the gateways ask for;
+//! `POLICIES` (comma separated) runs only those policies; `POISSON=1` sends calls at
+//! random (Poisson, seeded) instead of at fixed intervals.
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
 //! 1. heterogeneous: four backends, one three times slower (60 ms);
@@ -166,6 +168,7 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
         cfg.connections = 4;
         cfg.timeout = Duration::from_secs(5);
         cfg.seed = 100 + i as u64;
+        cfg.poisson = std::env::var_os("POISSON").is_some();
         bench::run(cfg)
     });
     let reports: Vec<BenchReport> = futures_util::future::join_all(runs)

@@ -28,6 +28,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PER_SECOND")]
     pub rate: Option<f64>,
 
+    /// Open loop: arrivals at random (exponential gaps, seeded by --seed) at the same
+    /// mean rate instead of at fixed intervals
+    #[arg(long, requires = "rate")]
+    pub poisson: bool,
+
     /// Open loop: the most calls outstanding at once
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -105,6 +110,7 @@ impl BenchArgs {
             model: self.model.clone(),
             concurrency: self.concurrency,
             rate: self.rate,
+            poisson: self.poisson,
             max_in_flight: self.max_in_flight,
             duration,
             count: self.count,
