@@ -26,6 +26,11 @@ fn pool(n: usize) -> Vec<Arc<Endpoint>> {
             )
             .expect("endpoint");
             e.set_health(Health::Ready);
+            // A service time and a learned per-call share, so gpu_aware computes its
+            // full expected-latency score rather than falling back to least_request.
+            e.observe_latency(std::time::Duration::from_millis(20 + (i % 7) as u64));
+            e.load()
+                .store_observed(0.25, 0.0, Source::OrcaPerCall, now, Some(1));
             e.load().store(
                 (i % 10) as f64 / 10.0,
                 (i % 3) as f64,

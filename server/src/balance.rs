@@ -113,12 +113,12 @@ impl Policy {
             PolicyKind::LeastRequest => {
                 sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
                     least_request: least_request_score(e, now, p),
-                    expected_ms: None,
+                    expected: None,
                 })
             }
             PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
                 least_request: least_request_score(e, now, p),
-                expected_ms: expected_latency_ms(e, now, p),
+                expected: expected_cost(e, now, p),
             }),
         }
         .cloned()
@@ -197,9 +197,40 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// many calls. Among backends with room, `spread × load` prefers the emptier one, so
 /// equal backends share calls instead of one filling up first.
 pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<f64> {
+    Some(expected_cost(e, now, p)?.ms())
+}
+
+/// The expected latency in two factors: the backend's service time and the load
+/// factor `(max(1, load) + spread × load) / (weight × slow_start_factor)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Expected {
+    floor_ms: f64,
+    factor: f64,
+}
+
+impl Expected {
+    fn ms(&self) -> f64 {
+        self.floor_ms * self.factor
+    }
+
+    /// Lower expected latency wins; but service times within 10% of each other count
+    /// as equal and the emptier backend wins, so that measurement noise in the floors
+    /// does not send every call of a lightly loaded pool to the marginally faster
+    /// backend (starving the others of the traffic that keeps their estimates and
+    /// outlier detection current).
+    fn better_than(&self, other: &Expected) -> bool {
+        let (a, b) = (self.floor_ms, other.floor_ms);
+        if a <= b * 1.1 && b <= a * 1.1 {
+            self.factor < other.factor
+        } else {
+            self.ms() < other.ms()
+        }
+    }
+}
+
+fn expected_cost(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<Expected> {
     let load = e.load();
-    let reading = load.fresh(now, p.stale_after);
-    let reading = reading?;
+    let reading = load.fresh(now, p.stale_after)?;
     let per_call = load.per_call_utilization()?;
     let floor = e.latency_floor_ms()?;
     let since = load.sent_since_report().min(e.in_flight()) as f64;
@@ -207,8 +238,12 @@ pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Opti
     let reported = reading.utilization.max(0.0) + (queue + since + 1.0) * per_call;
     let own = (e.in_flight() as f64 + 1.0) * per_call;
     let projected = reported.max(own);
-    let expected = floor * (projected.max(1.0) + p.spread * projected);
-    Some(expected / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start)))
+    let factor = (projected.max(1.0) + p.spread * projected)
+        / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start));
+    Some(Expected {
+        floor_ms: floor,
+        factor,
+    })
 }
 
 /// A candidate's score. Two candidates that both have an expected latency are compared
@@ -217,13 +252,13 @@ pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Opti
 #[derive(Debug, Clone, Copy)]
 struct Score {
     least_request: f64,
-    expected_ms: Option<f64>,
+    expected: Option<Expected>,
 }
 
 impl Score {
     fn better_than(&self, other: &Score) -> bool {
-        match (self.expected_ms, other.expected_ms) {
-            (Some(a), Some(b)) => a < b,
+        match (&self.expected, &other.expected) {
+            (Some(a), Some(b)) => a.better_than(b),
             _ => self.least_request < other.least_request,
         }
     }
@@ -487,6 +522,21 @@ mod tests {
         let lr = Policy::new(PolicyKind::LeastRequest, PolicyParams::default());
         let held: Vec<_> = (0..4)
             .map(|_| lr.pick(&endpoints, &mut rng).expect("pick").begin())
+            .collect();
+        assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_aware_treats_service_times_within_ten_percent_as_equal() {
+        let endpoints = pool(2);
+        // 20 and 21 ms: noise, not a faster GPU; the emptier one wins, so calls alternate.
+        report(&endpoints[0], 20, 0.25, 0.0, 0.0);
+        report(&endpoints[1], 21, 0.25, 0.0, 0.0);
+        let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
+        let mut rng = fastrand::Rng::with_seed(8);
+        let held: Vec<_> = (0..4)
+            .map(|_| policy.pick(&endpoints, &mut rng).expect("pick").begin())
             .collect();
         assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
         drop(held);
