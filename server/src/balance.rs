@@ -14,7 +14,8 @@
 //!   O(1) in the pool size and avoids the herd a full scan causes when several gateways
 //!   see the same "least loaded" backend. `choice_count` 0 (or ≥ pool) scans all.
 //! - `gpu_aware` (default): the same sampling, with a score that adds what the backend
-//!   itself reports (see [`gpu_score`] and docs/ARCHITECTURE.md for the reasoning).
+//!   itself reports: the expected latency of a new call (see [`expected_latency_ms`]
+//!   and docs/ARCHITECTURE.md for the reasoning).
 //!
 //! Only when every sample is ineligible does a pick fall back to a scan.
 
