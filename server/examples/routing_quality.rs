@@ -11,7 +11,11 @@
 //! `CHOICES` sets `balancer.choice_count` (0 compares every backend instead of two at
 //! random); `OOB_MS` sets the ORCA out-of-band report interval the gateways ask for;
 //! `POLICIES` (comma separated) runs only those policies; `POISSON=1` sends calls at
-//! random (Poisson, seeded) instead of at fixed intervals.
+//! random (Poisson, seeded) instead of at fixed intervals; `LOADS` (comma separated
+//! fractions of capacity) replaces the default 0.7,0.9; `CAPACITY=1` configures each
+//! backend's slot count (`backends[].capacity`) instead of letting the gateways learn
+//! the per-call share; `DETAIL=1` prints what each gateway learned of each backend
+//! (service-time floor / per-call share).
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
 //! 1. heterogeneous: four backends, one three times slower (60 ms);
@@ -125,7 +129,12 @@ async fn start(s: &Scenario, policy: PolicyKind) -> (Vec<SimHandle>, Vec<Gateway
             admin_listen: loopback(),
             backends: sims
                 .iter()
-                .map(|x| BackendConfig::new(x.addr().to_string()))
+                .map(|x| BackendConfig {
+                    // CAPACITY=1 tells the gateways each backend's slot count instead
+                    // of letting them learn the per-call share from the reports.
+                    capacity: std::env::var_os("CAPACITY").map(|_| SLOTS as u32),
+                    ..BackendConfig::new(x.addr().to_string())
+                })
                 .collect(),
             balancer: infergate::config::BalancerConfig {
                 policy,
@@ -190,6 +199,24 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
         errors += r.errors;
         elapsed = elapsed.max(r.elapsed_s);
     }
+    if std::env::var_os("DETAIL").is_some() {
+        // What each gateway learned of each backend: service-time floor and per-call share.
+        for (i, g) in gateways.iter().enumerate() {
+            let learned: Vec<String> = g
+                .pool()
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{:.1}ms/{:.3}",
+                        e.latency_floor_ms().unwrap_or(0.0),
+                        e.per_call_utilization().unwrap_or(0.0)
+                    )
+                })
+                .collect();
+            println!("<!-- gateway {i}: {} -->", learned.join(" "));
+        }
+    }
     for g in gateways {
         g.shutdown(Duration::from_secs(1)).await;
     }
@@ -225,6 +252,14 @@ async fn main() {
             .collect(),
         Err(_) => policies.to_vec(),
     };
+    // LOADS (comma separated fractions of capacity) replaces the default 70% and 90%.
+    let loads: Vec<f64> = match std::env::var("LOADS") {
+        Ok(list) => list
+            .split(',')
+            .map(|l| l.parse().expect("LOADS: fractions such as 0.7,0.9"))
+            .collect(),
+        Err(_) => vec![0.7, 0.9],
+    };
     for s in scenarios()
         .into_iter()
         .filter(|s| only.is_none_or(|o| o == s.id))
@@ -237,7 +272,7 @@ async fn main() {
         );
         println!("| load | policy | p50 ms | p99 ms | p99.9 ms | goodput/s | errors | calls per backend |");
         println!("|---|---|---|---|---|---|---|---|");
-        for load in [0.7, 0.9] {
+        for &load in &loads {
             let mut p99 = BTreeMap::new();
             for &policy in &policies {
                 let row = run(&s, policy, s.capacity() * load, seconds).await;

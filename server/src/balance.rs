@@ -15,7 +15,8 @@
 //!   see the same "least loaded" backend. `choice_count` 0 (or ≥ pool) scans all.
 //! - `gpu_aware` (default): the same sampling, with a score that adds what the backend
 //!   itself reports: the expected latency of a new call (see [`expected_latency_ms`]
-//!   and docs/ARCHITECTURE.md for the reasoning).
+//!   and docs/ARCHITECTURE.md for the reasoning). When the better of the two draws
+//!   would make the call queue, it draws as many again (still O(1)).
 //!
 //! Only when every sample is ineligible does a pick fall back to a scan.
 
@@ -178,25 +179,25 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// utilization or no latency sample yet (then it is compared by least_request's score).
 ///
 /// ```text
-/// load     = max(utilization + (queue_weight × reported_queue + sent_since_report + 1) × per_call,
-///                (in_flight + 1) × per_call)
+/// others   = max(0, utilization + (queue_weight × reported_queue − own_at_report) × per_call)
+/// load     = others + (in_flight + 1) × per_call
 /// expected = floor_latency × (max(1, load) + spread × load) / (weight × slow_start_factor)
 /// ```
 ///
 /// `load` is the backend's projected occupancy once this call lands, in units of its
-/// capacity: what it last reported (utilization counts work the gateway cannot see and
-/// every replica's calls; the queue counts what waits), plus the calls this gateway
-/// sent since that report (at most those still in flight), plus this one — and never
-/// less than this gateway's own calls in flight, which it knows exactly and at once
-/// while the report may lag by one completion. `per_call`
-/// is how much one call moves the reported utilization, learned from the reports
-/// themselves, so the gateway needs no capacity figure per backend. Below 1 the call
-/// finds room and takes about `floor_latency` (a low quantile of the backend's
-/// successful calls: its service time); above 1 it waits `load − 1` service times. So
-/// a GPU three times slower is only used when a fast one would make the call wait more
-/// than two service times, and a GPU half taken by hidden work fills up after half as
-/// many calls. Among backends with room, `spread × load` prefers the emptier one, so
-/// equal backends share calls instead of one filling up first.
+/// capacity. The last report tells what the backend was doing (utilization counts work
+/// the gateway cannot see and every replica's calls; the queue counts what waits);
+/// taking out this gateway's own calls that the report counted leaves `others`, the
+/// part the gateway cannot see. Its own calls it counts exactly and at once: every
+/// call in flight now, plus this one. `per_call` is how much one call moves the
+/// reported utilization: `1 / backends[].capacity` when configured, else learned from
+/// the reports themselves ([`crate::capacity`]), so no capacity figure is required.
+/// Below 1 the call finds room and takes about `floor_latency` (a low quantile of the
+/// backend's successful calls: its service time); above 1 it waits `load − 1` service
+/// times. So a GPU three times slower is only used when a fast one would make the call
+/// wait more than two service times, and a GPU half taken by hidden work fills up
+/// after half as many calls. Among backends with room, `spread × load` prefers the
+/// emptier one, so equal backends share calls instead of one filling up first.
 pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<f64> {
     Some(expected_cost(e, now, p)?.ms())
 }
@@ -207,6 +208,8 @@ pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Opti
 struct Expected {
     floor_ms: f64,
     factor: f64,
+    /// The call would find room (projected load at most 1).
+    room: bool,
 }
 
 impl Expected {
@@ -232,18 +235,18 @@ impl Expected {
 fn expected_cost(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<Expected> {
     let load = e.load();
     let reading = load.fresh(now, p.stale_after)?;
-    let per_call = load.per_call_utilization()?;
+    let per_call = e.per_call_utilization()?;
     let floor = e.latency_floor_ms()?;
-    let since = load.sent_since_report().min(e.in_flight()) as f64;
     let queue = reading.queue_depth.max(0.0) * p.queue_weight;
-    let reported = reading.utilization.max(0.0) + (queue + since + 1.0) * per_call;
-    let own = (e.in_flight() as f64 + 1.0) * per_call;
-    let projected = reported.max(own);
+    let others =
+        (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
+    let projected = others + (e.in_flight() as f64 + 1.0) * per_call;
     let factor = (projected.max(1.0) + p.spread * projected)
         / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start));
     Some(Expected {
         floor_ms: floor,
         factor,
+        room: projected <= 1.0,
     })
 }
 
@@ -263,6 +266,11 @@ impl Score {
             _ => self.least_request < other.least_request,
         }
     }
+
+    /// The call would queue here (as far as the reports tell).
+    fn would_wait(&self) -> bool {
+        self.expected.is_some_and(|e| !e.room)
+    }
 }
 
 fn sampled<'a>(
@@ -280,19 +288,29 @@ fn sampled<'a>(
         return scan_lowest(endpoints, eligible, rng, &score);
     }
     let mut best: Option<(&Arc<Endpoint>, Score)> = None;
-    let mut picked = [usize::MAX; 8];
-    let draws = choice_count.min(picked.len());
-    for slot in 0..draws {
-        let mut i = rng.usize(..n);
-        while picked[..slot].contains(&i) {
-            i = (i + 1) % n;
+    let mut picked = [usize::MAX; 16];
+    let draws = choice_count.min(picked.len() / 2);
+    let mut taken = 0;
+    // When the best of the first draws would make the call wait, draw as many again:
+    // two random candidates that are both full is power of two choices' weak spot on a
+    // busy pool, and a second look costs the same constant. Still O(1) in the pool size.
+    for round in 0..2 {
+        if round == 1 && !best.is_some_and(|(_, b)| b.would_wait()) {
+            break;
         }
-        picked[slot] = i;
-        let candidate = &endpoints[i];
-        if eligible(candidate) {
-            let s = score(candidate);
-            if best.is_none_or(|(_, b)| s.better_than(&b)) {
-                best = Some((candidate, s));
+        for _ in 0..draws.min(n - taken) {
+            let mut i = rng.usize(..n);
+            while picked[..taken].contains(&i) {
+                i = (i + 1) % n;
+            }
+            picked[taken] = i;
+            taken += 1;
+            let candidate = &endpoints[i];
+            if eligible(candidate) {
+                let s = score(candidate);
+                if best.is_none_or(|(_, b)| s.better_than(&b)) {
+                    best = Some((candidate, s));
+                }
             }
         }
     }
@@ -444,16 +462,15 @@ mod tests {
         counts
     }
 
-    /// Gives `e` a service time of `ms`, teaches it that one call adds `per_call` to
-    /// its utilization, then stores a report of `utilization` and `queue`.
+    /// Gives `e` a service time of `ms` and a capacity of `1 / per_call` calls (so one
+    /// call adds `per_call` to its utilization), then stores a report of `utilization`
+    /// and `queue` that counts none of this gateway's calls.
     fn report(e: &Endpoint, ms: u64, per_call: f64, utilization: f64, queue: f64) {
         use crate::load_report::Source;
-        let now = Instant::now();
         e.observe_latency(Duration::from_millis(ms));
+        e.set_capacity(Some((1.0 / per_call).round() as u32));
         e.load()
-            .store_observed(per_call, 0.0, Source::OrcaPerCall, now, Some(1));
-        e.load()
-            .store_observed(utilization, queue, Source::OrcaPerCall, now, None);
+            .store(utilization, queue, Source::OrcaPerCall, Instant::now());
     }
 
     #[tokio::test(start_paused = true)]
@@ -526,6 +543,27 @@ mod tests {
             .collect();
         assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gpu_aware_looks_again_when_both_samples_would_queue() {
+        // Six of eight backends full, two idle. Two random draws are both full 54% of
+        // the time; drawing two more when they are leaves 21%.
+        let endpoints = pool(8);
+        for (i, e) in endpoints.iter().enumerate() {
+            report(e, 20, 0.25, if i < 6 { 1.0 } else { 0.0 }, 0.0);
+        }
+        let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
+        let counts = share(&policy, &endpoints, 5, 1000);
+        let on_full: usize = counts[..6].iter().sum();
+        assert!((150..=280).contains(&on_full), "{counts:?}");
+        // With a full scan none lands on a full one.
+        let scan = PolicyParams {
+            choice_count: 0,
+            ..PolicyParams::default()
+        };
+        let counts = share(&Policy::new(PolicyKind::GpuAware, scan), &endpoints, 5, 1000);
+        assert_eq!(counts[..6].iter().sum::<usize>(), 0, "{counts:?}");
     }
 
     #[tokio::test(start_paused = true)]

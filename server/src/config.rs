@@ -293,6 +293,13 @@ pub struct BackendConfig {
     /// `utilization_metric` / `queue_metric`).
     #[serde(default)]
     pub scrape: crate::load_report::ScrapeConfig,
+    /// Calls the backend runs at once when nothing else shares it (e.g. a Triton
+    /// model's instance count times its batch size). gpu_aware then counts one call as
+    /// `1 / capacity` of the reported utilization instead of learning that share from
+    /// the reports (which several gateway replicas in front of the same backends make
+    /// noisy). Default: learned.
+    #[serde(default)]
+    pub capacity: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -308,6 +315,7 @@ impl BackendConfig {
             weight: 1,
             metrics_address: None,
             scrape: crate::load_report::ScrapeConfig::default(),
+            capacity: None,
         }
     }
 }
@@ -547,6 +555,12 @@ impl Config {
                 return Err(err(
                     format!("backends[{i}].weight"),
                     "must be at least 1".into(),
+                ));
+            }
+            if backend.capacity == Some(0) {
+                return Err(err(
+                    format!("backends[{i}].capacity"),
+                    "must be at least 1 (leave it out to learn it from load reports)".into(),
                 ));
             }
             for (j, model) in backend.models.iter().enumerate() {

@@ -380,14 +380,28 @@ impl Control {
                     self.add_backend(backend.clone(), "config")?;
                     changes.push(format!("added backend {}", backend.address));
                 }
-                Some(old) if old.weight != backend.weight => {
-                    self.set_weight(&backend.address, backend.weight)?;
-                    changes.push(format!(
-                        "backend {} weight {} -> {}",
-                        backend.address, old.weight, backend.weight
-                    ));
+                Some(old) => {
+                    if old.weight != backend.weight {
+                        self.set_weight(&backend.address, backend.weight)?;
+                        changes.push(format!(
+                            "backend {} weight {} -> {}",
+                            backend.address, old.weight, backend.weight
+                        ));
+                    }
+                    if old.capacity != backend.capacity {
+                        if let Some(e) = self.pool.endpoint(&backend.address) {
+                            e.set_capacity(backend.capacity);
+                        }
+                        let show =
+                            |c: Option<u32>| c.map_or("learned".to_owned(), |c| c.to_string());
+                        changes.push(format!(
+                            "backend {} capacity {} -> {}",
+                            backend.address,
+                            show(old.capacity),
+                            show(backend.capacity)
+                        ));
+                    }
                 }
-                Some(_) => {}
             }
         }
         for old in &current.backends {

@@ -48,6 +48,8 @@ pub struct Endpoint {
     health: AtomicU8,
     draining: AtomicBool,
     weight: AtomicU32,
+    /// Configured calls at once (0 = learn the per-call share from reports).
+    capacity: AtomicU32,
     in_flight: AtomicU64,
     requests_total: AtomicU64,
     failures_total: AtomicU64,
@@ -154,6 +156,7 @@ impl Endpoint {
             weight,
             metrics_address: None,
             scrape: ScrapeConfig::default(),
+            capacity: None,
         };
         Endpoint::from_config(&config, source, false, &BreakerConfig::default())
     }
@@ -188,6 +191,7 @@ impl Endpoint {
             health: AtomicU8::new(Health::Unknown as u8),
             draining: AtomicBool::new(false),
             weight: AtomicU32::new(weight.max(1)),
+            capacity: AtomicU32::new(config.capacity.unwrap_or(0)),
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
@@ -338,6 +342,26 @@ impl Endpoint {
     /// Sets the static weight.
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Sets (or with None, clears) the configured capacity.
+    pub fn set_capacity(&self, capacity: Option<u32>) {
+        self.capacity
+            .store(capacity.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Configured calls at once, if any.
+    pub fn capacity(&self) -> Option<u32> {
+        Some(self.capacity.load(Ordering::Relaxed)).filter(|c| *c > 0)
+    }
+
+    /// What one call adds to the backend's reported utilization: `1 / capacity` when
+    /// configured, else as learned from its reports.
+    pub fn per_call_utilization(&self) -> Option<f64> {
+        match self.capacity() {
+            Some(c) => Some(1.0 / f64::from(c)),
+            None => self.load.per_call_utilization(),
+        }
     }
 
     /// Folds a successful call's latency into the backend's peak-EWMA: a slower sample
@@ -504,7 +528,6 @@ impl Endpoint {
     pub fn begin(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests_total.fetch_add(1, Ordering::Relaxed);
-        self.load.sent();
         InFlightGuard {
             endpoint: Arc::clone(self),
         }

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
+pub mod capacity;
 pub mod config;
 pub mod control;
 pub mod demo;

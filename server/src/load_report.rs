@@ -11,13 +11,14 @@
 //!
 //! Values are kept in atomics (f64 bits), so the picker reads them without a lock.
 
+use crate::capacity::PerCallFit;
 use crate::endpoint::Endpoint;
 use http::HeaderMap;
 use infergate_proto::orca::OrcaLoadReport;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -158,11 +159,14 @@ pub struct LoadState {
     /// Nanoseconds since [`epoch`] when the last report arrived; 0 = never.
     at_nanos: AtomicU64,
     source: AtomicU8,
-    /// Calls this gateway sent to the backend since the last report.
-    sent_since: AtomicU64,
+    /// This gateway's calls running on the backend when the last report was taken (0
+    /// when the report came without that count).
+    own_at_report: AtomicU64,
     /// How much one of this gateway's calls adds to the reported utilization, learned
-    /// from reports (f64 bits; 0 = not learned yet). See [`LoadState::store_observed`].
+    /// from reports (f64 bits; 0 = not learned yet), as `fit` last answered.
     per_call: AtomicU64,
+    /// The learning behind `per_call` (see [`crate::capacity`]).
+    fit: Mutex<PerCallFit>,
 }
 
 impl Default for LoadState {
@@ -172,8 +176,9 @@ impl Default for LoadState {
             queue_depth: AtomicU64::new(0f64.to_bits()),
             at_nanos: AtomicU64::new(0),
             source: AtomicU8::new(Source::None as u8),
-            sent_since: AtomicU64::new(0),
+            own_at_report: AtomicU64::new(0),
             per_call: AtomicU64::new(0f64.to_bits()),
+            fit: Mutex::new(PerCallFit::default()),
         }
     }
 }
@@ -189,6 +194,9 @@ pub struct Reading {
     pub age: Duration,
     /// Where it came from.
     pub source: Source,
+    /// This gateway's calls that were running on the backend when it was taken, as far
+    /// as the gateway knows (0 when unknown): they are in `utilization` and `queue_depth`.
+    pub own_calls: u64,
 }
 
 fn epoch() -> Instant {
@@ -204,15 +212,9 @@ impl LoadState {
     }
 
     /// Stores a reading taken now, when `own_in_flight` of this gateway's calls were
-    /// running on the backend. From readings with no queue and utilization below 1 it
-    /// learns how much one call adds to the utilization: a low quantile (about the
-    /// 10th percentile) of `utilization / own_in_flight` — down a quarter of the gap on
-    /// a lower sample, up a 32nd on a higher one. Readings taken while other replicas'
-    /// calls or hidden work also ran give higher ratios; the low quantile keeps the
-    /// ones where this gateway's calls were most of what ran, so the estimate tends to
-    /// one call's share of the backend, and everything else counts in the
-    /// utilization itself. Until there is an estimate, any reading with calls running
-    /// gives a first one (a backend that is always busy may never report room).
+    /// running on the backend, and learns from it how much one call adds to the
+    /// utilization ([`crate::capacity::PerCallFit`]). Concurrent readings never wait
+    /// for each other: one that finds the fit in use is stored without teaching it.
     pub fn store_observed(
         &self,
         utilization: f64,
@@ -221,22 +223,15 @@ impl LoadState {
         now: Instant,
         own_in_flight: Option<u64>,
     ) {
-        if let Some(own) = own_in_flight.filter(|n| *n > 0) {
-            let old = f64::from_bits(self.per_call.load(Ordering::Relaxed));
-            let unsaturated = queue_depth <= 0.0 && (0.0..0.99).contains(&utilization);
-            if unsaturated || (old <= 0.0 && utilization > 0.0) {
-                let sample = (utilization / own as f64).min(1.0);
-                let new = if old <= 0.0 {
-                    sample
-                } else if sample < old {
-                    old - (old - sample) / 4.0
-                } else {
-                    old + (sample - old) / 32.0
-                };
-                self.per_call.store(new.to_bits(), Ordering::Relaxed);
+        if let Some(own) = own_in_flight {
+            if let Ok(mut fit) = self.fit.try_lock() {
+                fit.observe(utilization, queue_depth, own);
+                let learned = fit.per_call().unwrap_or(0.0);
+                self.per_call.store(learned.to_bits(), Ordering::Relaxed);
             }
         }
-        self.sent_since.store(0, Ordering::Relaxed);
+        self.own_at_report
+            .store(own_in_flight.unwrap_or(0), Ordering::Relaxed);
         self.utilization
             .store(utilization.to_bits(), Ordering::Relaxed);
         self.queue_depth
@@ -258,6 +253,7 @@ impl LoadState {
             queue_depth: f64::from_bits(self.queue_depth.load(Ordering::Relaxed)),
             age: now.saturating_duration_since(at),
             source: Source::from_u8(self.source.load(Ordering::Relaxed)),
+            own_calls: self.own_at_report.load(Ordering::Relaxed),
         })
     }
 
@@ -266,20 +262,9 @@ impl LoadState {
         self.read(now).filter(|r| r.age <= stale_after)
     }
 
-    /// Counts a call sent to the backend (since the last report).
-    pub fn sent(&self) {
-        self.sent_since.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Calls sent since the last report.
-    pub fn sent_since_report(&self) -> u64 {
-        self.sent_since.load(Ordering::Relaxed)
-    }
-
-    /// Utilization one call adds, once learned (below 0.01 counts as not learned: a
-    /// report that does not move with the gateway's calls says nothing about them).
+    /// Utilization one call adds, once learned.
     pub fn per_call_utilization(&self) -> Option<f64> {
-        Some(f64::from_bits(self.per_call.load(Ordering::Relaxed))).filter(|c| *c >= 0.01)
+        Some(f64::from_bits(self.per_call.load(Ordering::Relaxed))).filter(|c| *c > 0.0)
     }
 }
 
@@ -897,41 +882,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn learns_what_one_call_adds_and_counts_calls_since_the_report() {
+    async fn learns_what_one_call_adds_and_keeps_the_calls_a_reading_counts() {
         let state = LoadState::default();
         let now = Instant::now();
         assert_eq!(state.per_call_utilization(), None);
-        // Nothing to learn from without calls running.
+        // Nothing to learn from without calls running, nor from readings without `own`.
         state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(0));
         state.store(0.9, 0.0, Source::OrcaOob, now);
         assert_eq!(state.per_call_utilization(), None);
-        // Two calls running at 0.5: a quarter each.
-        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(2));
-        assert_eq!(state.per_call_utilization(), Some(0.25));
-        // Then up a 32nd of the gap to a higher sample, down a quarter to a lower one.
-        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(1));
-        assert_eq!(state.per_call_utilization(), Some(0.2578125));
-        state.store_observed(0.3, 0.0, Source::OrcaPerCall, now, Some(2));
-        assert_eq!(state.per_call_utilization(), Some(0.2308593750));
-        // Once learned, saturated or queueing readings teach nothing.
-        state.store_observed(1.0, 0.0, Source::OrcaPerCall, now, Some(1));
-        state.store_observed(0.5, 3.0, Source::OrcaPerCall, now, Some(1));
-        assert_eq!(state.per_call_utilization(), Some(0.2308593750));
-        // Before that, a busy backend's reading gives a first estimate.
-        let busy = LoadState::default();
-        busy.store_observed(1.0, 4.0, Source::OrcaPerCall, now, Some(2));
-        assert_eq!(busy.per_call_utilization(), Some(0.5));
-        // Calls sent since the last report, reset by the next one.
-        state.sent();
-        state.sent();
-        assert_eq!(state.sent_since_report(), 2);
-        state.store(0.9, 0.0, Source::OrcaOob, now);
-        assert_eq!(state.sent_since_report(), 0);
-        // A backend whose utilization does not move with the gateway's calls says
-        // nothing about them: the estimate fades below 0.01 and counts as unknown.
-        for _ in 0..60 {
-            state.store_observed(0.0, 0.0, Source::OrcaPerCall, now, Some(3));
+        // Hidden work holds half the backend; each of the gateway's calls a quarter.
+        for own in (0..40).map(|i| i % 2) {
+            let u = 0.5 + 0.25 * own as f64;
+            state.store_observed(u, 0.0, Source::OrcaPerCall, now, Some(own));
         }
-        assert_eq!(state.per_call_utilization(), None);
+        let learned = state.per_call_utilization().expect("learned");
+        assert!((learned - 0.25).abs() < 1e-9, "{learned}");
+        // Each reading keeps how many of the gateway's own calls it counts.
+        assert_eq!(state.read(now).map(|r| r.own_calls), Some(1));
+        state.store(0.9, 0.0, Source::OrcaOob, now);
+        assert_eq!(state.read(now).map(|r| r.own_calls), Some(0));
     }
 }

@@ -1,0 +1,175 @@
+//! How much of a backend one call takes, learned from the backend's own load reports,
+//! so that gpu_aware needs no capacity figure per backend (see `balance`).
+//!
+//! A report says how busy the backend is; the gateway knows how many of its own calls
+//! were on the backend when the report was taken. Counting a reported queue as demand
+//! past full,
+//!
+//! ```text
+//! utilization + queue × per_call = others + per_call × own_calls
+//! ```
+//!
+//! where `others` is everything the gateway cannot see: work from other gateway
+//! replicas, other clients, whatever else shares the GPU. `others` can be large, so
+//! `utilization / own_calls` overstates `per_call` exactly where it matters (a backend
+//! half taken by hidden work looked three times as full per call as it was).
+//! [`PerCallFit`] instead regresses demand on own calls over the recent readings: the
+//! slope is `per_call`, and `others`, as long as it does not move with this gateway's
+//! own calls, only shifts the intercept. The fit is exponentially weighted (about the
+//! last [`PerCallFit::MEMORY`] readings) so it follows a backend whose model or batch
+//! size changes.
+//!
+//! Every reading counts, full ones included: keeping only readings with room would keep
+//! exactly those where fewer calls ran than the gateway counted (one still on its way,
+//! say) and bias the slope low.
+//!
+//! Until the readings tell (enough of them, with own calls that vary), there is no
+//! estimate and the policy compares that backend by least_request's score. A guess here
+//! would feed on itself: a backend guessed too full gets no calls, so no readings that
+//! could correct the guess (three gateway replicas each ended up with a backend of its
+//! own and left the rest idle).
+
+/// The running fit. Cheap to update (a few multiplications); kept behind a `try_lock`
+/// by its owner, so concurrent reports never wait for each other (one that finds the
+/// fit busy just does not teach).
+#[derive(Debug, Clone, Default)]
+pub struct PerCallFit {
+    /// Readings taken (saturates; only "enough or not" matters).
+    n: u32,
+    /// Exponentially weighted means of own calls and of demand, and the weighted
+    /// (co)variances around them.
+    mean_own: f64,
+    mean_demand: f64,
+    var_own: f64,
+    cov: f64,
+}
+
+impl PerCallFit {
+    /// Readings the fit roughly remembers.
+    pub const MEMORY: f64 = 128.0;
+    /// Readings, and variance of own calls among them, before the fit is trusted over
+    /// the bootstrap.
+    const READY_N: u32 = 16;
+    const READY_VAR: f64 = 0.05;
+    /// A slope below this says the reported utilization does not move with this
+    /// gateway's calls (a metric of something else, or calls too small to show): then
+    /// there is no estimate, and the policy compares the backend by least_request's
+    /// score rather than trust it to hold fifty calls or more.
+    const MIN: f64 = 0.02;
+
+    /// Takes a reading: `utilization` and `queue_depth` as reported, `own` of this
+    /// gateway's calls running or queued on the backend when it was taken.
+    ///
+    /// Every reading counts, full ones too: leaving them out would keep exactly the
+    /// readings where fewer calls ran than the gateway counted (one still on its way,
+    /// say) and bias the slope low. Past full, utilization stops moving, so the fit
+    /// regresses *demand* instead: utilization plus the reported queue at the current
+    /// estimate per call.
+    pub fn observe(&mut self, utilization: f64, queue_depth: f64, own: u64) {
+        let own_f = own as f64;
+        let queued = queue_depth.max(0.0) * self.per_call().unwrap_or(0.0);
+        let demand = utilization.max(0.0) + queued;
+        if self.n == 0 {
+            self.mean_own = own_f;
+            self.mean_demand = demand;
+        } else {
+            let a = 1.0 / Self::MEMORY;
+            let dx = own_f - self.mean_own;
+            let dy = demand - self.mean_demand;
+            self.mean_own += a * dx;
+            self.mean_demand += a * dy;
+            self.var_own = (1.0 - a) * (self.var_own + a * dx * dx);
+            self.cov = (1.0 - a) * (self.cov + a * dx * dy);
+        }
+        self.n = self.n.saturating_add(1);
+    }
+
+    /// What one call adds to the utilization, once the readings tell.
+    pub fn per_call(&self) -> Option<f64> {
+        if self.n < Self::READY_N || self.var_own < Self::READY_VAR {
+            return None;
+        }
+        let slope = self.cov / self.var_own;
+        (slope >= Self::MIN).then(|| slope.min(1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `own` counts with `others` calls from elsewhere, a quarter of the backend
+    /// per call, the way a 4-slot backend reports (full at 1, the rest queued).
+    fn feed(fit: &mut PerCallFit, hidden: f64, samples: &[(u64, u64)]) {
+        for &(own, others) in samples {
+            let demand = hidden + 0.25 * (own + others) as f64;
+            let utilization = demand.min(1.0);
+            let queue = ((demand - 1.0) / 0.25).max(0.0).round();
+            fit.observe(utilization, queue, own);
+        }
+    }
+
+    fn near(got: Option<f64>, want: f64, tolerance: f64) -> bool {
+        got.is_some_and(|g| (g - want).abs() <= tolerance)
+    }
+
+    #[test]
+    fn nothing_to_go_by_until_own_calls_vary() {
+        let mut fit = PerCallFit::default();
+        assert_eq!(fit.per_call(), None);
+        // Many readings, always the same own count: the slope is unknowable.
+        feed(&mut fit, 0.0, &[(1, 0); 40]);
+        assert_eq!(fit.per_call(), None);
+        // Too few readings yet.
+        let mut fit = PerCallFit::default();
+        feed(&mut fit, 0.0, &[(0, 0), (1, 0), (2, 0), (1, 0)]);
+        assert_eq!(fit.per_call(), None);
+    }
+
+    #[test]
+    fn hidden_work_does_not_count_per_call() {
+        // Half the backend taken by work the gateway cannot see; a quarter per call.
+        // utilization / own would say 0.75 per call at one call running.
+        let mut fit = PerCallFit::default();
+        let samples: Vec<(u64, u64)> = (0..64).map(|i| (i % 3, 0)).collect();
+        feed(&mut fit, 0.5, &samples);
+        assert!(near(fit.per_call(), 0.25, 0.01), "{:?}", fit.per_call());
+    }
+
+    #[test]
+    fn other_replicas_calls_average_out_and_full_readings_count() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut fit = PerCallFit::default();
+        // Other replicas' calls come and go independently of this gateway's; the
+        // backend is often full (own + others up to 6 on 4 slots).
+        let samples: Vec<(u64, u64)> = (0..4000)
+            .map(|_| (rng.u64(0..=3), rng.u64(0..=3)))
+            .collect();
+        feed(&mut fit, 0.0, &samples);
+        let got = fit.per_call();
+        assert!(near(got, 0.25, 0.04), "{got:?}");
+    }
+
+    #[test]
+    fn utilization_that_does_not_move_with_calls_gives_no_estimate() {
+        let mut fit = PerCallFit::default();
+        for i in 0..64 {
+            fit.observe(0.1, 0.0, i % 4);
+        }
+        assert_eq!(fit.per_call(), None);
+    }
+
+    #[test]
+    fn follows_a_backend_that_changes() {
+        let mut fit = PerCallFit::default();
+        let samples: Vec<(u64, u64)> = (0..64).map(|i| (i % 3, 0)).collect();
+        feed(&mut fit, 0.0, &samples);
+        assert!(near(fit.per_call(), 0.25, 0.01));
+        // The backend now takes half of itself per call (a bigger batch, say).
+        for i in 0..1000 {
+            let own = i % 2;
+            fit.observe(0.5 * own as f64, 0.0, own);
+        }
+        assert!(near(fit.per_call(), 0.5, 0.01), "{:?}", fit.per_call());
+    }
+}
