@@ -23,7 +23,7 @@
 use crate::config::{BalancerConfig, PolicyKind};
 use crate::endpoint::Endpoint;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -71,6 +71,9 @@ pub struct Policy {
     kind: PolicyKind,
     params: PolicyParams,
     next: AtomicUsize,
+    /// gpu_aware: a running average of the per-call shares of the candidates that have
+    /// one (f64 bits; 0 = none yet), lent to candidates that do not have one yet.
+    typical_per_call: AtomicU64,
 }
 
 impl Policy {
@@ -80,6 +83,7 @@ impl Policy {
             kind,
             params,
             next: AtomicUsize::new(0),
+            typical_per_call: AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -120,7 +124,7 @@ impl Policy {
             }
             PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
                 least_request: least_request_score(e, now, p),
-                expected: expected_cost(e, now, p),
+                expected: expected_cost(e, now, p, self.per_call(e)),
             }),
         }
         .cloned()
@@ -141,8 +145,32 @@ impl Policy {
         let now = Instant::now();
         let lr = least_request_score(e, now, &self.params);
         match self.kind {
-            PolicyKind::GpuAware => expected_latency_ms(e, now, &self.params).unwrap_or(lr),
+            PolicyKind::GpuAware => {
+                expected_cost(e, now, &self.params, self.per_call(e)).map_or(lr, |x| x.ms())
+            }
             _ => lr,
+        }
+    }
+
+    /// The per-call share `e` counts with: its own, or else the typical one of the
+    /// model's backends. Until a backend's own readings tell (see [`crate::capacity`])
+    /// it borrows its peers' figure, which is right for the usual pool of one kind of
+    /// GPU; its reports still count in full, so hidden work shows either way.
+    /// Lock-free: one atomic read, and a store when `e` has its own figure.
+    fn per_call(&self, e: &Endpoint) -> Option<f64> {
+        let typical = f64::from_bits(self.typical_per_call.load(Ordering::Relaxed));
+        match e.per_call_utilization() {
+            Some(own) => {
+                let next = if typical > 0.0 {
+                    typical + (own - typical) / 8.0
+                } else {
+                    own
+                };
+                self.typical_per_call
+                    .store(next.to_bits(), Ordering::Relaxed);
+                Some(own)
+            }
+            None => (typical > 0.0).then_some(typical),
         }
     }
 
@@ -191,7 +219,8 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// part the gateway cannot see. Its own calls it counts exactly and at once: every
 /// call in flight now, plus this one. `per_call` is how much one call moves the
 /// reported utilization: `1 / backends[].capacity` when configured, else learned from
-/// the reports themselves ([`crate::capacity`]), so no capacity figure is required.
+/// the reports themselves ([`crate::capacity`]), so no capacity figure is required
+/// (the policy lends a backend without a figure yet its peers' typical one).
 /// Below 1 the call finds room and takes about `floor_latency` (a low quantile of the
 /// backend's successful calls: its service time); above 1 it waits `load − 1` service
 /// times. So a GPU three times slower is only used when a fast one would make the call
@@ -199,7 +228,7 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// after half as many calls. Among backends with room, `spread × load` prefers the
 /// emptier one, so equal backends share calls instead of one filling up first.
 pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<f64> {
-    Some(expected_cost(e, now, p)?.ms())
+    Some(expected_cost(e, now, p, e.per_call_utilization())?.ms())
 }
 
 /// The expected latency in two factors: the backend's service time and the load
@@ -232,10 +261,15 @@ impl Expected {
     }
 }
 
-fn expected_cost(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<Expected> {
+fn expected_cost(
+    e: &Endpoint,
+    now: Instant,
+    p: &PolicyParams,
+    per_call: Option<f64>,
+) -> Option<Expected> {
     let load = e.load();
     let reading = load.fresh(now, p.stale_after)?;
-    let per_call = e.per_call_utilization()?;
+    let per_call = per_call?;
     let floor = e.latency_floor_ms()?;
     let queue = reading.queue_depth.max(0.0) * p.queue_weight;
     let others =
@@ -562,7 +596,12 @@ mod tests {
             choice_count: 0,
             ..PolicyParams::default()
         };
-        let counts = share(&Policy::new(PolicyKind::GpuAware, scan), &endpoints, 5, 1000);
+        let counts = share(
+            &Policy::new(PolicyKind::GpuAware, scan),
+            &endpoints,
+            5,
+            1000,
+        );
         assert_eq!(counts[..6].iter().sum::<usize>(), 0, "{counts:?}");
     }
 
