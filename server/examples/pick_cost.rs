@@ -29,8 +29,12 @@ fn pool(n: usize) -> Vec<Arc<Endpoint>> {
             // A service time and a learned per-call share, so gpu_aware computes its
             // full expected-latency score rather than falling back to least_request.
             e.observe_latency(std::time::Duration::from_millis(20 + (i % 7) as u64));
-            e.load()
-                .store_observed(0.25, 0.0, Source::OrcaPerCall, now, Some(1));
+            for own in (0..32).map(|n| n % 3) {
+                let utilization = 0.25 * own as f64;
+                e.load()
+                    .store_observed(utilization, 0.0, Source::OrcaPerCall, now, Some(own));
+            }
+            assert!(e.per_call_utilization().is_some(), "per-call share learned");
             e.load().store(
                 (i % 10) as f64 / 10.0,
                 (i % 3) as f64,
