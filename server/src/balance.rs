@@ -246,14 +246,16 @@ impl Expected {
         self.floor_ms * self.factor
     }
 
-    /// Lower expected latency wins; but service times within 10% of each other count
-    /// as equal and the emptier backend wins, so that measurement noise in the floors
+    /// Lower expected latency wins; but service times within 10% (or 1 ms) of each
+    /// other count as equal and the emptier backend wins, so that measurement noise in the floors
     /// does not send every call of a lightly loaded pool to the marginally faster
     /// backend (starving the others of the traffic that keeps their estimates and
     /// outlier detection current).
     fn better_than(&self, other: &Expected) -> bool {
         let (a, b) = (self.floor_ms, other.floor_ms);
-        if a <= b * 1.1 && b <= a * 1.1 {
+        // A millisecond at least: timers round short service times by about that much.
+        let tolerance = (a.min(b) * 0.1).max(1.0);
+        if (a - b).abs() <= tolerance {
             self.factor < other.factor
         } else {
             self.ms() < other.ms()
