@@ -71,6 +71,11 @@ pub struct BenchConfig {
     /// Open loop: Poisson arrivals (exponential gaps drawn from `seed`) at `rate` on
     /// average, instead of one every `1 / rate` seconds.
     pub poisson: bool,
+    /// Open loop at fixed intervals: the first call is due `phase / rate` seconds after
+    /// the start (0 ≤ phase < 1), so generators at the same rate can take turns instead
+    /// of sending at the same instants (three at phases 0, 1/3 and 2/3 make one evenly
+    /// spaced stream).
+    pub phase: f64,
     /// Open loop: the most calls outstanding at once.
     pub max_in_flight: usize,
     /// Stop sending after this long (whichever of `duration` and `count` comes first).
@@ -126,6 +131,12 @@ impl BenchConfig {
                 return bad(format!("rate must be a positive number, not {rate}"));
             }
         }
+        if !(0.0..1.0).contains(&self.phase) {
+            return bad(format!(
+                "phase must be at least 0 and below 1 (a fraction of one interval), not {}",
+                self.phase
+            ));
+        }
         if self.duration.is_some_and(|d| d.is_zero()) {
             return bad("duration must be positive".into());
         }
@@ -150,6 +161,7 @@ impl Default for BenchConfig {
             concurrency: 1,
             rate: None,
             poisson: false,
+            phase: 0.0,
             max_in_flight: 1024,
             duration: None,
             count: None,
@@ -364,7 +376,7 @@ where
             let stats = Arc::new(Mutex::new(Stats::new()?));
             let (target, counters) = (target.clone(), counters.clone());
             let max_in_flight = cfg.max_in_flight;
-            let schedule = Schedule::new(rate, cfg.poisson.then_some(cfg.seed));
+            let schedule = Schedule::new(rate, cfg.phase, cfg.poisson.then_some(cfg.seed));
             tokio::spawn(async move {
                 open_loop(target, counters, limits, schedule, max_in_flight, stats).await
             })
@@ -772,14 +784,17 @@ async fn closed_loop(
 /// When open-loop calls are due, seconds after the start.
 struct Schedule {
     rate: f64,
+    /// Fixed intervals: the offset of every due time, in intervals.
+    phase: f64,
     /// Poisson arrivals: the generator of the gaps and the time of the next call.
     random: Option<(fastrand::Rng, f64)>,
 }
 
 impl Schedule {
-    fn new(rate: f64, poisson_seed: Option<u64>) -> Self {
+    fn new(rate: f64, phase: f64, poisson_seed: Option<u64>) -> Self {
         Schedule {
             rate,
+            phase,
             random: poisson_seed.map(|seed| (fastrand::Rng::with_seed(seed), 0.0)),
         }
     }
@@ -787,7 +802,7 @@ impl Schedule {
     /// The due time of call `i` (called with i = 0, 1, 2, ... in order).
     fn due(&mut self, i: u64) -> f64 {
         match &mut self.random {
-            None => i as f64 / self.rate,
+            None => (i as f64 + self.phase) / self.rate,
             Some((rng, next)) => {
                 // Exponential gap with mean 1 / rate (1 − u is in (0, 1], so ln is finite).
                 *next += -(1.0 - rng.f64()).ln() / self.rate;
@@ -958,6 +973,10 @@ mod tests {
                 ..BenchConfig::default()
             },
             BenchConfig {
+                phase: 1.0,
+                ..BenchConfig::default()
+            },
+            BenchConfig {
                 count: Some(0),
                 ..BenchConfig::default()
             },
@@ -981,10 +1000,12 @@ mod tests {
 
     #[test]
     fn poisson_schedule_is_seeded_and_keeps_the_mean_rate() {
-        let mut fixed = Schedule::new(100.0, None);
+        let mut fixed = Schedule::new(100.0, 0.0, None);
         assert_eq!((fixed.due(0), fixed.due(3)), (0.0, 0.03));
+        let mut shifted = Schedule::new(100.0, 0.5, None);
+        assert_eq!((shifted.due(0), shifted.due(3)), (0.005, 0.035));
         let draw = |seed| {
-            let mut s = Schedule::new(100.0, Some(seed));
+            let mut s = Schedule::new(100.0, 0.0, Some(seed));
             (0..10_000).map(|i| s.due(i)).collect::<Vec<f64>>()
         };
         let a = draw(5);

@@ -9,7 +9,7 @@
 use infergate::balance::{Policy, PolicyParams};
 use infergate::config::PolicyKind;
 use infergate::endpoint::{Endpoint, Health};
-use infergate::load_report::Source;
+use infergate::load_report::{Load, Source};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,8 +31,13 @@ fn pool(n: usize) -> Vec<Arc<Endpoint>> {
             e.observe_latency(std::time::Duration::from_millis(20 + (i % 7) as u64));
             for own in (0..32).map(|n| n % 3) {
                 let utilization = 0.25 * own as f64;
+                let load = Load {
+                    utilization,
+                    queue_depth: 0.0,
+                    running: None,
+                };
                 e.load()
-                    .store_observed(utilization, 0.0, Source::OrcaPerCall, now, Some(own));
+                    .store_observed(load, Source::OrcaPerCall, now, Some(own));
             }
             assert!(e.per_call_utilization().is_some(), "per-call share learned");
             e.load().store(

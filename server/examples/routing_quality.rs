@@ -9,13 +9,16 @@
 //! ```
 //!
 //! `CHOICES` sets `balancer.choice_count` (0 compares every backend instead of two at
-//! random); `OOB_MS` sets the ORCA out-of-band report interval the gateways ask for;
-//! `POLICIES` (comma separated) runs only those policies; `POISSON=1` sends calls at
-//! random (Poisson, seeded) instead of at fixed intervals; `LOADS` (comma separated
-//! fractions of capacity) replaces the default 0.7,0.9; `CAPACITY=1` configures each
-//! backend's slot count (`backends[].capacity`) instead of letting the gateways learn
-//! the per-call share; `DETAIL=1` prints what each gateway learned of each backend
-//! (service-time floor / per-call share).
+//! random); `SPREAD` sets `balancer.spread`; `OOB_MS` sets the ORCA out-of-band report
+//! interval the gateways ask for; `POLICIES` (comma separated) runs only those
+//! policies; `POISSON=1` sends calls at random (Poisson, seeded) instead of at fixed
+//! intervals; `LOADS` (comma separated fractions of capacity) replaces the default
+//! 0.7,0.9; `CAPACITY=1` configures each backend's slot count (`backends[].capacity`)
+//! instead of letting the gateways learn the per-call share; `RUNNING=0` makes the
+//! gateways ignore the running-calls count the simulators report
+//! (`load.running_field = ""`), so they learn the per-call share from their own calls
+//! alone; `DETAIL=1` prints what each gateway learned of each backend (service-time
+//! floor / per-call share) and how many calls each backend made wait for a slot.
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
 //! 1. heterogeneous: four backends, one three times slower (60 ms);
@@ -143,6 +146,10 @@ async fn start(s: &Scenario, policy: PolicyKind) -> (Vec<SimHandle>, Vec<Gateway
                     .ok()
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(2),
+                spread: std::env::var("SPREAD")
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(infergate::config::BalancerConfig::default().spread),
                 ..Default::default()
             },
             ..Config::default()
@@ -150,6 +157,9 @@ async fn start(s: &Scenario, policy: PolicyKind) -> (Vec<SimHandle>, Vec<Gateway
         let mut config = config;
         if let Some(ms) = std::env::var("OOB_MS").ok().and_then(|v| v.parse().ok()) {
             config.load.oob_interval_ms = ms;
+        }
+        if std::env::var("RUNNING").is_ok_and(|v| v == "0") {
+            config.load.running_field.clear();
         }
         gateways.push(server::start(config, "bench").await.expect("gateway"));
     }
@@ -178,6 +188,10 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
         cfg.timeout = Duration::from_secs(5);
         cfg.seed = 100 + i as u64;
         cfg.poisson = std::env::var_os("POISSON").is_some();
+        // Replicas take turns (phases 0, 1/3, 2/3 of an interval): together they send
+        // one evenly spaced stream at the pool's rate, as the clients of a real pool do
+        // not all call at the same instants (and as scripts/routing_bound.py models).
+        cfg.phase = i as f64 / gateways.len() as f64;
         bench::run(cfg)
     });
     let reports: Vec<BenchReport> = futures_util::future::join_all(runs)
@@ -216,6 +230,17 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
                 .collect();
             println!("<!-- gateway {i}: {} -->", learned.join(" "));
         }
+        let waited: Vec<String> = sims
+            .iter()
+            .map(|x| {
+                let c = x.control();
+                format!("{}/{}", c.waited(), c.started())
+            })
+            .collect();
+        println!(
+            "<!-- calls that waited for a slot, per backend: {} -->",
+            waited.join(" ")
+        );
     }
     for g in gateways {
         g.shutdown(Duration::from_secs(1)).await;

@@ -16,7 +16,7 @@
 //! - `gpu_aware` (default): the same sampling, with a score that adds what the backend
 //!   itself reports: the expected latency of a new call (see [`expected_latency_ms`]
 //!   and docs/ARCHITECTURE.md for the reasoning). When the better of the two draws
-//!   would make the call queue, it draws as many again (still O(1)).
+//!   would take its last free slot or queue, it draws as many again (still O(1)).
 //!
 //! Only when every sample is ineligible does a pick fall back to a scan.
 
@@ -237,8 +237,9 @@ pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Opti
 struct Expected {
     floor_ms: f64,
     factor: f64,
-    /// The call would find room (projected load at most 1).
-    room: bool,
+    /// After this call the backend would still have room for one more (projected load
+    /// plus one call's share at most 1), as far as the reports tell.
+    spare: bool,
 }
 
 impl Expected {
@@ -282,7 +283,7 @@ fn expected_cost(
     Some(Expected {
         floor_ms: floor,
         factor,
-        room: projected <= 1.0,
+        spare: projected + per_call <= 1.0 + 1e-9,
     })
 }
 
@@ -303,9 +304,11 @@ impl Score {
         }
     }
 
-    /// The call would queue here (as far as the reports tell).
-    fn would_wait(&self) -> bool {
-        self.expected.is_some_and(|e| !e.room)
+    /// The call would take the backend's last free slot or queue (as far as the
+    /// reports tell): with other replicas sending at the same moment on the same
+    /// report, a last slot is where calls collide.
+    fn is_tight(&self) -> bool {
+        self.expected.is_some_and(|e| !e.spare)
     }
 }
 
@@ -327,11 +330,13 @@ fn sampled<'a>(
     let mut picked = [usize::MAX; 16];
     let draws = choice_count.min(picked.len() / 2);
     let mut taken = 0;
-    // When the best of the first draws would make the call wait, draw as many again:
-    // two random candidates that are both full is power of two choices' weak spot on a
-    // busy pool, and a second look costs the same constant. Still O(1) in the pool size.
+    // When the best of the first draws would take its last free slot or make the call
+    // wait, draw as many again: two random candidates that are both (nearly) full is
+    // power of two choices' weak spot on a busy pool, and with several gateway replicas
+    // a last slot is where their calls collide. A second look costs the same constant:
+    // still O(1) in the pool size.
     for round in 0..2 {
-        if round == 1 && !best.is_some_and(|(_, b)| b.would_wait()) {
+        if round == 1 && !best.is_some_and(|(_, b)| b.is_tight()) {
             break;
         }
         for _ in 0..draws.min(n - taken) {

@@ -23,6 +23,16 @@
 //! exactly those where fewer calls ran than the gateway counted (one still on its way,
 //! say) and bias the slope low.
 //!
+//! With several gateway replicas, own calls are a poor regressor: every replica's calls
+//! pile up on a backend at the same moments (a burst of arrivals, a slow spell), so
+//! `others` moves with this gateway's own calls and the slope takes it in (three
+//! replicas learned anywhere from 0.04 to 0.9 for a true 0.25). A backend that reports
+//! how many calls it is running (the `running_requests` named metric, vLLM's
+//! `vllm:num_requests_running`) gives the regressor that counts every replica's calls:
+//! [`PerCallLearning`] then regresses utilization on that count, where only hidden work
+//! is left in the intercept, and falls back to own calls for backends that do not
+//! report it.
+//!
 //! Until the readings tell (enough of them, with own calls that vary), there is no
 //! estimate and the policy compares that backend by least_request's score. A guess here
 //! would feed on itself: a backend guessed too full gets no calls, so no readings that
@@ -66,7 +76,13 @@ impl PerCallFit {
     /// regresses *demand* instead: utilization plus the reported queue at the current
     /// estimate per call.
     pub fn observe(&mut self, utilization: f64, queue_depth: f64, own: u64) {
-        let own_f = own as f64;
+        self.observe_calls(utilization, queue_depth, own as f64);
+    }
+
+    /// [`PerCallFit::observe`] with the calls counted as a real number (a reported
+    /// running count, say, which may be an average over several models).
+    pub fn observe_calls(&mut self, utilization: f64, queue_depth: f64, calls: f64) {
+        let own_f = calls;
         let queued = queue_depth.max(0.0) * self.per_call().unwrap_or(0.0);
         let demand = utilization.max(0.0) + queued;
         if self.n == 0 {
@@ -91,6 +107,47 @@ impl PerCallFit {
         }
         let slope = self.cov / self.var_own;
         (slope >= Self::MIN).then(|| slope.min(1.0))
+    }
+}
+
+/// Both fits of a backend: on the calls it reports running, when it reports them, and
+/// on this gateway's own calls. The first, once ready, is the better one (see the
+/// module notes); the second serves backends that report no running count.
+#[derive(Debug, Clone, Default)]
+pub struct PerCallLearning {
+    by_running: PerCallFit,
+    by_own: PerCallFit,
+}
+
+impl PerCallLearning {
+    /// Takes a reading: `running` as the backend reported it (None when it does not),
+    /// `own` of this gateway's calls on the backend when it was taken (None when
+    /// unknown).
+    ///
+    /// Against the running count the fit regresses plain utilization: running calls
+    /// are what fills the backend, queued ones wait outside it, so `utilization =
+    /// hidden + per_call × running` holds full or not.
+    pub fn observe(
+        &mut self,
+        utilization: f64,
+        queue_depth: f64,
+        running: Option<f64>,
+        own: Option<u64>,
+    ) {
+        if let Some(running) = running.filter(|r| r.is_finite() && *r >= 0.0) {
+            self.by_running.observe_calls(utilization, 0.0, running);
+        }
+        if let Some(own) = own {
+            self.by_own.observe(utilization, queue_depth, own);
+        }
+    }
+
+    /// What one call adds to the utilization, from the running count when that fit is
+    /// ready, else from own calls.
+    pub fn per_call(&self) -> Option<f64> {
+        self.by_running
+            .per_call()
+            .or_else(|| self.by_own.per_call())
     }
 }
 
@@ -157,6 +214,42 @@ mod tests {
             fit.observe(0.1, 0.0, i % 4);
         }
         assert_eq!(fit.per_call(), None);
+    }
+
+    #[test]
+    fn running_counts_learn_through_calls_that_move_together() {
+        // Three replicas whose calls rise and fall together on a 4-slot backend half
+        // taken by hidden work: own calls alone credit this gateway with the others'
+        // share; the backend's running count does not.
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut learning = PerCallLearning::default();
+        let mut own_only = PerCallFit::default();
+        for _ in 0..2000 {
+            let wave = rng.u64(0..=2);
+            let own = wave.min(2);
+            let running = (3 * wave).min(2) as f64;
+            let queue = (3 * wave).saturating_sub(2) as f64;
+            let utilization = 0.5 + 0.25 * running;
+            learning.observe(utilization, queue, Some(running), Some(own));
+            own_only.observe(utilization, queue, own);
+        }
+        let got = learning.per_call();
+        assert!(near(got, 0.25, 0.01), "{got:?}");
+        assert!(
+            !near(own_only.per_call(), 0.25, 0.05),
+            "{:?}",
+            own_only.per_call()
+        );
+    }
+
+    #[test]
+    fn without_a_running_count_own_calls_teach() {
+        let mut learning = PerCallLearning::default();
+        for i in 0..64u64 {
+            let own = i % 3;
+            learning.observe(0.25 * own as f64, 0.0, None, Some(own));
+        }
+        assert!(near(learning.per_call(), 0.25, 0.01));
     }
 
     #[test]

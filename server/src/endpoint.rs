@@ -406,13 +406,8 @@ impl Endpoint {
             .in_flight
             .load(Ordering::Relaxed)
             .saturating_sub(u64::from(per_call));
-        self.load.store_observed(
-            load.utilization,
-            load.queue_depth,
-            source,
-            Instant::now(),
-            Some(own),
-        );
+        self.load
+            .store_observed(load, source, Instant::now(), Some(own));
     }
 
     /// The latency estimate in milliseconds, once there is one.

@@ -11,7 +11,7 @@
 //!
 //! Values are kept in atomics (f64 bits), so the picker reads them without a lock.
 
-use crate::capacity::PerCallFit;
+use crate::capacity::PerCallLearning;
 use crate::endpoint::Endpoint;
 use http::HeaderMap;
 use infergate_proto::orca::OrcaLoadReport;
@@ -36,6 +36,11 @@ pub struct LoadConfig {
     pub utilization_fields: Vec<String>,
     /// `named_metrics` entry that holds the queue depth. Default `queue_depth`.
     pub queue_field: String,
+    /// `named_metrics` entry that holds the number of calls the backend is running (all
+    /// clients', not only this gateway's). Optional in reports; where present, the
+    /// per-call share is learned from it (see `capacity`). Default `running_requests`;
+    /// empty = never read it.
+    pub running_field: String,
     /// A report older than this stops counting. Default 3000 ms.
     pub stale_after_ms: u64,
     /// Open ORCA out-of-band streams (`OpenRcaService/StreamCoreMetrics`). Default true.
@@ -57,6 +62,7 @@ impl Default for LoadConfig {
             .map(String::from)
             .to_vec(),
             queue_field: "queue_depth".into(),
+            running_field: "running_requests".into(),
             stale_after_ms: 3000,
             oob: true,
             oob_interval_ms: 500,
@@ -80,8 +86,8 @@ pub enum ScrapePreset {
     /// (sum over models).
     #[default]
     Triton,
-    /// vLLM: `vllm:kv_cache_usage_perc` and `vllm:num_requests_waiting`
-    /// (`vllm:num_requests_running` is read as well).
+    /// vLLM: `vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting` and
+    /// `vllm:num_requests_running` (each summed or maxed over labels as fits).
     Vllm,
 }
 
@@ -95,19 +101,33 @@ pub struct ScrapeConfig {
     pub utilization_metric: Option<String>,
     /// Overrides the preset's queue-depth metric.
     pub queue_metric: Option<String>,
+    /// Overrides the preset's running-calls metric (Triton's preset has none).
+    pub running_metric: Option<String>,
 }
 
 impl ScrapeConfig {
-    fn names(&self) -> (String, String) {
-        let (util, queue) = match self.preset {
-            ScrapePreset::Triton => ("nv_gpu_utilization", "nv_inference_pending_request_count"),
-            ScrapePreset::Vllm => ("vllm:kv_cache_usage_perc", "vllm:num_requests_waiting"),
+    /// Utilization, queue and running-calls metric names (running: None = none).
+    fn names(&self) -> (String, String, Option<String>) {
+        let (util, queue, running) = match self.preset {
+            ScrapePreset::Triton => (
+                "nv_gpu_utilization",
+                "nv_inference_pending_request_count",
+                None,
+            ),
+            ScrapePreset::Vllm => (
+                "vllm:kv_cache_usage_perc",
+                "vllm:num_requests_waiting",
+                Some("vllm:num_requests_running"),
+            ),
         };
         (
             self.utilization_metric
                 .clone()
                 .unwrap_or_else(|| util.into()),
             self.queue_metric.clone().unwrap_or_else(|| queue.into()),
+            self.running_metric
+                .clone()
+                .or_else(|| running.map(String::from)),
         )
     }
 }
@@ -166,7 +186,7 @@ pub struct LoadState {
     /// from reports (f64 bits; 0 = not learned yet), as `fit` last answered.
     per_call: AtomicU64,
     /// The learning behind `per_call` (see [`crate::capacity`]).
-    fit: Mutex<PerCallFit>,
+    fit: Mutex<PerCallLearning>,
 }
 
 impl Default for LoadState {
@@ -178,7 +198,7 @@ impl Default for LoadState {
             source: AtomicU8::new(Source::None as u8),
             own_at_report: AtomicU64::new(0),
             per_call: AtomicU64::new(0f64.to_bits()),
-            fit: Mutex::new(PerCallFit::default()),
+            fit: Mutex::new(PerCallLearning::default()),
         }
     }
 }
@@ -208,24 +228,33 @@ impl LoadState {
     /// Stores a reading taken now, without learning from it (see
     /// [`LoadState::store_observed`]).
     pub fn store(&self, utilization: f64, queue_depth: f64, source: Source, now: Instant) {
-        self.store_observed(utilization, queue_depth, source, now, None);
+        let load = Load {
+            utilization,
+            queue_depth,
+            running: None,
+        };
+        self.store_observed(load, source, now, None);
     }
 
     /// Stores a reading taken now, when `own_in_flight` of this gateway's calls were
     /// running on the backend, and learns from it how much one call adds to the
-    /// utilization ([`crate::capacity::PerCallFit`]). Concurrent readings never wait
-    /// for each other: one that finds the fit in use is stored without teaching it.
+    /// utilization ([`crate::capacity::PerCallLearning`]). Concurrent readings never
+    /// wait for each other: one that finds the fit in use is stored without teaching it.
     pub fn store_observed(
         &self,
-        utilization: f64,
-        queue_depth: f64,
+        load: Load,
         source: Source,
         now: Instant,
         own_in_flight: Option<u64>,
     ) {
-        if let Some(own) = own_in_flight {
+        let Load {
+            utilization,
+            queue_depth,
+            running,
+        } = load;
+        if own_in_flight.is_some() || running.is_some() {
             if let Ok(mut fit) = self.fit.try_lock() {
-                fit.observe(utilization, queue_depth, own);
+                fit.observe(utilization, queue_depth, running, own_in_flight);
                 let learned = fit.per_call().unwrap_or(0.0);
                 self.per_call.store(learned.to_bits(), Ordering::Relaxed);
             }
@@ -268,13 +297,15 @@ impl LoadState {
     }
 }
 
-/// A report reduced to the two numbers the policy uses.
+/// A report reduced to the numbers the policy uses.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Load {
     /// Maximum of the configured utilization fields present.
     pub utilization: f64,
     /// The queue-depth metric, 0 when absent.
     pub queue_depth: f64,
+    /// The running-calls metric, when the report has it.
+    pub running: Option<f64>,
 }
 
 /// Reduces an ORCA report with the configured field names.
@@ -303,9 +334,15 @@ pub fn reduce(report: &OrcaLoadReport, cfg: &LoadConfig) -> Load {
         .copied()
         .filter(|v| v.is_finite() && *v >= 0.0)
         .unwrap_or(0.0);
+    let running = (!cfg.running_field.is_empty())
+        .then(|| report.named_metrics.get(&cfg.running_field))
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite() && *v >= 0.0);
     Load {
         utilization,
         queue_depth,
+        running,
     }
 }
 
@@ -349,6 +386,8 @@ pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
     let wanted = |name: &[u8]| cfg.utilization_fields.iter().any(|f| f.as_bytes() == name);
     let mut utilization = 0.0f64;
     let mut queue_depth = 0.0f64;
+    let mut running = None;
+    let running_key = (!cfg.running_field.is_empty()).then_some(cfg.running_field.as_bytes());
     let take = |v: f64, utilization: &mut f64| {
         if v.is_finite() {
             *utilization = utilization.max(v);
@@ -386,6 +425,9 @@ pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
                     {
                         queue_depth = v;
                     }
+                    if field == 8 && Some(key) == running_key && v.is_finite() && v >= 0.0 {
+                        running = Some(v);
+                    }
                 }
             }
             5 => bytes = bytes.get(4..)?,
@@ -395,6 +437,7 @@ pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
     Some(Load {
         utilization,
         queue_depth,
+        running,
     })
 }
 
@@ -615,7 +658,7 @@ pub async fn run_scrape(
     cfg: Arc<LoadConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (util_name, queue_name) = scrape.names();
+    let (util_name, queue_name, running_name) = scrape.names();
     let interval = Duration::from_millis(cfg.scrape_interval_ms.max(10));
     loop {
         tokio::select! {
@@ -633,7 +676,9 @@ pub async fn run_scrape(
         drop(e);
         match tokio::time::timeout(interval, fetch_metrics(&metrics_address)).await {
             Ok(Ok(text)) => {
-                let values = parse_prometheus(&text, &[&util_name, &queue_name]);
+                let mut names = vec![util_name.as_str(), queue_name.as_str()];
+                names.extend(running_name.as_deref());
+                let values = parse_prometheus(&text, &names);
                 let utilization = values.get(util_name.as_str()).map(|v| v.max).unwrap_or(0.0);
                 let queue = values
                     .get(queue_name.as_str())
@@ -644,6 +689,10 @@ pub async fn run_scrape(
                         Load {
                             utilization,
                             queue_depth: queue,
+                            running: running_name
+                                .as_deref()
+                                .and_then(|name| values.get(name))
+                                .map(|v| v.sum),
                         },
                         Source::Prometheus,
                         false,
@@ -784,7 +833,8 @@ mod tests {
             load,
             Load {
                 utilization: 0.7,
-                queue_depth: 3.0
+                queue_depth: 3.0,
+                running: None,
             },
             "cpu not counted by default"
         );
@@ -800,7 +850,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             "endpoint-load-metrics",
-            HeaderValue::from_static("TEXT application_utilization=0.25, named_metrics.queue_depth:4, utilization.gpu_utilization=0.5"),
+            HeaderValue::from_static("TEXT application_utilization=0.25, named_metrics.queue_depth:4, utilization.gpu_utilization=0.5, named_metrics.running_requests=3"),
         );
         let (report, source) = from_headers(&headers).expect("text");
         assert_eq!(source, Source::OrcaText);
@@ -808,7 +858,8 @@ mod tests {
             reduce(&report, &LoadConfig::default()),
             Load {
                 utilization: 0.5,
-                queue_depth: 4.0
+                queue_depth: 4.0,
+                running: Some(3.0),
             }
         );
 
@@ -881,19 +932,68 @@ mod tests {
             .is_none());
     }
 
+    fn observed(utilization: f64, running: Option<f64>) -> Load {
+        Load {
+            utilization,
+            queue_depth: 0.0,
+            running,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learns_from_the_running_count_when_reported() {
+        let state = LoadState::default();
+        let now = Instant::now();
+        // Own calls never vary (another replica sends the rest), so only the backend's
+        // running count can teach.
+        for running in (0..40).map(|i| (i % 3) as f64) {
+            let u = 0.5 + 0.25 * running;
+            state.store_observed(
+                observed(u, Some(running)),
+                Source::OrcaPerCall,
+                now,
+                Some(0),
+            );
+        }
+        let learned = state.per_call_utilization().expect("learned");
+        assert!((learned - 0.25).abs() < 1e-9, "{learned}");
+    }
+
+    #[test]
+    fn running_count_is_read_from_named_metrics_in_both_decoders() {
+        let report = OrcaLoadReport {
+            named_metrics: [
+                ("gpu_utilization".to_owned(), 0.5),
+                ("running_requests".to_owned(), 2.0),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let raw = prost::Message::encode_to_vec(&report);
+        let cfg = LoadConfig::default();
+        assert_eq!(reduce(&report, &cfg).running, Some(2.0));
+        assert_eq!(reduce_bytes(&raw, &cfg).and_then(|l| l.running), Some(2.0));
+        let off = LoadConfig {
+            running_field: String::new(),
+            ..LoadConfig::default()
+        };
+        assert_eq!(reduce(&report, &off).running, None);
+        assert_eq!(reduce_bytes(&raw, &off).and_then(|l| l.running), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn learns_what_one_call_adds_and_keeps_the_calls_a_reading_counts() {
         let state = LoadState::default();
         let now = Instant::now();
         assert_eq!(state.per_call_utilization(), None);
         // Nothing to learn from without calls running, nor from readings without `own`.
-        state.store_observed(0.5, 0.0, Source::OrcaPerCall, now, Some(0));
+        state.store_observed(observed(0.5, None), Source::OrcaPerCall, now, Some(0));
         state.store(0.9, 0.0, Source::OrcaOob, now);
         assert_eq!(state.per_call_utilization(), None);
         // Hidden work holds half the backend; each of the gateway's calls a quarter.
         for own in (0..40).map(|i| i % 2) {
             let u = 0.5 + 0.25 * own as f64;
-            state.store_observed(u, 0.0, Source::OrcaPerCall, now, Some(own));
+            state.store_observed(observed(u, None), Source::OrcaPerCall, now, Some(own));
         }
         let learned = state.per_call_utilization().expect("learned");
         assert!((learned - 0.25).abs() < 1e-9, "{learned}");

@@ -33,6 +33,11 @@ pub struct BenchArgs {
     #[arg(long, requires = "rate")]
     pub poisson: bool,
 
+    /// Open loop at fixed intervals: delay every call by this fraction of one interval
+    /// (0 ≤ phase < 1), so that several generators at one rate take turns
+    #[arg(long, default_value_t = 0.0, requires = "rate")]
+    pub phase: f64,
+
     /// Open loop: the most calls outstanding at once
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -111,6 +116,7 @@ impl BenchArgs {
             concurrency: self.concurrency,
             rate: self.rate,
             poisson: self.poisson,
+            phase: self.phase,
             max_in_flight: self.max_in_flight,
             duration,
             count: self.count,

@@ -111,6 +111,7 @@ pub struct SimControl {
     failed: AtomicU64,
     in_flight: AtomicU64,
     queued: AtomicU64,
+    waited: AtomicU64,
     busy: AtomicU64,
     last_metadata: Mutex<HashMap<String, String>>,
     rng: Mutex<fastrand::Rng>,
@@ -146,6 +147,7 @@ impl SimControl {
             failed: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             last_metadata: Mutex::new(HashMap::new()),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
@@ -277,6 +279,13 @@ impl SimControl {
     pub fn queued(&self) -> u64 {
         self.queued.load(RELAXED)
     }
+    /// Inference requests that found every slot taken and had to wait for one.
+    pub fn waited(&self) -> u64 {
+        self.waited.load(RELAXED)
+    }
+    pub(crate) fn note_waited(&self) {
+        self.waited.fetch_add(1, RELAXED);
+    }
     /// Slots executing visible work.
     pub fn busy(&self) -> u64 {
         self.busy.load(RELAXED)
@@ -398,6 +407,7 @@ impl SimControl {
             named_metrics: HashMap::from([
                 ("gpu_utilization".to_owned(), util),
                 ("queue_depth".to_owned(), self.queued() as f64),
+                ("running_requests".to_owned(), self.busy() as f64),
                 ("kv_cache_utilization".to_owned(), util),
             ]),
             rps_fractional: self.recent_rps(),

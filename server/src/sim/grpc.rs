@@ -180,6 +180,9 @@ impl Engine {
         let permit = {
             let _queued = Gauge::up(self.ctl.counter_queued());
             let _pending = Gauge::up(&stats.pending);
+            if self.slots.available_permits() == 0 {
+                self.ctl.note_waited();
+            }
             self.slots.acquire().await.map_err(|_| {
                 Failure::Status(
                     Status::unavailable("simulator is shutting down"),
