@@ -30,8 +30,11 @@
 //! Ejection time is `base_ejection_time_ms × times ejected`, capped at
 //! `max_ejection_time_ms`, plus a seeded jitter in `[0, ejection_jitter_ms)` so hosts
 //! ejected together do not return together. "Times ejected" drops by one for every
-//! interval a host spends in the pool, so a host that misbehaves once is soon forgiven
-//! and one that keeps misbehaving stays out longer (Envoy's rule).
+//! interval that a host spent wholly in the pool, serving calls with none failed, so a host that
+//! misbehaves once is soon forgiven and one that keeps misbehaving stays out longer.
+//! Envoy forgives for every interval spent in the pool, calls or not; here an interval
+//! must show health: a readmitted host that gets few calls (slow start, a busy
+//! balancer elsewhere) and fails again is not forgiven for the quiet in between.
 //!
 //! Caps and panic:
 //! - `max_ejection_percent` bounds automatic ejections: a host is ejected only if the
@@ -268,7 +271,8 @@ pub struct EjectionInfo {
     /// When it comes back (readmission happens at the first `evaluate` or `record`
     /// after this; [`OutlierDetector::is_ejected`] already says false from then on).
     pub until: Instant,
-    /// Times ejected, the multiplier of the ejection time (decays while in the pool).
+    /// Times ejected, the multiplier of the ejection time (decays while the host serves
+    /// without failures).
     pub count: u32,
     /// Ejected by an operator.
     pub manual: bool,
@@ -350,6 +354,9 @@ struct Host {
     ejection: Option<EjectionInfo>,
     /// Multiplier of the ejection time.
     times_ejected: u32,
+    /// When its last ejection ended: an interval it spent only partly in the pool does
+    /// not forgive.
+    back_since: Option<Instant>,
 }
 
 impl Host {
@@ -368,12 +375,24 @@ impl Host {
     fn readmit_if_due(&mut self, now: Instant) -> bool {
         if self.ejection.as_ref().is_some_and(|e| now >= e.until) {
             self.ejection = None;
+            self.back_since = Some(now);
             self.consecutive = 0;
             self.clear_window();
             true
         } else {
             false
         }
+    }
+
+    /// Whether the interval that ends `now` (`interval` long) showed the host healthy:
+    /// in the pool all along, with calls served and none failed.
+    fn served_cleanly(&self, now: Instant, interval: Duration) -> bool {
+        self.ejection.is_none()
+            && self.ok_calls > 0
+            && self.failures == 0
+            && self
+                .back_since
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval)
     }
 
     fn mean_latency(&self) -> Duration {
@@ -537,13 +556,14 @@ impl OutlierDetector {
     /// them.
     pub fn evaluate(&mut self, now: Instant, rng: &mut fastrand::Rng) -> Vec<Event> {
         let mut events = Vec::new();
+        let interval = Duration::from_millis(self.settings.config.interval_ms);
         for (key, host) in &mut self.hosts {
             if host.readmit_if_due(now) {
                 events.push(Event {
                     host: key.clone(),
                     kind: EventKind::Readmitted,
                 });
-            } else if host.ejection.is_none() {
+            } else if host.served_cleanly(now, interval) {
                 host.times_ejected = host.times_ejected.saturating_sub(1);
             }
         }
@@ -1236,8 +1256,22 @@ mod tests {
             now = d.ejection("a:1").expect("ejected").until;
             d.evaluate(now, &mut rng);
         }
-        // Two healthy intervals take the multiplier from 3 to 1: next ejection is x2.
+        // An interval spent only partly in the pool, one without calls and one with a
+        // failure forgive nothing; two intervals of successful calls take the
+        // multiplier from 3 to 1: the next ejection is x2.
+        feed(&mut d, "a:1", ok(), 3, now, &mut rng);
+        now += 500 * MS;
+        d.evaluate(now, &mut rng);
+        assert_eq!(d.hosts["a:1"].times_ejected, 3);
+        now += 1000 * MS;
+        d.evaluate(now, &mut rng);
+        feed(&mut d, "a:1", ok(), 3, now, &mut rng);
+        feed(&mut d, "a:1", unavailable(), 1, now, &mut rng);
+        now += 1000 * MS;
+        d.evaluate(now, &mut rng);
+        assert_eq!(d.hosts["a:1"].times_ejected, 3);
         for _ in 0..2 {
+            feed(&mut d, "a:1", ok(), 3, now, &mut rng);
             now += 1000 * MS;
             d.evaluate(now, &mut rng);
         }
