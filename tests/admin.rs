@@ -440,3 +440,43 @@ async fn a_bad_reload_is_refused_and_nothing_changes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_show_what_one_call_takes_and_the_service_time() {
+    let sims: Vec<_> = (0..2).map(|i| sim(&format!("gpu-{i}"), |_| {})).collect();
+    let mut cfg = config(&sims.iter().map(|s| s.addr()).collect::<Vec<_>>());
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.backends[0].capacity = Some(4);
+    let gw = gateway(cfg).await;
+    let mut c = client(gw.addr()).await;
+    for i in 0..20 {
+        c.model_infer(simple_request(&format!("call-{i}"), 1))
+            .await
+            .expect("call");
+    }
+    let mut adm = admin(&gw).await;
+    let listed = adm
+        .list_backends(ListBackendsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .backends;
+    let of = |addr: std::net::SocketAddr| {
+        listed
+            .iter()
+            .find(|b| b.address == addr.to_string())
+            .cloned()
+            .expect("listed")
+    };
+    let (configured, learned) = (of(sims[0].addr()), of(sims[1].addr()));
+    assert_eq!(configured.capacity, 4);
+    assert_eq!(configured.per_call_share, 0.25);
+    assert_eq!(learned.capacity, 0);
+    for b in [&configured, &learned] {
+        // Both served calls (20 calls, two backends: each got some) and reported
+        // their running calls with each answer (the simulator always does).
+        assert!(b.service_time_ms > 0.0, "{b:?}");
+        assert!(b.reported_running >= 0.0, "{b:?}");
+        assert!(b.reported_running <= 4.0, "{b:?}");
+    }
+}

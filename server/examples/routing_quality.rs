@@ -18,7 +18,8 @@
 //! gateways ignore the running-calls count the simulators report
 //! (`load.running_field = ""`), so they learn the per-call share from their own calls
 //! alone; `DETAIL=1` prints what each gateway learned of each backend (service-time
-//! floor / per-call share) and how many calls each backend made wait for a slot.
+//! floor / per-call share) and how many calls each backend made wait for a slot;
+//! `SERVICE_MS` changes the 20 ms service time (rates follow).
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
 //! 1. heterogeneous: four backends, one three times slower (60 ms);
@@ -41,7 +42,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 const SLOTS: usize = 4;
-const BASE_MS: f64 = 20.0;
+/// Service time of a call on the fast backends (`SERVICE_MS` overrides the default 20).
+fn base_ms() -> f64 {
+    std::env::var("SERVICE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .unwrap_or(20.0)
+}
 
 struct Scenario {
     id: u32,
@@ -64,38 +72,24 @@ impl Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
+    let base = base_ms();
     vec![
         Scenario {
             id: 1,
             name: "heterogeneous (one backend 3x slower)",
-            backends: vec![
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS * 3.0, 0.0),
-            ],
+            backends: vec![(base, 0.0), (base, 0.0), (base, 0.0), (base * 3.0, 0.0)],
             gateways: 1,
         },
         Scenario {
             id: 2,
             name: "hidden load (one backend half taken by invisible work)",
-            backends: vec![
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.5),
-            ],
+            backends: vec![(base, 0.0), (base, 0.0), (base, 0.0), (base, 0.5)],
             gateways: 1,
         },
         Scenario {
             id: 3,
             name: "three gateway replicas, one backend with hidden load",
-            backends: vec![
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.0),
-                (BASE_MS, 0.5),
-            ],
+            backends: vec![(base, 0.0), (base, 0.0), (base, 0.0), (base, 0.5)],
             gateways: 3,
         },
     ]

@@ -116,6 +116,10 @@ fn backend(control: &Control, e: &Endpoint) -> Backend {
             .map(|r| r.source.as_str())
             .unwrap_or("none")
             .to_owned(),
+        per_call_share: e.per_call_utilization().unwrap_or(0.0),
+        capacity: e.capacity().unwrap_or(0),
+        service_time_ms: e.latency_floor_ms().unwrap_or(0.0),
+        reported_running: reading.and_then(|r| r.running).unwrap_or(-1.0),
     }
 }
 

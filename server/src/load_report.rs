@@ -176,6 +176,8 @@ impl Source {
 pub struct LoadState {
     utilization: AtomicU64,
     queue_depth: AtomicU64,
+    /// Reported running calls (f64 bits; NaN = the report did not say).
+    running: AtomicU64,
     /// Nanoseconds since [`epoch`] when the last report arrived; 0 = never.
     at_nanos: AtomicU64,
     source: AtomicU8,
@@ -194,6 +196,7 @@ impl Default for LoadState {
         LoadState {
             utilization: AtomicU64::new(0f64.to_bits()),
             queue_depth: AtomicU64::new(0f64.to_bits()),
+            running: AtomicU64::new(f64::NAN.to_bits()),
             at_nanos: AtomicU64::new(0),
             source: AtomicU8::new(Source::None as u8),
             own_at_report: AtomicU64::new(0),
@@ -217,6 +220,8 @@ pub struct Reading {
     /// This gateway's calls that were running on the backend when it was taken, as far
     /// as the gateway knows (0 when unknown): they are in `utilization` and `queue_depth`.
     pub own_calls: u64,
+    /// Calls the backend said it was running, every client's (None when it did not say).
+    pub running: Option<f64>,
 }
 
 fn epoch() -> Instant {
@@ -265,6 +270,8 @@ impl LoadState {
             .store(utilization.to_bits(), Ordering::Relaxed);
         self.queue_depth
             .store(queue_depth.to_bits(), Ordering::Relaxed);
+        self.running
+            .store(running.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
         self.source.store(source as u8, Ordering::Relaxed);
         let nanos = now.saturating_duration_since(epoch()).as_nanos() as u64;
         self.at_nanos.store(nanos.max(1), Ordering::Release);
@@ -283,6 +290,8 @@ impl LoadState {
             age: now.saturating_duration_since(at),
             source: Source::from_u8(self.source.load(Ordering::Relaxed)),
             own_calls: self.own_at_report.load(Ordering::Relaxed),
+            running: Some(f64::from_bits(self.running.load(Ordering::Relaxed)))
+                .filter(|r| !r.is_nan()),
         })
     }
 

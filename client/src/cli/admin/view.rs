@@ -35,6 +35,13 @@ pub struct BackendJson {
     pub queue_depth: f64,
     pub report_age_ms: i64,
     pub report_source: String,
+    /// What one call takes of the backend (0..1); 0 = not known yet.
+    pub per_call_share: f64,
+    /// Configured capacity; 0 = learned from reports.
+    pub capacity: u32,
+    pub service_time_ms: f64,
+    /// -1 when the backend's reports do not say.
+    pub reported_running: f64,
 }
 
 impl From<&Backend> for BackendJson {
@@ -62,6 +69,10 @@ impl From<&Backend> for BackendJson {
             queue_depth: finite(b.queue_depth),
             report_age_ms: b.report_age_ms,
             report_source: b.report_source.clone(),
+            per_call_share: finite(b.per_call_share),
+            capacity: b.capacity,
+            service_time_ms: finite(b.service_time_ms),
+            reported_running: finite(b.reported_running),
         }
     }
 }
@@ -350,12 +361,36 @@ pub fn backend_load(b: &Backend) -> String {
         short_number(b.utilization * 100.0),
         short_number(b.queue_depth)
     );
+    if b.reported_running >= 0.0 {
+        s.push_str(&format!(" r{}", short_number(b.reported_running)));
+    }
     s.push_str(&format!(
         " ({} ago, {})",
         human_ms(b.report_age_ms.unsigned_abs()),
         b.report_source
     ));
     s
+}
+
+/// The PER-CALL column: the share of the backend one call takes and whether it is
+/// configured (`cap N`) or learned, then the service time; `-` for what is not known yet.
+pub fn backend_per_call(b: &Backend) -> String {
+    let share = if b.per_call_share > 0.0 {
+        let how = if b.capacity > 0 {
+            format!("cap {}", b.capacity)
+        } else {
+            "learned".to_string()
+        };
+        format!("{}% {how}", short_number(b.per_call_share * 100.0))
+    } else {
+        "-".to_string()
+    };
+    let service = if b.service_time_ms > 0.0 {
+        format!("{}ms", short_number(b.service_time_ms))
+    } else {
+        "-".to_string()
+    };
+    format!("{share}, {service}")
 }
 
 /// The `admin backends` table.
@@ -375,6 +410,7 @@ pub fn backends_table(backends: &[Backend]) -> String {
                 b.weight.to_string(),
                 backend_state(b),
                 backend_load(b),
+                backend_per_call(b),
                 or_dash(&b.models.join(",")),
             ]
         })
@@ -389,6 +425,7 @@ pub fn backends_table(backends: &[Backend]) -> String {
             "WEIGHT",
             "STATE",
             "LOAD",
+            "PER-CALL",
             "MODELS",
         ],
         &rows,
@@ -589,6 +626,9 @@ mod tests {
             queue_depth: 2.0,
             report_age_ms: 1240,
             report_source: "orca".into(),
+            reported_running: 3.0,
+            per_call_share: 0.25,
+            service_time_ms: 20.9,
             circuit: "closed".into(),
             ..Default::default()
         }
@@ -610,6 +650,9 @@ mod tests {
             ]),
             models_not_ready: vec!["tiny_llm".into()],
             report_age_ms: -1,
+            reported_running: -1.0,
+            capacity: 8,
+            per_call_share: 0.125,
             ..Default::default()
         }
     }
@@ -649,6 +692,7 @@ mod tests {
             "WEIGHT",
             "STATE",
             "LOAD",
+            "PER-CALL",
             "MODELS",
         ] {
             assert!(lines[0].contains(col), "{col} missing: {}", lines[0]);
@@ -658,7 +702,7 @@ mod tests {
         assert_eq!(&lines[1][at..], "simple,tiny_llm");
         assert!(lines[1].contains("active"));
         assert!(
-            lines[1].contains("73.4% q2 (1.2s ago, orca)"),
+            lines[1].contains("73.4% q2 r3 (1.2s ago, orca)"),
             "{}",
             lines[1]
         );
@@ -669,6 +713,9 @@ mod tests {
              simple: circuit forced open; tiny_llm: circuit open; not ready: tiny_llm"
         );
         assert_eq!(backend_load(&troubled()), "-");
+        assert_eq!(backend_per_call(&backend()), "25% learned, 20.9ms");
+        assert_eq!(backend_per_call(&troubled()), "12.5% cap 8, -");
+        assert_eq!(backend_per_call(&Backend::default()), "-, -");
         let none = Backend {
             report_age_ms: -1,
             report_source: "none".into(),
