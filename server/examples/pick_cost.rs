@@ -28,7 +28,9 @@ fn pool(n: usize) -> Vec<Arc<Endpoint>> {
             e.set_health(Health::Ready);
             // A service time and a learned per-call share, so gpu_aware computes its
             // full expected-latency score rather than falling back to least_request.
-            e.observe_latency(std::time::Duration::from_millis(20 + (i % 7) as u64));
+            for _ in 0..Endpoint::SERVICE_TIME_MIN_SAMPLES {
+                e.observe_latency(std::time::Duration::from_millis(20 + (i % 7) as u64));
+            }
             for own in (0..32).map(|n| n % 3) {
                 let utilization = 0.25 * own as f64;
                 let load = Load {

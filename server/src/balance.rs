@@ -204,7 +204,10 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 
 /// gpu_aware's score (lower wins): the latency a new call can expect on `e`, in
 /// milliseconds, or None when the backend has no fresh report, no learned per-call
-/// utilization or no latency sample yet (then it is compared by least_request's score).
+/// utilization or no service time to count on (fewer than
+/// [`Endpoint::SERVICE_TIME_MIN_SAMPLES`] successful calls, or none for `stale_after`
+/// while it is idle: see [`Endpoint::service_time_ms`]); then it is compared by
+/// least_request's score.
 ///
 /// ```text
 /// others   = max(0, utilization + (queue_weight × reported_queue − own_at_report) × per_call)
@@ -273,7 +276,7 @@ fn expected_cost(
     let load = e.load();
     let reading = load.fresh(now, p.stale_after)?;
     let per_call = per_call?;
-    let floor = e.latency_floor_ms()?;
+    let floor = e.service_time_ms(now, p.stale_after)?;
     let queue = reading.queue_depth.max(0.0) * p.queue_weight;
     let others =
         (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
@@ -508,7 +511,9 @@ mod tests {
     /// and `queue` that counts none of this gateway's calls.
     fn report(e: &Endpoint, ms: u64, per_call: f64, utilization: f64, queue: f64) {
         use crate::load_report::Source;
-        e.observe_latency(Duration::from_millis(ms));
+        for _ in 0..Endpoint::SERVICE_TIME_MIN_SAMPLES {
+            e.observe_latency(Duration::from_millis(ms));
+        }
         e.set_capacity(Some((1.0 / per_call).round() as u32));
         e.load()
             .store(utilization, queue, Source::OrcaPerCall, Instant::now());
@@ -625,6 +630,64 @@ mod tests {
             .collect();
         assert_eq!((endpoints[0].in_flight(), endpoints[1].in_flight()), (2, 2));
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_time_counts_after_enough_calls_and_is_probed_when_old() {
+        let e = &pool(1)[0];
+        let max_age = Duration::from_secs(3);
+        for _ in 1..Endpoint::SERVICE_TIME_MIN_SAMPLES {
+            e.observe_latency(Duration::from_millis(20));
+        }
+        assert_eq!(
+            e.service_time_ms(Instant::now(), max_age),
+            None,
+            "too few calls"
+        );
+        e.observe_latency(Duration::from_millis(20));
+        assert_eq!(e.service_time_ms(Instant::now(), max_age), Some(20.0));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(
+            e.service_time_ms(Instant::now(), max_age),
+            None,
+            "old and idle"
+        );
+        let probe = e.begin();
+        assert_eq!(
+            e.service_time_ms(Instant::now(), max_age),
+            Some(20.0),
+            "one probe at a time"
+        );
+        drop(probe);
+        e.observe_latency(Duration::from_millis(20));
+        assert_eq!(e.service_time_ms(Instant::now(), max_age), Some(20.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_avoided_for_its_slow_calls_gets_a_probe_when_that_is_old() {
+        use crate::load_report::Source;
+        let endpoints = pool(2);
+        // Its first calls came out slow (a cold start, say); the other is fast.
+        report(&endpoints[0], 20, 0.25, 0.0, 0.0);
+        report(&endpoints[1], 60, 0.25, 0.0, 0.0);
+        let policy = Policy::new(PolicyKind::GpuAware, PolicyParams::default());
+        assert_eq!(share(&policy, &endpoints, 3, 200)[1], 0, "slower: avoided");
+        // Four seconds on: the fast one kept serving, the slow one's figure is old.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        endpoints[0].observe_latency(Duration::from_millis(20));
+        for e in &endpoints {
+            e.load()
+                .store(0.0, 0.0, Source::OrcaPerCall, Instant::now());
+        }
+        let probed = share(&policy, &endpoints, 3, 200)[1];
+        assert!(
+            probed > 50,
+            "idle with an old figure: compared by in-flight ({probed})"
+        );
+        // While its probe runs, its figure counts again, so it gets no second call.
+        let probe = endpoints[1].begin();
+        assert_eq!(share(&policy, &endpoints, 3, 200)[1], 0);
+        drop(probe);
     }
 
     #[tokio::test(start_paused = true)]

@@ -83,6 +83,10 @@ pub struct Endpoint {
     /// A low quantile (about the 3rd percentile) of successful calls' latency,
     /// microseconds: what a call takes here when it does not queue (0 = no sample yet).
     latency_floor_us: AtomicU64,
+    /// Successful calls folded into the floor (saturates).
+    latency_samples: AtomicU32,
+    /// When the last one ended ([`clock::nanos`]; 0 = never).
+    latency_at_nanos: AtomicU64,
 }
 
 /// Why an endpoint cannot take a call for a model right now.
@@ -210,6 +214,8 @@ impl Endpoint {
             attempt_counters: Default::default(),
             latency_ewma_us: AtomicU64::new(0),
             latency_floor_us: AtomicU64::new(0),
+            latency_samples: AtomicU32::new(0),
+            latency_at_nanos: AtomicU64::new(0),
         }))
     }
 
@@ -388,6 +394,38 @@ impl Endpoint {
             floor + (sample - floor).div_ceil(64)
         };
         self.latency_floor_us.store(floor, Ordering::Relaxed);
+        let n = self.latency_samples.load(Ordering::Relaxed);
+        self.latency_samples
+            .store(n.saturating_add(1), Ordering::Relaxed);
+        self.latency_at_nanos
+            .store(clock::nanos(Instant::now()), Ordering::Relaxed);
+    }
+
+    /// Successful calls a service time needs before the balancer trusts it: the first
+    /// calls to a backend are often its slowest (a new connection, a cold model), and a
+    /// floor that starts high would keep the backend from the calls that correct it.
+    pub const SERVICE_TIME_MIN_SAMPLES: u32 = 8;
+
+    /// The service time the balancer may count on now, in milliseconds: the latency
+    /// floor once [`Self::SERVICE_TIME_MIN_SAMPLES`] calls have shaped it, and as long
+    /// as it is not older than `max_age` while nothing is in flight. A floor that has
+    /// not been confirmed for `max_age` (a backend avoided as slower, or one that only
+    /// failed since) is put to the test again: with nothing in flight it counts as
+    /// unknown, so the next pick compares it by in-flight calls and most likely sends it
+    /// one call, whose answer refreshes the floor. One probe at a time, so a GPU that
+    /// really is slower costs one call per `max_age`, and one whose floor was only noise
+    /// gets its share back.
+    pub fn service_time_ms(&self, now: Instant, max_age: Duration) -> Option<f64> {
+        let floor = self.latency_floor_ms()?;
+        if self.latency_samples.load(Ordering::Relaxed) < Self::SERVICE_TIME_MIN_SAMPLES {
+            return None;
+        }
+        let at = clock::instant(self.latency_at_nanos.load(Ordering::Relaxed));
+        let stale = now.saturating_duration_since(at) > max_age;
+        if stale && self.in_flight.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        Some(floor)
     }
 
     /// What a call takes here when it does not queue (a low quantile of successful
