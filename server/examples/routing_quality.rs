@@ -18,7 +18,7 @@
 //! gateways ignore the running-calls count the simulators report
 //! (`load.running_field = ""`), so they learn the per-call share from their own calls
 //! alone; `DETAIL=1` prints what each gateway learned of each backend (service-time
-//! floor / per-call share) and how many calls each backend made wait for a slot;
+//! floor / per-call share / its own share of the backend's calls) and how many calls each backend made wait for a slot;
 //! `SERVICE_MS` changes the 20 ms service time (rates follow).
 //!
 //! Scenarios (backends: 4 slots, 20 ms a call = 200 calls/s each):
@@ -208,7 +208,8 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
         elapsed = elapsed.max(r.elapsed_s);
     }
     if std::env::var_os("DETAIL").is_some() {
-        // What each gateway learned of each backend: service-time floor and per-call share.
+        // What each gateway learned of each backend: service-time floor, per-call share
+        // and its own share of the backend's calls.
         for (i, g) in gateways.iter().enumerate() {
             let learned: Vec<String> = g
                 .pool()
@@ -216,9 +217,10 @@ async fn run(s: &Scenario, policy: PolicyKind, rate: f64, seconds: f64) -> Row {
                 .iter()
                 .map(|e| {
                     format!(
-                        "{:.1}ms/{:.3}",
+                        "{:.1}ms/{:.3}/{:.2}",
                         e.latency_floor_ms().unwrap_or(0.0),
-                        e.per_call_utilization().unwrap_or(0.0)
+                        e.per_call_utilization().unwrap_or(0.0),
+                        e.load().own_share().unwrap_or(0.0)
                     )
                 })
                 .collect();
