@@ -292,18 +292,24 @@ impl LoadState {
     /// running averages, not an average of ratios: a reading holds a handful of calls,
     /// and `own / total` of small counts is biased (often 0 of 2).
     fn learn_share(&self, total: f64, own: u64) {
-        if !total.is_finite() || total < 0.0 {
-            return;
+        // More own calls than the backend counts: some are still on their way.
+        let own = own as f64;
+        let total = total.max(own);
+        if !total.is_finite() || total < 1.0 {
+            return; // an idle backend tells nothing
         }
-        let own = (own as f64).min(total.max(own as f64));
         let a = 1.0 / Self::SHARE_MEMORY;
-        let mut avg = self.share_avg.lock().unwrap_or_else(|e| e.into_inner());
+        // Like the fit: a reading that finds the averages in use is not counted, so
+        // concurrent reports never wait for each other.
+        let Ok(mut avg) = self.share_avg.try_lock() else {
+            return;
+        };
         let (own_avg, total_avg) = &mut *avg;
         if *total_avg <= 0.0 {
-            (*own_avg, *total_avg) = (own, total.max(own));
+            (*own_avg, *total_avg) = (own, total);
         } else {
             *own_avg += a * (own - *own_avg);
-            *total_avg += a * (total.max(own) - *total_avg);
+            *total_avg += a * (total - *total_avg);
         }
         let share = if *total_avg > 0.0 {
             (*own_avg / *total_avg).clamp(0.0, 1.0)
