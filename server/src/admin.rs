@@ -120,6 +120,7 @@ fn backend(control: &Control, e: &Endpoint) -> Backend {
         capacity: e.capacity().unwrap_or(0),
         service_time_ms: e.latency_floor_ms().unwrap_or(0.0),
         reported_running: reading.and_then(|r| r.running).unwrap_or(-1.0),
+        own_share: e.load().own_share().unwrap_or(0.0),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct BackendJson {
     pub service_time_ms: f64,
     /// -1 when the backend's reports do not say.
     pub reported_running: f64,
+    /// This gateway's share of the backend's calls; 0 = not known.
+    pub own_share: f64,
 }
 
 impl From<&Backend> for BackendJson {
@@ -73,6 +75,7 @@ impl From<&Backend> for BackendJson {
             capacity: b.capacity,
             service_time_ms: finite(b.service_time_ms),
             reported_running: finite(b.reported_running),
+            own_share: finite(b.own_share),
         }
     }
 }
@@ -373,7 +376,8 @@ pub fn backend_load(b: &Backend) -> String {
 }
 
 /// The PER-CALL column: the share of the backend one call takes and whether it is
-/// configured (`cap N`) or learned, then the service time; `-` for what is not known yet.
+/// configured (`cap N`) or learned, then the service time, then (when known and not
+/// all) this gateway's share of the backend's calls; `-` for what is not known yet.
 pub fn backend_per_call(b: &Backend) -> String {
     let share = if b.per_call_share > 0.0 {
         let how = if b.capacity > 0 {
@@ -390,7 +394,11 @@ pub fn backend_per_call(b: &Backend) -> String {
     } else {
         "-".to_string()
     };
-    format!("{share}, {service}")
+    let mut s = format!("{share}, {service}");
+    if b.own_share > 0.0 && b.own_share < 0.995 {
+        s.push_str(&format!(", ours {}%", short_number(b.own_share * 100.0)));
+    }
+    s
 }
 
 /// The `admin backends` table.
@@ -629,6 +637,7 @@ mod tests {
             reported_running: 3.0,
             per_call_share: 0.25,
             service_time_ms: 20.9,
+            own_share: 0.334,
             circuit: "closed".into(),
             ..Default::default()
         }
@@ -713,7 +722,10 @@ mod tests {
              simple: circuit forced open; tiny_llm: circuit open; not ready: tiny_llm"
         );
         assert_eq!(backend_load(&troubled()), "-");
-        assert_eq!(backend_per_call(&backend()), "25% learned, 20.9ms");
+        assert_eq!(
+            backend_per_call(&backend()),
+            "25% learned, 20.9ms, ours 33.4%"
+        );
         assert_eq!(backend_per_call(&troubled()), "12.5% cap 8, -");
         assert_eq!(backend_per_call(&Backend::default()), "-, -");
         let none = Backend {
