@@ -382,7 +382,10 @@ impl Pool {
         }
     }
 
-    /// Recomputes panic mode from health and ejections.
+    /// Recomputes panic mode from health and ejections. A backend not checked yet
+    /// counts as usable here: panic mode is about backends lost to failures, and at
+    /// start every backend is unchecked for a moment (the first ready one would
+    /// otherwise put the pool in panic on every start).
     pub fn update_panic(&self) {
         let healthy: HashMap<String, bool> = self
             .endpoints()
@@ -390,7 +393,7 @@ impl Pool {
             .map(|e| {
                 (
                     e.address().to_owned(),
-                    e.health() == Health::Ready && !e.is_draining(),
+                    matches!(e.health(), Health::Ready | Health::Unknown) && !e.is_draining(),
                 )
             })
             .collect();
