@@ -400,14 +400,20 @@ impl SimControl {
 
     /// The load report sent per call and out of band.
     pub(crate) fn load_report(&self) -> OrcaLoadReport {
-        let util = self.gpu_utilization();
+        // One look at the busy slots for both figures, so that they agree.
+        let busy = self.busy();
+        let util = gpu_utilization(
+            usize::try_from(busy).unwrap_or(usize::MAX),
+            self.hidden_load(),
+            self.slots,
+        );
         OrcaLoadReport {
             application_utilization: util,
             utilization: HashMap::from([("gpu".to_owned(), util)]),
             named_metrics: HashMap::from([
                 ("gpu_utilization".to_owned(), util),
                 ("queue_depth".to_owned(), self.queued() as f64),
-                ("running_requests".to_owned(), self.busy() as f64),
+                ("running_requests".to_owned(), busy as f64),
                 ("kv_cache_utilization".to_owned(), util),
             ]),
             rps_fractional: self.recent_rps(),
