@@ -213,7 +213,9 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// others   = max(0, utilization + (queue_weight × reported_queue − own_at_report) × per_call
 ///                   + (in_flight − own_at_report) × (min(1 / own_share, 4) − 1) × per_call)
 /// load     = others + (in_flight + 1) × per_call
-/// expected = floor_latency × (max(1, load) + spread × load) / (weight × slow_start_factor)
+/// hidden   = utilization − reported_running × per_call   (0 without a running count)
+/// expected = floor_latency × (1 + max(0, load − 1) / (1 − hidden) + spread × load)
+///            / (weight × slow_start_factor)
 /// ```
 ///
 /// `load` is the backend's projected occupancy once this call lands, in units of its
@@ -233,7 +235,8 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// (the policy lends a backend without a figure yet its peers' typical one).
 /// Below 1 the call finds room and takes about `floor_latency` (a low quantile of the
 /// backend's successful calls: its service time); above 1 it waits `load − 1` service
-/// times. So a GPU three times slower is only used when a fast one would make the call
+/// times, or more where part of the backend is held by work that is not calls
+/// (`hidden`): that part frees no slot, so the queue drains more slowly. So a GPU three times slower is only used when a fast one would make the call
 /// wait more than two service times, and a GPU half taken by hidden work fills up
 /// after half as many calls. Among backends with room, `spread × load` prefers the
 /// emptier one, so equal backends share calls instead of one filling up first.
@@ -302,7 +305,15 @@ fn expected_cost(
         others = (others + own_since * mirror * per_call).max(0.0);
     }
     let projected = others + (in_flight + 1.0) * per_call;
-    let factor = (projected.max(1.0) + p.spread * projected)
+    // Past full, calls wait for slots that calls free; work that holds a backend
+    // without being calls (what the report's utilization shows beyond its running
+    // calls) frees none, so a backend half taken by it drains its queue at half speed.
+    let hidden = reading
+        .running
+        .map_or(0.0, |r| reading.utilization - r.max(0.0) * per_call)
+        .clamp(0.0, (1.0 - per_call).max(0.0));
+    let wait = (projected - 1.0).max(0.0) / (1.0 - hidden);
+    let factor = (1.0 + wait + p.spread * projected)
         / (f64::from(e.weight()) * e.slow_start_factor(now, p.slow_start));
     Some(Expected {
         floor_ms: floor,
@@ -691,6 +702,36 @@ mod tests {
         assert!((busy - 20.0 * 1.25 * 1.25).abs() < 0.5, "{busy}");
         let policy = Policy::new(PolicyKind::GpuAware, p);
         assert_eq!(share(&policy, &endpoints, 5, 100), [0, 100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_behind_hidden_work_counts_as_slower_to_drain() {
+        use crate::load_report::{Load, Source};
+        let endpoints = pool(2);
+        let p = PolicyParams::default();
+        let reported = |e: &Endpoint, running: f64, queue: f64| {
+            report(e, 20, 0.25, 0.0, 0.0);
+            let load = Load {
+                utilization: 1.0,
+                queue_depth: queue,
+                running: Some(running),
+            };
+            e.load()
+                .store_observed(load, Source::OrcaPerCall, Instant::now(), Some(0));
+        };
+        // Both full with one call waiting: four calls running on one, two on the other
+        // (whose other half is work that frees no slot).
+        reported(&endpoints[0], 4.0, 1.0);
+        reported(&endpoints[1], 2.0, 1.0);
+        let now = Instant::now();
+        let calls = expected_latency_ms(&endpoints[0], now, &p).expect("expected");
+        let hidden = expected_latency_ms(&endpoints[1], now, &p).expect("expected");
+        // Load 1.5 once ours lands: half a service time's wait, plus 0.25 × 1.5.
+        assert!((calls - 20.0 * 1.875).abs() < 1e-9, "{calls}");
+        // The same load drains at half speed behind the hidden half.
+        assert!((hidden - 20.0 * 2.375).abs() < 1e-9, "{hidden}");
+        let policy = Policy::new(PolicyKind::GpuAware, p);
+        assert_eq!(share(&policy, &endpoints, 9, 100), [100, 0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -52,6 +52,9 @@ pub struct PerCallFit {
     mean_demand: f64,
     var_own: f64,
     cov: f64,
+    /// The fit has once had the readings it needs: from then on it keeps answering
+    /// through spells when the calls barely vary (a backend that sits full).
+    trusted: bool,
 }
 
 impl PerCallFit {
@@ -98,11 +101,24 @@ impl PerCallFit {
             self.cov = (1.0 - a) * (self.cov + a * dx * dy);
         }
         self.n = self.n.saturating_add(1);
+        if self.n >= Self::READY_N && self.var_own >= Self::READY_VAR {
+            self.trusted = true;
+        }
     }
 
     /// What one call adds to the utilization, once the readings tell.
     pub fn per_call(&self) -> Option<f64> {
-        if self.n < Self::READY_N || self.var_own < Self::READY_VAR {
+        // Once trusted, a far smaller spread still gives the slope: a backend that
+        // sits full reports the same count for seconds, the variance of the
+        // exponentially weighted fit decays, and falling back to the fit on own calls
+        // (biased when the backend queues) then under-read a busy backend's share by
+        // a third and sent it more calls than it could take.
+        let min_var = if self.trusted {
+            Self::READY_VAR / 50.0
+        } else {
+            Self::READY_VAR
+        };
+        if self.n < Self::READY_N || self.var_own < min_var {
             return None;
         }
         let slope = self.cov / self.var_own;
@@ -240,6 +256,25 @@ mod tests {
             "{:?}",
             own_only.per_call()
         );
+    }
+
+    #[test]
+    fn a_backend_that_sits_full_keeps_its_learned_share() {
+        // Half taken by hidden work, a quarter per call: 2 calls fill it.
+        let mut learning = PerCallLearning::default();
+        for i in 0..64u64 {
+            let running = (i % 3) as f64;
+            learning.observe(0.5 + 0.25 * running, 0.0, Some(running), Some(i % 3));
+        }
+        assert!(near(learning.per_call(), 0.25, 0.01));
+        // Then it sits full for a long spell, now and then one call short, with a queue
+        // that own calls alone would misread.
+        for i in 0..600u64 {
+            let running = if i % 40 == 0 { 1.0 } else { 2.0 };
+            learning.observe(0.5 + 0.25 * running, 2.0, Some(running), Some(3));
+        }
+        let got = learning.per_call();
+        assert!(near(got, 0.25, 0.01), "{got:?}");
     }
 
     #[test]
