@@ -310,7 +310,9 @@ fn expected_cost(
     // calls) frees none, so a backend half taken by it drains its queue at half speed.
     let hidden = reading
         .running
-        .map_or(0.0, |r| reading.utilization - r.max(0.0) * per_call)
+        .map_or(0.0, |r| {
+            reading.utilization.max(0.0) - r.max(0.0) * per_call
+        })
         .clamp(0.0, (1.0 - per_call).max(0.0));
     let wait = (projected - 1.0).max(0.0) / (1.0 - hidden);
     let factor = (1.0 + wait + p.spread * projected)
