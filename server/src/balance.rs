@@ -229,16 +229,17 @@ pub fn least_request_score(e: &Endpoint, now: Instant, p: &PolicyParams) -> f64 
 /// to have sent (or ended) calls in the same proportion as it has since the report.
 /// Replicas deciding on the same report tend to pick the same emptiest backend; this
 /// is what keeps them from filling it together (without it, 10% of the calls of three
-/// replicas at 70% load waited for a slot; with it, under 1% on the full backends). `per_call` is how much one call moves the
-/// reported utilization: `1 / backends[].capacity` when configured, else learned from
-/// the reports themselves ([`crate::capacity`]), so no capacity figure is required
-/// (the policy lends a backend without a figure yet its peers' typical one).
-/// Below 1 the call finds room and takes about `floor_latency` (a low quantile of the
-/// backend's successful calls: its service time); above 1 it waits `load − 1` service
-/// times, or more where part of the backend is held by work that is not calls
-/// (`hidden`): that part frees no slot, so the queue drains more slowly. So a GPU three times slower is only used when a fast one would make the call
-/// wait more than two service times, and a GPU half taken by hidden work fills up
-/// after half as many calls. Among backends with room, `spread × load` prefers the
+/// replicas at 70% load waited for a slot; with it, under 1% on the full backends).
+/// `per_call` is how much one call moves the reported utilization:
+/// `1 / backends[].capacity` when configured, else learned from the reports themselves
+/// ([`crate::capacity`]), so no capacity figure is required (the policy lends a
+/// backend without a figure yet its peers' typical one). Below 1 the call finds room
+/// and takes about `floor_latency` (a low quantile of the backend's successful calls:
+/// its service time); above 1 it waits `load − 1` service times, or more where part of
+/// the backend is held by work that is not calls (`hidden`): that part frees no slot,
+/// so the queue drains more slowly. So a GPU three times slower is only used when a
+/// fast one would make the call wait more than two service times, and a GPU half
+/// taken by hidden work fills up after half as many calls. Among backends with room, `spread × load` prefers the
 /// emptier one, so equal backends share calls instead of one filling up first.
 pub fn expected_latency_ms(e: &Endpoint, now: Instant, p: &PolicyParams) -> Option<f64> {
     Some(expected_cost(e, now, p, e.per_call_utilization())?.ms())
@@ -666,17 +667,23 @@ mod tests {
         drop(held);
     }
 
+    /// Stores a report that says how many calls the backend runs, `own` of them this
+    /// gateway's.
+    fn report_running(e: &Endpoint, utilization: f64, queue: f64, running: f64, own: u64) {
+        use crate::load_report::{Load, Source};
+        let load = Load {
+            utilization,
+            queue_depth: queue,
+            running: Some(running),
+        };
+        e.load()
+            .store_observed(load, Source::OrcaPerCall, Instant::now(), Some(own));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn calls_sent_since_a_report_count_for_the_other_replicas_too() {
-        use crate::load_report::{Load, Source};
         let running = |e: &Endpoint, total: f64, own: u64| {
-            let load = Load {
-                utilization: total / 4.0,
-                queue_depth: 0.0,
-                running: Some(total),
-            };
-            e.load()
-                .store_observed(load, Source::OrcaPerCall, Instant::now(), Some(own));
+            report_running(e, total / 4.0, 0.0, total, own);
         };
         let endpoints = pool(2);
         let p = PolicyParams::default();
@@ -708,18 +715,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_queue_behind_hidden_work_counts_as_slower_to_drain() {
-        use crate::load_report::{Load, Source};
         let endpoints = pool(2);
         let p = PolicyParams::default();
         let reported = |e: &Endpoint, running: f64, queue: f64| {
             report(e, 20, 0.25, 0.0, 0.0);
-            let load = Load {
-                utilization: 1.0,
-                queue_depth: queue,
-                running: Some(running),
-            };
-            e.load()
-                .store_observed(load, Source::OrcaPerCall, Instant::now(), Some(0));
+            report_running(e, 1.0, queue, running, 0);
         };
         // Both full with one call waiting: four calls running on one, two on the other
         // (whose other half is work that frees no slot).

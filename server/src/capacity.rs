@@ -33,6 +33,10 @@
 //! is left in the intercept, and falls back to own calls for backends that do not
 //! report it.
 //!
+//! The same readings tell the gateway its share of the backend's calls (own calls
+//! against running plus queued ones, [`PerCallLearning::own_share`]), which gpu_aware
+//! uses to count what other replicas are likely to have sent since a report.
+//!
 //! Until the readings tell (enough of them, with own calls that vary), there is no
 //! estimate and the policy compares that backend by least_request's score. A guess here
 //! would feed on itself: a backend guessed too full gets no calls, so no readings that
@@ -133,9 +137,16 @@ impl PerCallFit {
 pub struct PerCallLearning {
     by_running: PerCallFit,
     by_own: PerCallFit,
+    /// Running averages of this gateway's calls and of all the backend's calls (running
+    /// or queued), over readings that give both; their ratio is [`Self::own_share`].
+    own_avg: f64,
+    all_avg: f64,
 }
 
 impl PerCallLearning {
+    /// Readings the share roughly remembers.
+    const SHARE_MEMORY: f64 = 64.0;
+
     /// Takes a reading: `running` as the backend reported it (None when it does not),
     /// `own` of this gateway's calls on the backend when it was taken (None when
     /// unknown).
@@ -156,6 +167,35 @@ impl PerCallLearning {
         if let Some(own) = own {
             self.by_own.observe(utilization, queue_depth, own);
         }
+        if let (Some(running), Some(own)) = (running, own) {
+            self.observe_share(running + queue_depth.max(0.0), own as f64);
+        }
+    }
+
+    /// Folds `own` of the backend's `all` calls into the share. The share is the ratio
+    /// of the two averages, not an average of ratios: a reading holds a handful of
+    /// calls, and `own / all` of small counts is biased (often 0 of 2).
+    fn observe_share(&mut self, all: f64, own: f64) {
+        // More own calls than the backend counts: some are still on their way.
+        let all = all.max(own);
+        if !all.is_finite() || all < 1.0 {
+            return; // an idle backend tells nothing
+        }
+        if self.all_avg <= 0.0 {
+            (self.own_avg, self.all_avg) = (own, all);
+        } else {
+            let a = 1.0 / Self::SHARE_MEMORY;
+            self.own_avg += a * (own - self.own_avg);
+            self.all_avg += a * (all - self.all_avg);
+        }
+    }
+
+    /// This gateway's share (0..1) of the calls the backend runs or queues, once
+    /// readings with a running count have told it: 1 when the gateway is the backend's
+    /// only client, about a third for one of three replicas that split the traffic.
+    pub fn own_share(&self) -> Option<f64> {
+        let share = self.own_avg / self.all_avg;
+        (share > 0.0).then(|| share.min(1.0))
     }
 
     /// What one call adds to the utilization, from the running count when that fit is
@@ -275,6 +315,35 @@ mod tests {
         }
         let got = learning.per_call();
         assert!(near(got, 0.25, 0.01), "{got:?}");
+    }
+
+    #[test]
+    fn own_share_is_the_ratio_of_average_counts() {
+        let reading = |learning: &mut PerCallLearning, all: f64, own: u64| {
+            learning.observe(all / 4.0, 0.0, Some(all), Some(own));
+        };
+        let mut learning = PerCallLearning::default();
+        assert_eq!(learning.own_share(), None);
+        reading(&mut learning, 0.0, 0);
+        assert_eq!(learning.own_share(), None, "an idle backend tells nothing");
+        // One of three replicas: 0 of 2 calls, then 2 of 4. Averaging the ratios would
+        // say a quarter; a third of the calls are ours.
+        for i in 0..400 {
+            let (all, own) = if i % 2 == 0 { (2.0, 0) } else { (4.0, 2) };
+            reading(&mut learning, all, own);
+        }
+        let share = learning.own_share().expect("share");
+        assert!((share - 1.0 / 3.0).abs() < 0.02, "{share}");
+        // The backend's only client.
+        let mut learning = PerCallLearning::default();
+        for own in [1u64, 3, 2, 0, 4] {
+            reading(&mut learning, own as f64, own);
+        }
+        assert_eq!(learning.own_share(), Some(1.0));
+        // Without a running count there is nothing to go by.
+        let mut learning = PerCallLearning::default();
+        learning.observe(0.5, 0.0, None, Some(1));
+        assert_eq!(learning.own_share(), None);
     }
 
     #[test]

@@ -189,11 +189,9 @@ pub struct LoadState {
     per_call: AtomicU64,
     /// The learning behind `per_call` (see [`crate::capacity`]).
     fit: Mutex<PerCallLearning>,
-    /// This gateway's share of the calls the backend runs or queues, a running average
-    /// over reports that give the running count (f64 bits; 0 = not known).
+    /// This gateway's share of the calls the backend runs or queues, as `fit` last
+    /// answered (f64 bits; 0 = not known).
     own_share: AtomicU64,
-    /// Running averages of own and of all calls behind `own_share`.
-    share_avg: Mutex<(f64, f64)>,
 }
 
 impl Default for LoadState {
@@ -208,7 +206,6 @@ impl Default for LoadState {
             per_call: AtomicU64::new(0f64.to_bits()),
             fit: Mutex::new(PerCallLearning::default()),
             own_share: AtomicU64::new(0f64.to_bits()),
-            share_avg: Mutex::new((0.0, 0.0)),
         }
     }
 }
@@ -269,10 +266,9 @@ impl LoadState {
                 fit.observe(utilization, queue_depth, running, own_in_flight);
                 let learned = fit.per_call().unwrap_or(0.0);
                 self.per_call.store(learned.to_bits(), Ordering::Relaxed);
+                let share = fit.own_share().unwrap_or(0.0);
+                self.own_share.store(share.to_bits(), Ordering::Relaxed);
             }
-        }
-        if let (Some(running), Some(own)) = (running, own_in_flight) {
-            self.learn_share(running + queue_depth.max(0.0), own);
         }
         self.own_at_report
             .store(own_in_flight.unwrap_or(0), Ordering::Relaxed);
@@ -287,44 +283,9 @@ impl LoadState {
         self.at_nanos.store(nanos.max(1), Ordering::Release);
     }
 
-    /// Folds one reading into [`LoadState::own_share`]: `own` of the `total` calls the
-    /// backend runs or queues are this gateway's. The share is the ratio of the two
-    /// running averages, not an average of ratios: a reading holds a handful of calls,
-    /// and `own / total` of small counts is biased (often 0 of 2).
-    fn learn_share(&self, total: f64, own: u64) {
-        // More own calls than the backend counts: some are still on their way.
-        let own = own as f64;
-        let total = total.max(own);
-        if !total.is_finite() || total < 1.0 {
-            return; // an idle backend tells nothing
-        }
-        let a = 1.0 / Self::SHARE_MEMORY;
-        // Like the fit: a reading that finds the averages in use is not counted, so
-        // concurrent reports never wait for each other.
-        let Ok(mut avg) = self.share_avg.try_lock() else {
-            return;
-        };
-        let (own_avg, total_avg) = &mut *avg;
-        if *total_avg <= 0.0 {
-            (*own_avg, *total_avg) = (own, total);
-        } else {
-            *own_avg += a * (own - *own_avg);
-            *total_avg += a * (total - *total_avg);
-        }
-        let share = if *total_avg > 0.0 {
-            (*own_avg / *total_avg).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.own_share.store(share.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Readings the share roughly remembers.
-    const SHARE_MEMORY: f64 = 64.0;
-
     /// This gateway's share (0..1) of the calls the backend runs or queues, once
-    /// reports with a running count have told it: 1 when the gateway is the backend's
-    /// only client, about a third for one of three replicas that split the traffic.
+    /// reports with a running count have told it (see
+    /// [`PerCallLearning::own_share`]). Lock-free: one atomic read.
     pub fn own_share(&self) -> Option<f64> {
         let share = f64::from_bits(self.own_share.load(Ordering::Relaxed));
         (share > 0.0).then_some(share)
@@ -973,49 +934,6 @@ mod tests {
         assert_eq!(values["nv_inference_pending_request_count"].sum, 5.0);
         assert_eq!(values["vllm:num_requests_waiting"].sum, 7.0);
         assert!(!values.contains_key("other_metric"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn own_share_is_the_ratio_of_average_counts() {
-        let reading = |state: &LoadState, total: f64, own: u64| {
-            let load = Load {
-                utilization: total / 4.0,
-                queue_depth: 0.0,
-                running: Some(total),
-            };
-            state.store_observed(load, Source::OrcaPerCall, Instant::now(), Some(own));
-        };
-        let state = LoadState::default();
-        assert_eq!(state.own_share(), None);
-        reading(&state, 0.0, 0);
-        assert_eq!(state.own_share(), None, "an idle backend tells nothing");
-        // One of three replicas: 0 of 2 calls, then 2 of 4. Averaging the ratios would
-        // say a quarter; a third of the calls are ours.
-        for i in 0..400 {
-            let (total, own) = if i % 2 == 0 { (2.0, 0) } else { (4.0, 2) };
-            reading(&state, total, own);
-        }
-        let share = state.own_share().expect("share");
-        assert!((share - 1.0 / 3.0).abs() < 0.02, "{share}");
-        // The backend's only client.
-        let state = LoadState::default();
-        for own in [1u64, 3, 2, 0, 4] {
-            reading(&state, own as f64, own);
-        }
-        assert_eq!(state.own_share(), Some(1.0));
-        // Without a running count there is nothing to go by.
-        let state = LoadState::default();
-        state.store_observed(
-            Load {
-                utilization: 0.5,
-                queue_depth: 0.0,
-                running: None,
-            },
-            Source::OrcaPerCall,
-            Instant::now(),
-            Some(1),
-        );
-        assert_eq!(state.own_share(), None);
     }
 
     #[tokio::test(start_paused = true)]
