@@ -33,6 +33,18 @@ fn with_token(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::St
     Ok(r)
 }
 
+/// `address` as `ListBackends` shows it.
+async fn listed_backend(adm: &mut Admin, address: &str) -> Backend {
+    adm.list_backends(ListBackendsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .backends
+        .into_iter()
+        .find(|b| b.address == address)
+        .expect("listed")
+}
+
 async fn admin(gw: &infergate::server::GatewayHandle) -> Admin {
     AdminClient::with_interceptor(channel(gw.admin_addr()).await, with_token as fn(_) -> _)
 }
@@ -163,16 +175,7 @@ async fn drain_under_load_loses_no_call_and_returns_when_idle() {
         after_drain,
         "a drained backend gets no new calls"
     );
-    let listed = adm
-        .list_backends(ListBackendsRequest {})
-        .await
-        .expect("list")
-        .into_inner();
-    let b = listed
-        .backends
-        .iter()
-        .find(|b| b.address == target)
-        .expect("listed");
+    let b = listed_backend(&mut adm, &target).await;
     assert!(b.draining);
     assert_eq!(b.health, "ready", "drain is not a failure");
     stop.store(true, Ordering::Relaxed);
@@ -455,20 +458,8 @@ async fn backends_show_what_one_call_takes_and_the_service_time() {
             .expect("call");
     }
     let mut adm = admin(&gw).await;
-    let listed = adm
-        .list_backends(ListBackendsRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .backends;
-    let of = |addr: std::net::SocketAddr| {
-        listed
-            .iter()
-            .find(|b| b.address == addr.to_string())
-            .cloned()
-            .expect("listed")
-    };
-    let (configured, learned) = (of(sims[0].addr()), of(sims[1].addr()));
+    let configured = listed_backend(&mut adm, &sims[0].addr().to_string()).await;
+    let learned = listed_backend(&mut adm, &sims[1].addr().to_string()).await;
     assert_eq!(configured.capacity, 4);
     assert_eq!(configured.per_call_share, 0.25);
     assert_eq!(learned.capacity, 0);
