@@ -858,8 +858,14 @@ mod tests {
         let old = pool(1).remove(0);
         let mut cfg = crate::config::BackendConfig::new("127.0.0.1:9200");
         cfg.weight = 1;
-        let new =
-            Endpoint::from_config(&cfg, "admin", true, &Default::default()).expect("endpoint");
+        let new = Endpoint::from_config(
+            &cfg,
+            "admin",
+            true,
+            &Default::default(),
+            &Default::default(),
+        )
+        .expect("endpoint");
         new.set_health(Health::Ready);
         let endpoints = vec![old, new];
         let params = PolicyParams::default();

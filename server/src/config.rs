@@ -111,6 +111,10 @@ pub struct Config {
     pub outlier: crate::outlier::OutlierConfig,
     /// Circuit breakers (one per backend and one per backend × model, all alike).
     pub breaker: crate::breaker::BreakerConfig,
+    /// Backend connections: HTTP/2 PING keepalive, connect timeout.
+    pub backend_connection: crate::endpoint::ConnectionConfig,
+    /// When an attempt that has received nothing counts as a backend's failure.
+    pub no_response: crate::attempt::NoResponseConfig,
     /// Who a call belongs to.
     pub tenants: TenantConfig,
     /// Token-bucket rate limits per tenant and per model.
@@ -149,6 +153,8 @@ impl Default for Config {
             load: crate::load_report::LoadConfig::default(),
             outlier: crate::outlier::OutlierConfig::default(),
             breaker: crate::breaker::BreakerConfig::default(),
+            backend_connection: crate::endpoint::ConnectionConfig::default(),
+            no_response: crate::attempt::NoResponseConfig::default(),
             tenants: TenantConfig::default(),
             rate_limit: crate::ratelimit::RateLimitConfig::default(),
             retry: crate::retry::RetryConfig::default(),
@@ -347,6 +353,9 @@ pub struct ModelConfig {
     /// (microseconds), so the backend's own queue drops work nobody waits for.
     /// Default false.
     pub triton_timeout_parameter: bool,
+    /// When an attempt that received nothing counts as its backend's failure;
+    /// absent = `[no_response]`.
+    pub no_response: Option<crate::attempt::NoResponseConfig>,
 }
 
 /// `[admin]`
@@ -499,6 +508,8 @@ impl Config {
         sub("rate_limit", self.rate_limit.validate())?;
         sub("retry", self.retry.validate())?;
         sub("hedge", self.hedge.validate())?;
+        sub("no_response", self.no_response.validate())?;
+        sub("backend_connection", self.backend_connection.validate())?;
         if self.health.unhealthy_interval_ms == 0 {
             return Err(err(
                 "health.unhealthy_interval_ms".into(),
@@ -515,6 +526,20 @@ impl Config {
             }
             if let Some(h) = &model.hedge {
                 sub(&format!("{section}.hedge"), h.validate())?;
+            }
+            if let Some(n) = &model.no_response {
+                sub(&format!("{section}.no_response"), n.validate())?;
+            }
+            for (field, value) in [
+                ("deadline_default_ms", model.deadline_default_ms),
+                ("deadline_max_ms", model.deadline_max_ms),
+            ] {
+                if value == Some(0) {
+                    return Err(err(
+                        format!("{section}.{field}"),
+                        "must be above 0 (a zero deadline fails every call)".into(),
+                    ));
+                }
             }
             if let Some(fallback) = &model.fallback {
                 if fallback == name {

@@ -114,8 +114,14 @@ impl Control {
                 backend.address
             )));
         }
-        let endpoint = Endpoint::from_config(&backend, source, true, self.pool.breaker_config())
-            .map_err(ControlError::Invalid)?;
+        let endpoint = Endpoint::from_config(
+            &backend,
+            source,
+            true,
+            self.pool.breaker_config(),
+            self.pool.connection_config(),
+        )
+        .map_err(ControlError::Invalid)?;
         self.pool.add(Arc::clone(&endpoint));
         health::spawn_for(
             &self.pool,

@@ -9,6 +9,7 @@
 use crate::breaker::{BreakerConfig, BreakerState, SharedBreaker};
 use crate::config::BackendConfig;
 use crate::load_report::{Load, LoadState, ScrapeConfig, Source};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -16,6 +17,57 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
+
+/// `[backend_connection]`: how the gateway holds its HTTP/2 connection to each backend.
+///
+/// Why these defaults: a GPU server that hangs (a CUDA or NCCL hang, a paused VM, a
+/// dropped network path) keeps its TCP connection open and stops answering. Nothing on
+/// the connection fails by itself, so the gateway asks: an HTTP/2 PING every
+/// `keepalive_interval_ms`, also while the connection is idle, which a live server's
+/// HTTP/2 stack answers at once, whatever its model is doing. No answer within
+/// `keepalive_timeout_ms` closes the connection: every call in flight on it fails as a
+/// transport error (retried on another backend where the deadline allows), the health
+/// Watch stream on it breaks (so the backend is checked again, and fails), and the next
+/// call opens a new connection. One second each bounds the time to notice a hung
+/// server to about two seconds, at the cost of one 17-byte frame a second each way.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    /// Time between HTTP/2 PINGs on a backend connection. Default 1000 ms.
+    pub keepalive_interval_ms: u64,
+    /// Longest wait for a PING's answer before the connection is closed. Default 1000 ms.
+    pub keepalive_timeout_ms: u64,
+    /// Longest wait for a TCP connection to a backend. Default 1000 ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            keepalive_interval_ms: 1000,
+            keepalive_timeout_ms: 1000,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+impl ConnectionConfig {
+    /// Checks values serde cannot check; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("keepalive_interval_ms", self.keepalive_interval_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(format!(
+                    "{name}: must be above 0 (a hung backend would never be noticed)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// What active health checks last concluded about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +214,13 @@ impl Endpoint {
             scrape: ScrapeConfig::default(),
             capacity: None,
         };
-        Endpoint::from_config(&config, source, false, &BreakerConfig::default())
+        Endpoint::from_config(
+            &config,
+            source,
+            false,
+            &BreakerConfig::default(),
+            &ConnectionConfig::default(),
+        )
     }
 
     /// A backend as `[[backends]]` describes it; `slow_start` when it joins a pool
@@ -172,6 +230,7 @@ impl Endpoint {
         source: &str,
         slow_start: bool,
         breaker: &BreakerConfig,
+        connection: &ConnectionConfig,
     ) -> Result<Arc<Endpoint>, String> {
         let breaker_config = breaker.clone();
         let breaker = Arc::new(SharedBreaker::new(breaker).map_err(|e| format!("breaker.{e}"))?);
@@ -180,12 +239,13 @@ impl Endpoint {
         let weight = config.weight;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("backend `{address}`: {e}"))?
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_millis(connection.connect_timeout_ms))
             .tcp_nodelay(true)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_millis(connection.keepalive_interval_ms))
+            .keep_alive_timeout(Duration::from_millis(connection.keepalive_timeout_ms))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         let models_pinned = !models.is_empty();
         Ok(Arc::new(Endpoint {

@@ -8,6 +8,7 @@
 //! - [`front`]: the front door, which splits forwarded RPCs from the ones the gateway
 //!   answers itself;
 //! - [`path`]: the request path of forwarded calls, the layer order written once;
+//!   [`attempt`]: one attempt on one backend, recorded once;
 //! - [`wire`]: reading routing fields from raw bytes; [`proxy`]: HTTP/2 plumbing;
 //! - [`pool`]: backends and per-model routes; [`balance`]: the pick;
 //!   [`endpoint`]: one backend, its connection and in-flight accounting;
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod attempt;
 pub mod balance;
 pub mod breaker;
 pub mod bulkhead;

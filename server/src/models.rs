@@ -3,15 +3,20 @@
 //! model up here once per call (a read lock and an `Arc` clone).
 //!
 //! A model without a `[models.NAME]` table gets the pool-wide `[retry]` and `[hedge]`
-//! and no bulkhead (unlimited concurrency). Settings can be replaced at run time
-//! ([`Models::update`]); calls in flight keep the settings they started with.
+//! and a default bulkhead sized from its pool ([`ModelPolicy::fit_bulkhead`]), so a
+//! stuck model cannot pile up unbounded calls and memory. Settings can be replaced at
+//! run time ([`Models::update`]); calls in flight keep the settings they started with.
 
+use crate::attempt::NoResponseBound;
 use crate::bulkhead::{Bulkhead, BulkheadConfig};
 use crate::config::{Config, ModelConfig};
+use crate::endpoint::{clock, Endpoint};
 use crate::retry::{parse_codes, HedgeConfig, LatencyTracker, RetryBudget, RetryConfig};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::Code;
 
 /// Everything the request path needs to know about one model.
@@ -21,6 +26,9 @@ pub struct ModelPolicy {
     pub name: String,
     /// Its bulkhead, if it has limits.
     pub bulkhead: Option<Arc<Bulkhead>>,
+    /// Whether the bulkhead is the default one, sized from the pool (None: configured,
+    /// or none at all).
+    auto_bulkhead: Option<AutoSize>,
     /// Retry settings.
     pub retry: RetryConfig,
     /// Codes the retry settings name.
@@ -31,6 +39,8 @@ pub struct ModelPolicy {
     pub hedge: HedgeConfig,
     /// Recent latencies (for the hedge delay percentile).
     pub latencies: LatencyTracker,
+    /// When an attempt that received nothing counts as its backend's failure.
+    pub no_response: NoResponseBound,
     /// Deadline of calls that carry none.
     pub deadline_default: Option<Duration>,
     /// Longest deadline allowed.
@@ -51,18 +61,26 @@ impl ModelPolicy {
         let hedge = cfg
             .and_then(|c| c.hedge.clone())
             .unwrap_or_else(|| defaults.hedge.clone());
+        let configured = cfg.and_then(|c| c.bulkhead.clone());
+        let auto = configured.is_none();
+        let bulkhead = match configured {
+            Some(b) => Some(b).filter(|b| b.max_concurrent > 0),
+            None => Some(auto_bulkhead(AUTO_PER_BACKEND)),
+        };
         ModelPolicy {
             name: name.to_owned(),
-            bulkhead: cfg
-                .and_then(|c| c.bulkhead.clone())
-                .filter(|b| b.max_concurrent > 0)
-                .map(|b: BulkheadConfig| Arc::new(Bulkhead::new(name.to_owned(), b))),
+            bulkhead: bulkhead.map(|b: BulkheadConfig| Arc::new(Bulkhead::new(name.to_owned(), b))),
+            auto_bulkhead: auto.then(AutoSize::default),
             retryable: parse_codes(&retry.retryable_codes)
                 .unwrap_or_else(|_| vec![Code::Unavailable]),
             budget: RetryBudget::new(&retry),
             retry,
             hedge,
             latencies: LatencyTracker::default(),
+            no_response: NoResponseBound::new(
+                cfg.and_then(|c| c.no_response.clone())
+                    .unwrap_or_else(|| defaults.no_response.clone()),
+            ),
             deadline_default: cfg
                 .and_then(|c| c.deadline_default_ms)
                 .map(Duration::from_millis),
@@ -73,6 +91,80 @@ impl ModelPolicy {
             fallback_when_full: cfg.is_some_and(|c| c.fallback_when_full),
             triton_timeout: cfg.is_some_and(|c| c.triton_timeout_parameter),
         }
+    }
+}
+
+/// Calls at once per backend in a default bulkhead when the backend's capacity is not
+/// known (configured or learned).
+pub const AUTO_PER_BACKEND: usize = 64;
+/// A default bulkhead admits this many calls per unit of a backend's known capacity:
+/// room for a backend's own queue, so the bulkhead bounds a stuck model without
+/// queueing calls a healthy pool would have taken.
+pub const AUTO_PER_CAPACITY: usize = 4;
+/// How often a default bulkhead is re-sized while its route stays the same (learned
+/// capacities move).
+const AUTO_REFRESH: Duration = Duration::from_secs(1);
+
+/// The limits of a default bulkhead of `size` calls: as many may wait, for up to 1 s.
+fn auto_bulkhead(size: usize) -> BulkheadConfig {
+    BulkheadConfig {
+        max_concurrent: size,
+        max_queue: size,
+        queue_timeout_ms: 1000,
+        tenant_share: None,
+    }
+}
+
+/// The size of a default bulkhead over `endpoints`: [`AUTO_PER_CAPACITY`] calls per
+/// call of capacity (configured, or learned from load reports), [`AUTO_PER_BACKEND`]
+/// for a backend whose capacity is not known.
+pub fn auto_bulkhead_size(endpoints: &[Arc<Endpoint>]) -> usize {
+    endpoints
+        .iter()
+        .map(|e| match e.per_call_utilization() {
+            Some(share) if share > 0.0 && share.is_finite() => {
+                ((1.0 / share).round() as usize).max(1) * AUTO_PER_CAPACITY
+            }
+            _ => AUTO_PER_BACKEND,
+        })
+        .sum::<usize>()
+        .clamp(16, 1 << 20)
+}
+
+/// When a default bulkhead was last sized, and for which route.
+#[derive(Debug, Default)]
+struct AutoSize {
+    route: AtomicUsize,
+    at_nanos: AtomicU64,
+}
+
+impl ModelPolicy {
+    /// Sizes a default bulkhead to the model's backends (a configured one is left as it
+    /// is). Cheap on the hot path: two atomic loads unless the route changed or a
+    /// second passed.
+    pub fn fit_bulkhead(&self, endpoints: &[Arc<Endpoint>]) {
+        let (Some(auto), Some(bulkhead)) = (&self.auto_bulkhead, &self.bulkhead) else {
+            return;
+        };
+        let route = endpoints.as_ptr() as usize ^ endpoints.len();
+        let now = clock::nanos(Instant::now());
+        let at = auto.at_nanos.load(Ordering::Relaxed);
+        if auto.route.load(Ordering::Relaxed) == route
+            && now.saturating_sub(at) < AUTO_REFRESH.as_nanos() as u64
+        {
+            return;
+        }
+        auto.route.store(route, Ordering::Relaxed);
+        auto.at_nanos.store(now, Ordering::Relaxed);
+        let size = auto_bulkhead_size(endpoints);
+        if bulkhead.config().max_concurrent != size {
+            let _ = bulkhead.set_limits(auto_bulkhead(size));
+        }
+    }
+
+    /// Whether its bulkhead is the default one, sized from the pool.
+    pub fn bulkhead_is_default(&self) -> bool {
+        self.auto_bulkhead.is_some()
     }
 }
 

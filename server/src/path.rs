@@ -15,20 +15,24 @@
 //! 7. pick: the model's policy over eligible endpoints, taking circuit permits
 //!    (`balance`, `breaker`); no backend → the model's fallback, or UNAVAILABLE naming why;
 //! 8. per-try timeout around the attempt;
-//! 9. endpoint: the in-flight guard, metadata passed on with the remaining deadline,
-//!    the original bytes sent; the backend's response body handed back unchanged inside
-//!    an [`ObservedBody`] that records the outcome (breaker, outlier detection, metrics)
-//!    and releases the bulkhead slot when it ends.
+//!    An attempt that has received nothing within the model's no-response bound is
+//!    given up and re-sent elsewhere when a retry may follow (`attempt`);
+//! 9. endpoint: an [`Attempt`] (in-flight guard, circuit permits, span), metadata passed
+//!    on with the remaining deadline, the original bytes sent; the backend's response
+//!    body handed back unchanged inside an [`ObservedBody`] that ends the attempt once
+//!    (breaker, outlier detection, metrics, span) and releases the bulkhead slot.
 //!
 //! `ModelStreamInfer` goes through the same admission, rate limit, bulkhead (one slot
-//! for the stream's whole life), route and pick for its first routable message, is
-//! retried on another backend only if the backend could not be reached, then stays
-//! pinned to that backend; both directions flow concurrently and a message for an
-//! unknown model before pinning is answered in-stream, leaving the stream usable.
+//! for the stream's whole life), route and pick for its first routable message, and the
+//! same retry policy and budget while opening the backend stream (only before the
+//! backend answered), then stays pinned to that backend; both directions flow
+//! concurrently and a message for an unknown model before pinning is answered
+//! in-stream, leaving the stream usable.
 
+use crate::attempt::{Attempt, Outcome};
 use crate::bulkhead::Slot;
 use crate::config::TenantConfig;
-use crate::endpoint::{Endpoint, InFlightGuard};
+use crate::endpoint::Endpoint;
 use crate::load_report::{self, LoadConfig};
 use crate::models::{ModelPolicy, Models};
 use crate::pool::{ModelRoute, Picked};
@@ -260,16 +264,20 @@ impl Gateway {
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let started = Instant::now();
-        telemetry::call_started(rpc.name());
+        let mut record = CallRecord::start(rpc, started);
         let mut span = trace::request_span(&request);
-        let mut label = UNKNOWN_MODEL.to_owned();
         match self
-            .forward_unary(rpc, request, started, &mut label, &mut span)
+            .forward_unary(rpc, request, started, &mut record.label, &mut span)
             .await
         {
-            Ok(response) => response,
+            Ok(response) => {
+                // The response body's end records the call from here on.
+                record.handed_over();
+                response
+            }
             Err(status) => {
-                telemetry::call_ended(rpc.name(), &label, Some(status.code()), started.elapsed());
+                record.end(Some(status.code()));
+                let label = &record.label;
                 tracing::debug!(
                     method = rpc.name(),
                     model = %label,
@@ -294,19 +302,40 @@ impl Gateway {
     ) -> Result<http::Response<Body>, Status> {
         // 1. admission (shutdown; tenant and rate limit follow once the model is known)
         self.admit()?;
-        // 2. read
+        // The caller's own deadline bounds reading and routing too: its answer must be
+        // the gateway's DEADLINE_EXCEEDED, before the server's own timer cancels it.
         let (parts, body) = request.into_parts();
-        let message = proxy::read_unary(body, self.max_message_bytes, rpc.name()).await?;
-        // 3. route
-        let key = self.peek(rpc, &message)?;
-        metrics::histogram!("infergate_request_bytes", "method" => rpc.name())
-            .record(message.wire_len() as f64);
-        if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
+        let asked = caller_deadline(&parts.headers, started);
+        let read_and_route = async {
+            // 2. read
+            let message = proxy::read_unary(body, self.max_message_bytes, rpc.name()).await?;
+            // 3. route
+            let key = self.peek(rpc, &message)?;
+            metrics::histogram!("infergate_request_bytes", "method" => rpc.name())
+                .record(message.wire_len() as f64);
+            if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
+                return Ok((message, key, None));
+            }
+            let route = self.pool.route(&key.model).await.map_err(route_status)?;
+            Ok::<_, Status>((message, key, Some(route)))
+        };
+        let (message, key, route) = match asked {
+            Some(d) => tokio::time::timeout_at(self.answer_by(d), read_and_route)
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "deadline of {} ms passed before the {} request was read and routed",
+                        d.saturating_duration_since(started).as_millis(),
+                        rpc.name()
+                    ))
+                })??,
+            None => read_and_route.await?,
+        };
+        let Some(route) = route else {
             return self
                 .forward_any(rpc, &parts.headers, message, started)
                 .await;
-        }
-        let route = self.pool.route(&key.model).await.map_err(route_status)?;
+        };
         label.clone_from(&route.model);
         if rpc == Forwarded::ModelInfer && route.decoupled {
             return Err(Status::invalid_argument(format!(
@@ -316,6 +345,7 @@ impl Gateway {
             )));
         }
         let policy = self.models.get(&route.model);
+        policy.fit_bulkhead(&route.endpoints);
         let payload = message.payload();
         let caller = self.caller(
             &parts.headers,
@@ -358,17 +388,12 @@ impl Gateway {
             headers: &parts.headers,
             message: &message,
             deadline,
-            started,
             span,
         };
         let result = match deadline {
             Some(d) => {
-                // Answer a margin before the caller's deadline: the caller's gRPC stack
-                // (and this server's own) give up at the deadline itself, so the
-                // DEADLINE_EXCEEDED that names the model must be on its way by then.
-                let answer_by = d.checked_sub(self.deadline_margin).unwrap_or(d);
                 match tokio::time::timeout_at(
-                    answer_by,
+                    self.answer_by(d),
                     self.attempts(&call, route, policy, fallback),
                 )
                 .await
@@ -383,8 +408,84 @@ impl Gateway {
             }
             None => self.attempts(&call, route, policy, fallback).await,
         };
-        let (response, finish) = result?;
-        Ok(finish.wrap(response, slot, label.clone(), std::mem::take(span)))
+        let (response, attempt) = result?;
+        Ok(wrap_response(
+            response,
+            attempt,
+            &self.load,
+            deadline,
+            call_end(rpc, started, label.clone(), slot, std::mem::take(span)),
+        ))
+    }
+
+    /// When the gateway answers a call whose deadline is `d`: a margin before it, since
+    /// the caller's gRPC stack (and this server's own) give up at the deadline itself,
+    /// so the DEADLINE_EXCEEDED that names the model must be on its way by then.
+    fn answer_by(&self, d: Instant) -> Instant {
+        d.checked_sub(self.deadline_margin).unwrap_or(d)
+    }
+
+    /// Step 6 for every kind of call: whether an attempt that failed this way is tried
+    /// again, and after which backoff. Spends from the model's retry budget.
+    fn retry_after(
+        &self,
+        policy: &ModelPolicy,
+        failure: &Failure,
+        attempt: u32,
+        deadline: Option<Instant>,
+    ) -> Option<Duration> {
+        if !retry::is_retryable(failure, &policy.retryable) || attempt >= policy.retry.max_attempts
+        {
+            return None;
+        }
+        let backoff = RNG.with(|rng| retry::backoff(attempt, &policy.retry, &mut rng.borrow_mut()));
+        if !retry::may_retry(
+            Instant::now(),
+            deadline,
+            policy.retry.per_try_timeout(),
+            backoff,
+        ) {
+            return None;
+        }
+        if !policy.budget.try_withdraw(Instant::now()) {
+            metrics::counter!("infergate_retry_budget_exhausted_total", "model" => policy.name.clone()).increment(1);
+            return None;
+        }
+        metrics::counter!("infergate_retries_total", "model" => policy.name.clone()).increment(1);
+        Some(backoff)
+    }
+
+    /// When attempt number `attempt`, begun at `began`, is given up if the backend has
+    /// sent nothing: at the per-try timeout, and at the model's no-response bound when
+    /// a retry could still follow (the last try waits for as long as the caller does).
+    fn give_up_at(
+        &self,
+        policy: &ModelPolicy,
+        attempt: u32,
+        began: Instant,
+        bound: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Option<(Instant, GiveUp)> {
+        let per_try = policy
+            .retry
+            .per_try_timeout()
+            .map(|t| (began + t, GiveUp::PerTry(t)));
+        let silent = bound
+            .filter(|b| {
+                attempt < policy.retry.max_attempts
+                    && retry::may_retry(
+                        began + *b,
+                        deadline,
+                        policy.retry.per_try_timeout(),
+                        Duration::ZERO,
+                    )
+                    && policy.budget.available(began) >= 1.0
+            })
+            .map(|b| (began + b, GiveUp::Silent(b)));
+        match (per_try, silent) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
     }
 
     async fn bulkhead(
@@ -424,6 +525,7 @@ impl Gateway {
         })?;
         metrics::counter!("infergate_fallbacks_total", "model" => policy.name.clone(), "fallback" => route.model.clone()).increment(1);
         let fallback_policy = self.models.get(&route.model);
+        fallback_policy.fit_bulkhead(&route.endpoints);
         Ok((route, fallback_policy))
     }
 
@@ -434,7 +536,7 @@ impl Gateway {
         mut route: Arc<ModelRoute>,
         mut policy: Arc<ModelPolicy>,
         mut fallback: Option<String>,
-    ) -> Result<(http::Response<Body>, Finish), Status> {
+    ) -> Result<(http::Response<Body>, Attempt), Status> {
         let original = policy.clone();
         original.budget.record_request(Instant::now());
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
@@ -505,32 +607,10 @@ impl Gateway {
                 Err(failed) => failed,
             };
             // 6. retry?
-            let retryable = match &failed.failure {
-                Failure::Status(code) => {
-                    original.retryable.contains(code) || *code == Code::DeadlineExceeded
-                }
-                f => retry::is_retryable(f, &original.retry),
-            };
-            if !retryable || attempt >= original.retry.max_attempts {
-                return Err(failed.status);
+            match self.retry_after(&original, &failed.failure, attempt, call.deadline) {
+                Some(backoff) => tokio::time::sleep(backoff).await,
+                None => return Err(failed.status),
             }
-            let backoff =
-                RNG.with(|rng| retry::backoff(attempt, &original.retry, &mut rng.borrow_mut()));
-            if !retry::may_retry(
-                Instant::now(),
-                call.deadline,
-                original.retry.per_try_timeout(),
-                backoff,
-            ) {
-                return Err(failed.status);
-            }
-            if !original.budget.try_withdraw(Instant::now()) {
-                metrics::counter!("infergate_retry_budget_exhausted_total", "model" => original.name.clone()).increment(1);
-                return Err(failed.status);
-            }
-            metrics::counter!("infergate_retries_total", "model" => original.name.clone())
-                .increment(1);
-            tokio::time::sleep(backoff).await;
         }
     }
 
@@ -546,7 +626,7 @@ impl Gateway {
         delay: Duration,
         fallback: Option<&str>,
         tried: &mut Vec<Arc<Endpoint>>,
-    ) -> Result<(http::Response<Body>, Finish), AttemptFailed> {
+    ) -> Result<(http::Response<Body>, Attempt), AttemptFailed> {
         let first = self.attempt(call, route, policy, picked, 1, fallback);
         tokio::pin!(first);
         tokio::select! {
@@ -587,19 +667,27 @@ impl Gateway {
         route: &ModelRoute,
         policy: &Arc<ModelPolicy>,
         picked: Picked,
-        attempt: u32,
+        attempt_no: u32,
         fallback: Option<&str>,
-    ) -> Result<(http::Response<Body>, Finish), AttemptFailed> {
-        let Picked {
-            endpoint,
-            permit,
-            model_permit,
-        } = picked;
-        let guard = endpoint.begin();
-        let began = Instant::now();
-        let try_span = call.span.client_attempt(endpoint.address(), attempt);
+    ) -> Result<(http::Response<Body>, Attempt), AttemptFailed> {
+        let span = call
+            .span
+            .client_attempt(picked.endpoint.address(), attempt_no);
+        let bound = policy.no_response.get(Instant::now());
+        let mut attempt = Attempt::begin(
+            Arc::clone(&self.pool),
+            picked,
+            &route.model,
+            span,
+            Some(Arc::clone(policy)),
+            bound,
+        );
+        let endpoint = Arc::clone(attempt.endpoint());
+        let began = attempt.began();
         let mut headers = proxy::forwarded_headers(call.headers);
-        try_span.inject(&mut headers);
+        if let Some(span) = attempt.span() {
+            span.inject(&mut headers);
+        }
         if let Some(d) = call.deadline {
             let remaining = d
                 .saturating_duration_since(began)
@@ -608,8 +696,11 @@ impl Gateway {
                 headers.insert("grpc-timeout", v);
             }
         }
-        if attempt > 1 {
-            headers.insert("grpc-previous-rpc-attempts", HeaderValue::from(attempt - 1));
+        if attempt_no > 1 {
+            headers.insert(
+                "grpc-previous-rpc-attempts",
+                HeaderValue::from(attempt_no - 1),
+            );
         }
         let mut extra = Vec::new();
         if let Some(model) = fallback {
@@ -635,29 +726,16 @@ impl Gateway {
                 Bytes::from(extra),
             ])
         };
-        // 8. per-try timeout
+        // 8. per-try timeout, and the no-response bound
         let sent = send(&endpoint, call.rpc, headers, body);
-        let response = match policy.retry.per_try_timeout() {
-            Some(limit) => match tokio::time::timeout(limit, sent).await {
+        let response = match self.give_up_at(policy, attempt_no, began, bound, call.deadline) {
+            Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r,
                 Err(_) => {
-                    endpoint.record_outcome(false);
-                    self.pool.record_attempt(
-                        &endpoint,
-                        &route.model,
-                        (permit, model_permit),
-                        None,
-                        Code::DeadlineExceeded,
-                        began.elapsed(),
-                    );
-                    let status = Status::deadline_exceeded(format!(
-                        "backend {} did not answer within the per-try timeout of {} ms",
-                        endpoint.address(),
-                        limit.as_millis()
-                    ));
-                    try_span.end_with_status(&status);
+                    let status = why.status(endpoint.address(), &route.model);
+                    attempt.finish(Outcome::NoResponse, Some(&status));
                     return Err(AttemptFailed {
-                        failure: Failure::Status(Code::DeadlineExceeded),
+                        failure: Failure::NoResponse,
                         status,
                     });
                 }
@@ -665,85 +743,43 @@ impl Gateway {
             None => sent.await,
         };
         // 9. endpoint
-        let response = match response {
+        let mut response = match response {
             Ok(r) => r,
             Err(status) => {
-                endpoint.record_outcome(false);
-                self.pool.record_attempt(
-                    &endpoint,
-                    &route.model,
-                    (permit, model_permit),
-                    None,
-                    Code::Unavailable,
-                    began.elapsed(),
-                );
-                let failure = match status.code() {
-                    Code::DeadlineExceeded => Failure::Status(Code::DeadlineExceeded),
-                    _ => Failure::Connect,
+                let (outcome, failure) = match status.code() {
+                    // The channel's own timer: the deadline passed on with the call.
+                    Code::DeadlineExceeded => {
+                        (Outcome::Deadline, Failure::Status(Code::DeadlineExceeded))
+                    }
+                    _ => (Outcome::Transport, Failure::Connect),
                 };
-                try_span.end_with_status(&status);
+                attempt.finish(outcome, Some(&status));
                 return Err(AttemptFailed { failure, status });
             }
         };
+        attempt.answered();
         load_report::observe(&endpoint, response.headers(), &self.load);
         if let Some(status) =
             Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
         {
             // A trailers-only answer: the backend refused the call without data, so
-            // another backend may still be tried.
+            // another backend may still be tried. One that is not retried is handed
+            // back as it came, and its attempt ends as the response is wrapped.
             let code = status.code();
-            endpoint.record_outcome(false);
-            self.pool.record_attempt(
-                &endpoint,
-                &route.model,
-                (permit, model_permit),
-                Some(code),
-                code,
-                began.elapsed(),
-            );
-            let retryable = policy.retryable.contains(&code);
-            if retryable {
-                try_span.end_with_status(&status);
+            if policy.retryable.contains(&code) {
+                attempt.finish(Outcome::Answered(code), Some(&status));
                 return Err(AttemptFailed {
                     failure: Failure::Status(code),
                     status,
                 });
             }
-            let finish = Finish {
-                pool: Arc::clone(&self.pool),
-                endpoint: Arc::clone(&endpoint),
-                model: route.model.clone(),
-                permits: (None, None),
-                policy_latencies: None,
-                guard,
-                rpc: call.rpc,
-                started: call.started,
-                attempt_began: began,
-                load: Arc::clone(&self.load),
-                fallback: fallback.map(str::to_owned),
-                deadline: call.deadline,
-                recorded: true,
-                span: try_span,
-            };
-            return Ok((response, finish));
         }
-        let finish = Finish {
-            pool: Arc::clone(&self.pool),
-            endpoint: Arc::clone(&endpoint),
-            model: route.model.clone(),
-            permits: (permit, model_permit),
-            policy_latencies: Some(Arc::clone(policy)),
-            guard,
-            rpc: call.rpc,
-            started: call.started,
-            attempt_began: began,
-            load: Arc::clone(&self.load),
-            fallback: fallback.map(str::to_owned),
-            deadline: call.deadline,
-            recorded: false,
-            span: try_span,
-        };
-        Ok((response, finish))
+        if let Some(model) = fallback {
+            if let Ok(v) = HeaderValue::from_str(model) {
+                response.headers_mut().insert("infergate-fallback", v);
+            }
+        }
+        Ok((response, attempt))
     }
 
     /// `ModelStatistics` for every model: any eligible backend answers.
@@ -755,29 +791,42 @@ impl Gateway {
         started: Instant,
     ) -> Result<http::Response<Body>, Status> {
         let endpoint = self.pool.pick_any().map_err(route_status)?;
-        let guard = endpoint.begin();
-        let response = send(
+        let picked = Picked {
+            endpoint: Arc::clone(&endpoint),
+            permit: None,
+            model_permit: None,
+        };
+        let mut attempt = Attempt::begin(
+            Arc::clone(&self.pool),
+            picked,
+            "",
+            CallSpan::default(),
+            None,
+            None,
+        );
+        let response = match send(
             &endpoint,
             rpc,
             proxy::forwarded_headers(headers),
             proxy::full_body(message.framed()),
         )
-        .await?;
-        let code = proxy::grpc_code(response.headers());
-        let on_end: proxy::OnEnd = Box::new(move |code| {
-            telemetry::call_ended(rpc.name(), UNKNOWN_MODEL, code, started.elapsed());
-        });
-        let (head, body) = response.into_parts();
-        Ok(http::Response::from_parts(
-            head,
-            Body::new(ObservedBody::new(
-                body,
-                guard,
-                code,
-                Arc::clone(&self.load),
-                on_end,
-            )),
-        ))
+        .await
+        {
+            Ok(r) => r,
+            Err(status) => {
+                attempt.finish(Outcome::Transport, Some(&status));
+                return Err(status);
+            }
+        };
+        attempt.answered();
+        let on_end = call_end(
+            rpc,
+            started,
+            UNKNOWN_MODEL.to_owned(),
+            None,
+            CallSpan::default(),
+        );
+        Ok(wrap_response(response, attempt, &self.load, None, on_end))
     }
 
     fn peek(&self, rpc: Forwarded, message: &Message) -> Result<RouteKey, Status> {
@@ -805,28 +854,17 @@ impl Gateway {
             return status.into_http();
         }
         let span = trace::request_span(&request);
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let started = Instant::now();
-            telemetry::call_started(Forwarded::ModelStreamInfer.name());
-            // The backend stream is a child of the gateway's span.
-            let attempt = span.client_attempt("stream", 1);
-            attempt.inject(&mut parts.headers);
-            let mut label = UNKNOWN_MODEL.to_owned();
+            let mut record = CallRecord::start(Forwarded::ModelStreamInfer, started);
             let code = self
-                .pump(&parts.headers, body, &tx, &mut label, started)
+                .pump(&parts.headers, body, &tx, &mut record.label, started, &span)
                 .await;
-            span.set_attr(attr::MODEL, label.as_str());
-            let c = code.unwrap_or(Code::Cancelled);
-            attempt.end(c);
-            span.end(c);
-            telemetry::call_ended(
-                Forwarded::ModelStreamInfer.name(),
-                &label,
-                code,
-                started.elapsed(),
-            );
+            span.set_attr(attr::MODEL, record.label.as_str());
+            span.end(code.unwrap_or(Code::Cancelled));
+            record.end(code);
         });
         proxy::grpc_response(proxy::channel_body(rx))
     }
@@ -840,6 +878,7 @@ impl Gateway {
         tx: &mpsc::Sender<Result<Frame<Bytes>, Status>>,
         label: &mut String,
         started: Instant,
+        span: &CallSpan,
     ) -> Option<Code> {
         let mut first_response = true;
         let mut deframer = Deframer::new(self.max_message_bytes);
@@ -879,7 +918,7 @@ impl Gateway {
                                 }
                                 continue;
                             }
-                            match self.open_stream(headers, message, label).await {
+                            match self.open_stream(headers, message, label, span).await {
                                 Ok(up) => upstream = Some(up),
                                 Err((key, status)) => {
                                     let frame = in_stream_error(&key, &status);
@@ -893,9 +932,9 @@ impl Gateway {
                     Some(Ok(frame)) => {
                         if let Some(trailers) = frame.trailers_ref() {
                             let code = proxy::grpc_code(trailers).unwrap_or(Code::Unknown);
-                            if let Some(up) = &upstream {
-                                up.guard.endpoint().record_outcome(code == Code::Ok);
-                                load_report::observe(up.guard.endpoint(), trailers, &self.load);
+                            if let Some(up) = upstream.take() {
+                                load_report::observe(up.attempt.endpoint(), trailers, &self.load);
+                                up.attempt.finish(Outcome::Answered(code), None);
                             }
                             tx.send(Ok(frame)).await.ok()?;
                             return Some(code);
@@ -907,9 +946,18 @@ impl Gateway {
                         }
                         tx.send(Ok(frame)).await.ok()?;
                     }
-                    Some(Err(status)) => return finish(tx, status).await,
+                    Some(Err(status)) => {
+                        if let Some(up) = upstream.take() {
+                            up.attempt.finish(Outcome::Transport, Some(&status));
+                        }
+                        return finish(tx, status).await;
+                    }
                     None => {
-                        return finish(tx, Status::internal("the backend ended the stream without a status")).await;
+                        let status = Status::internal("the backend ended the stream without a status");
+                        if let Some(up) = upstream.take() {
+                            up.attempt.finish(Outcome::Answered(Code::Internal), Some(&status));
+                        }
+                        return finish(tx, status).await;
                     }
                 },
             }
@@ -922,6 +970,7 @@ impl Gateway {
         headers: &HeaderMap,
         message: Message,
         label: &mut String,
+        span: &CallSpan,
     ) -> Result<Upstream, (RouteKey, Status)> {
         let key = self
             .peek(Forwarded::ModelStreamInfer, &message)
@@ -938,84 +987,89 @@ impl Gateway {
         let caller = self.caller(headers, None);
         self.rate_limit(&caller, &route.model).map_err(fail)?;
         let policy = self.models.get(&route.model);
+        policy.fit_bulkhead(&route.endpoints);
         let deadline = deadline(headers, &policy, Instant::now());
         let slot = self
             .bulkhead(&policy, &caller, deadline)
             .await
             .map_err(|r| fail(rejected_status(r)))?;
-        // Retried on another backend only while nothing was answered: when the
-        // connection or the stream could not be opened.
+        // The same retry policy and budget as unary calls, while the backend has not
+        // answered: the stream could not be opened, or nothing came back in time.
+        policy.budget.record_request(Instant::now());
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
-        let mut last = None;
-        for _ in 0..policy.retry.max_attempts.max(1) {
+        let mut attempt_no = 0u32;
+        loop {
+            attempt_no += 1;
             let picked = match self.pool.pick_for_attempt(&route, &tried) {
                 Ok(p) => p,
-                Err(e) => return Err(fail(last.unwrap_or_else(|| route_status(e)))),
+                Err(e) => return Err(fail(route_status(e))),
             };
-            let endpoint = Arc::clone(&picked.endpoint);
-            tried.push(Arc::clone(&endpoint));
-            let guard = endpoint.begin();
-            let began = Instant::now();
+            tried.push(Arc::clone(&picked.endpoint));
+            let bound = policy.no_response.get(Instant::now());
+            let attempt_span = span.client_attempt(picked.endpoint.address(), attempt_no);
+            let mut attempt = Attempt::begin(
+                Arc::clone(&self.pool),
+                picked,
+                &route.model,
+                attempt_span,
+                Some(Arc::clone(&policy)),
+                bound,
+            );
+            let endpoint = Arc::clone(attempt.endpoint());
+            let mut headers = proxy::forwarded_headers(headers);
+            if let Some(s) = attempt.span() {
+                s.inject(&mut headers);
+            }
             let (up_tx, up_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
             // The channel is empty, so this cannot wait.
             let _ = up_tx.send(Ok(Frame::data(message.framed()))).await;
             let body = Body::new(http_body_util::StreamBody::new(
                 tokio_stream::wrappers::ReceiverStream::new(up_rx),
             ));
-            let response = match send(
-                &endpoint,
-                Forwarded::ModelStreamInfer,
-                proxy::forwarded_headers(headers),
-                body,
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(status) => {
-                    endpoint.record_outcome(false);
-                    self.pool.record_attempt(
-                        &endpoint,
-                        &route.model,
-                        (picked.permit, picked.model_permit),
-                        None,
-                        Code::Unavailable,
-                        began.elapsed(),
-                    );
-                    last = Some(status);
-                    continue;
-                }
+            let sent = send(&endpoint, Forwarded::ModelStreamInfer, headers, body);
+            let began = attempt.began();
+            let response = match self.give_up_at(&policy, attempt_no, began, bound, deadline) {
+                Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
+                    Ok(r) => r.map_err(|s| (Outcome::Transport, Failure::Connect, s)),
+                    Err(_) => Err((
+                        Outcome::NoResponse,
+                        Failure::NoResponse,
+                        why.status(endpoint.address(), &route.model),
+                    )),
+                },
+                None => sent
+                    .await
+                    .map_err(|s| (Outcome::Transport, Failure::Connect, s)),
             };
-            if let Some(status) =
-                Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
-            {
-                endpoint.record_outcome(false);
-                self.pool.record_attempt(
-                    &endpoint,
-                    &route.model,
-                    (picked.permit, picked.model_permit),
-                    Some(status.code()),
-                    status.code(),
-                    began.elapsed(),
-                );
-                if policy.retryable.contains(&status.code()) {
-                    last = Some(status);
-                    continue;
+            let failed = match response {
+                Ok(response) => {
+                    attempt.answered();
+                    match Status::from_header_map(response.headers())
+                        .filter(|s| s.code() != Code::Ok)
+                    {
+                        None => {
+                            return Ok(Upstream {
+                                tx: Some(up_tx),
+                                body: response.into_body(),
+                                attempt,
+                                _slot: slot,
+                            })
+                        }
+                        Some(status) => {
+                            let code = status.code();
+                            (Outcome::Answered(code), Failure::Status(code), status)
+                        }
+                    }
                 }
-                return Err(fail(status));
+                Err(failed) => failed,
+            };
+            let (outcome, failure, status) = failed;
+            attempt.finish(outcome, Some(&status));
+            match self.retry_after(&policy, &failure, attempt_no, deadline) {
+                Some(backoff) => tokio::time::sleep(backoff).await,
+                None => return Err(fail(status)),
             }
-            return Ok(Upstream {
-                tx: Some(up_tx),
-                body: response.into_body(),
-                guard,
-                _slot: slot,
-            });
         }
-        Err(fail(last.unwrap_or_else(|| {
-            Status::unavailable(format!(
-                "model {}: no backend could open the stream",
-                route.model
-            ))
-        })))
     }
 }
 
@@ -1025,89 +1079,113 @@ struct Call<'a> {
     headers: &'a HeaderMap,
     message: &'a Message,
     deadline: Option<Instant>,
-    started: Instant,
     span: &'a CallSpan,
 }
 
-/// What must happen when the response handed back ends: outcome accounting for the
-/// breakers, outlier detection and metrics, and release of the bulkhead slot.
-struct Finish {
-    pool: Arc<Pool>,
-    endpoint: Arc<Endpoint>,
-    model: String,
-    permits: (
-        Option<crate::breaker::PermitGuard>,
-        Option<crate::breaker::PermitGuard>,
-    ),
-    policy_latencies: Option<Arc<ModelPolicy>>,
-    guard: InFlightGuard,
-    rpc: Forwarded,
-    started: Instant,
-    attempt_began: Instant,
-    load: Arc<LoadConfig>,
-    fallback: Option<String>,
+/// Hands a backend's response back inside an [`ObservedBody`], which ends the attempt
+/// and then runs `on_end` (the call's own record) when the body ends.
+fn wrap_response(
+    response: http::Response<Body>,
+    attempt: Attempt,
+    load: &Arc<LoadConfig>,
     deadline: Option<Instant>,
-    /// Outcome already recorded (a trailers-only answer).
-    recorded: bool,
-    /// The attempt's CLIENT span.
-    span: CallSpan,
+    on_end: proxy::OnEnd,
+) -> http::Response<Body> {
+    let code = proxy::grpc_code(response.headers());
+    let (head, body) = response.into_parts();
+    let body =
+        ObservedBody::new(body, attempt, code, Arc::clone(load), on_end).with_deadline(deadline);
+    http::Response::from_parts(head, Body::new(body))
 }
 
-impl Finish {
-    fn wrap(
-        self,
-        response: http::Response<Body>,
-        slot: Option<Slot>,
-        label: String,
-        server_span: CallSpan,
-    ) -> http::Response<Body> {
-        let Finish {
-            pool,
-            endpoint,
-            model,
-            permits,
-            policy_latencies,
-            guard,
+/// What a unary call does when its response ends: metrics, its SERVER span, and the
+/// release of its bulkhead slot.
+fn call_end(
+    rpc: Forwarded,
+    started: Instant,
+    label: String,
+    slot: Option<Slot>,
+    server_span: CallSpan,
+) -> proxy::OnEnd {
+    Box::new(move |code| {
+        let _slot = slot;
+        telemetry::call_ended(rpc.name(), &label, code, started.elapsed());
+        server_span.end(code.unwrap_or(Code::Cancelled));
+    })
+}
+
+/// A call's in-flight gauge and its count, kept right on every path: until the call
+/// either ends here or hands its record to a response body, dropping it (the caller
+/// went away while the call waited, read or was routed) counts it as cancelled.
+struct CallRecord {
+    rpc: Forwarded,
+    started: Instant,
+    label: String,
+    open: bool,
+}
+
+impl CallRecord {
+    fn start(rpc: Forwarded, started: Instant) -> CallRecord {
+        telemetry::call_started(rpc.name());
+        CallRecord {
             rpc,
             started,
-            attempt_began,
-            load,
-            fallback,
-            deadline,
-            recorded,
-            span: attempt_span,
-        } = self;
-        let code = proxy::grpc_code(response.headers());
-        let on_end: proxy::OnEnd = Box::new(move |code| {
-            let _slot = slot;
-            let elapsed = attempt_began.elapsed();
-            if let (Some(code), false) = (code, recorded) {
-                pool.record_attempt(&endpoint, &model, permits, Some(code), code, elapsed);
-                if code == Code::Ok {
-                    endpoint.observe_latency(elapsed);
-                    if let Some(p) = policy_latencies {
-                        p.latencies.record(elapsed);
-                    }
-                }
-            }
-            telemetry::call_ended(rpc.name(), &label, code, started.elapsed());
-            let c = code.unwrap_or(Code::Cancelled);
-            attempt_span.end(c);
-            server_span.end(c);
-        });
-        let (mut head, body) = response.into_parts();
-        if let Some(model) = fallback {
-            if let Ok(v) = HeaderValue::from_str(&model) {
-                head.headers.insert("infergate-fallback", v);
-            }
+            label: UNKNOWN_MODEL.to_owned(),
+            open: true,
         }
-        let body = ObservedBody::new(body, guard, code, load, on_end).with_deadline(deadline);
-        http::Response::from_parts(head, Body::new(body))
+    }
+
+    /// The response body records the call's end from now on.
+    fn handed_over(&mut self) {
+        self.open = false;
+    }
+
+    fn end(&mut self, code: Option<Code>) {
+        if std::mem::take(&mut self.open) {
+            telemetry::call_ended(self.rpc.name(), &self.label, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.end(None);
+    }
+}
+
+/// Why an attempt was given up before the backend answered.
+#[derive(Debug, Clone, Copy)]
+enum GiveUp {
+    PerTry(Duration),
+    Silent(Duration),
+}
+
+impl GiveUp {
+    fn status(self, backend: &str, model: &str) -> Status {
+        match self {
+            GiveUp::PerTry(t) => Status::deadline_exceeded(format!(
+                "backend {backend} did not answer within the per-try timeout of {} ms",
+                t.as_millis()
+            )),
+            GiveUp::Silent(b) => Status::unavailable(format!(
+                "backend {backend} sent nothing for {} ms, past model {model}'s no-response bound",
+                b.as_millis()
+            )),
+        }
     }
 }
 
 thread_local! {
     static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
+}
+
+/// The deadline the caller asked for (`grpc-timeout`), if any.
+fn caller_deadline(headers: &HeaderMap, started: Instant) -> Option<Instant> {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(wire::parse_grpc_timeout)
+        .map(|d| started + d)
 }
 
 /// The call's deadline: the caller's `grpc-timeout`, else the model's default, never
@@ -1145,7 +1223,7 @@ fn rejected_status(rejected: crate::bulkhead::Rejected) -> Status {
 struct Upstream {
     tx: Option<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>,
     body: Body,
-    guard: InFlightGuard,
+    attempt: Attempt,
     _slot: Option<Slot>,
 }
 

@@ -10,10 +10,10 @@
 //! `discovery.negative_cache_ms`.
 
 use crate::balance::{Policy, PolicyParams};
-use crate::breaker::{BreakerConfig, Outcome, PermitGuard};
+use crate::breaker::{BreakerConfig, PermitGuard};
 use crate::config::{Config, PolicyKind};
 use crate::discovery;
-use crate::endpoint::{Endpoint, Health, Unavailable};
+use crate::endpoint::{ConnectionConfig, Endpoint, Health, Unavailable};
 use crate::events::EventBus;
 use crate::outlier::{CallOutcome, EventKind, OutlierDetector};
 use std::collections::BTreeMap;
@@ -97,6 +97,7 @@ pub struct Pool {
     probe_lock: tokio::sync::Mutex<()>,
     any_policy: Policy,
     breaker: BreakerConfig,
+    connection: ConnectionConfig,
     outlier: Mutex<OutlierDetector>,
     rng: Mutex<fastrand::Rng>,
     panic: AtomicBool,
@@ -156,6 +157,7 @@ impl Pool {
                 PolicyParams::new(&config.balancer, config.load.stale_after()),
             ),
             breaker: config.breaker.clone(),
+            connection: config.backend_connection.clone(),
             outlier: Mutex::new(
                 OutlierDetector::new(&config.outlier).map_err(|e| format!("outlier.{e}"))?,
             ),
@@ -170,6 +172,7 @@ impl Pool {
                 source,
                 false,
                 &config.breaker,
+                &config.backend_connection,
             )?);
         }
         Ok(pool)
@@ -217,6 +220,11 @@ impl Pool {
         &self.breaker
     }
 
+    /// How connections to backends are held (PING keepalive).
+    pub fn connection_config(&self) -> &ConnectionConfig {
+        &self.connection
+    }
+
     /// The event bus.
     pub fn events(&self) -> &EventBus {
         &self.events
@@ -244,15 +252,14 @@ impl Pool {
             .flatten()
     }
 
-    /// Records the end of one attempt on `endpoint` for passive outlier detection.
-    /// `code` None means the backend was never reached or the connection broke.
-    pub fn record_outcome(&self, endpoint: &Endpoint, code: Option<Code>, elapsed: Duration) {
+    /// Feeds one attempt's result to outlier detection (`code` None: a failure without
+    /// a status, which always counts). Called by [`crate::attempt::Attempt`] only.
+    pub fn record_outlier(&self, endpoint: &Endpoint, code: Option<Code>, elapsed: Duration) {
         let now = Instant::now();
         let outcome = match code {
             Some(code) => CallOutcome::with_code(code, elapsed),
             None => CallOutcome::connect_failure(elapsed),
         };
-        endpoint.count_attempt(code);
         let events = match (self.outlier.lock(), self.rng.lock()) {
             (Ok(mut outlier), Ok(mut rng)) => {
                 outlier.record(endpoint.address(), outcome, now, &mut rng)
@@ -262,31 +269,6 @@ impl Pool {
         if !events.is_empty() {
             self.apply_outlier_events(events);
             self.update_panic();
-        }
-    }
-
-    /// Records how one attempt on `endpoint` ended, everywhere it counts: the outlier
-    /// detector (`outlier` None: never reached, reset, or per-try timeout) and the
-    /// backend's and backend × model's circuit breakers (`breaker`: the code they see),
-    /// publishing any circuit transition.
-    pub fn record_attempt(
-        &self,
-        endpoint: &Endpoint,
-        model: &str,
-        permits: (Option<PermitGuard>, Option<PermitGuard>),
-        outlier: Option<Code>,
-        breaker: Code,
-        elapsed: Duration,
-    ) {
-        self.record_outcome(endpoint, outlier, elapsed);
-        for permit in [permits.0, permits.1].into_iter().flatten() {
-            let outcome = Outcome {
-                code: breaker,
-                elapsed,
-            };
-            if let Some(t) = permit.record(outcome, Instant::now()) {
-                self.circuit_event(endpoint, model, &t);
-            }
         }
     }
 

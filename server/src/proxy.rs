@@ -4,10 +4,10 @@
 //!
 //! Responses are passed through frame by frame: the gateway neither decodes nor copies
 //! them. [`ObservedBody`] reads only the trailers (for `grpc-status`) and owns the call's
-//! in-flight guard and its accounting, so both end exactly when the body ends or is
+//! [`Attempt`], so its accounting happens once, exactly when the body ends or is
 //! dropped by a caller that went away.
 
-use crate::endpoint::InFlightGuard;
+use crate::attempt::{Attempt, Outcome};
 use crate::load_report::{self, LoadConfig};
 use crate::wire::{Deframer, FrameError, Message};
 use bytes::Bytes;
@@ -107,10 +107,12 @@ pub fn ok_trailers() -> Frame<Bytes> {
 /// before the backend finished).
 pub type OnEnd = Box<dyn FnOnce(Option<Code>) + Send + Sync>;
 
-/// A backend's response body on its way to the caller, passed through unchanged.
+/// A backend's response body on its way to the caller, passed through unchanged. It
+/// owns the call's [`Attempt`], which it ends with the code in the trailers, or as
+/// cancelled when the caller goes away first.
 pub struct ObservedBody {
     inner: Body,
-    guard: Option<InFlightGuard>,
+    attempt: Option<Attempt>,
     on_end: Option<OnEnd>,
     code: Option<Code>,
     load: Arc<LoadConfig>,
@@ -121,41 +123,46 @@ pub struct ObservedBody {
 
 impl ObservedBody {
     /// Wraps `inner`; `code` is the status already known from the response headers
-    /// (a trailers-only answer), if any.
-    /// Load reports in the trailers are applied to the guard's endpoint.
+    /// (a trailers-only answer), if any: then the call is over, and is recorded at
+    /// once, whether or not the server ever polls this body.
+    /// Load reports in the trailers are applied to the attempt's endpoint.
     pub fn new(
         inner: Body,
-        guard: InFlightGuard,
+        attempt: Attempt,
         code: Option<Code>,
         load: Arc<LoadConfig>,
         on_end: OnEnd,
     ) -> Self {
-        ObservedBody {
+        let mut body = ObservedBody {
             inner,
-            guard: Some(guard),
+            attempt: Some(attempt),
             on_end: Some(on_end),
             code,
             load,
             deadline: None,
             bytes: 0,
+        };
+        if let Some(code) = code {
+            body.finish(Outcome::Answered(code), Some(code));
         }
+        body
     }
 
     /// Ends the response with DEADLINE_EXCEEDED if it is still streaming at `deadline`
     /// (the backend's stream is reset when the body drops).
     pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
-        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        if self.on_end.is_some() {
+            self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        }
         self
     }
 
-    fn finish(&mut self, code: Option<Code>) {
+    fn finish(&mut self, outcome: Outcome, code: Option<Code>) {
         if self.on_end.is_some() {
             metrics::histogram!("infergate_response_bytes").record(self.bytes as f64);
         }
-        if let Some(guard) = self.guard.take() {
-            if let Some(code) = code {
-                guard.endpoint().record_outcome(code == Code::Ok);
-            }
+        if let Some(attempt) = self.attempt.take() {
+            attempt.finish(outcome, None);
         }
         if let Some(on_end) = self.on_end.take() {
             on_end(code);
@@ -173,11 +180,13 @@ impl http_body::Body for ObservedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         if this.on_end.is_none() {
-            return Poll::Ready(None);
+            // Ended already (a trailers-only answer is recorded when it is wrapped, but
+            // its headers still go out): pass on whatever is left.
+            return Pin::new(&mut this.inner).poll_frame(cx);
         }
         if let Some(deadline) = this.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
-                this.finish(Some(Code::DeadlineExceeded));
+                this.finish(Outcome::Deadline, Some(Code::DeadlineExceeded));
                 let status =
                     Status::deadline_exceeded("deadline exceeded while the backend was answering");
                 return Poll::Ready(Some(Ok(status_trailers(&status))));
@@ -193,21 +202,21 @@ impl http_body::Body for ObservedBody {
                     // whether or not the server polls the body again before dropping it.
                     let code = grpc_code(trailers).unwrap_or(Code::Unknown);
                     this.code = Some(code);
-                    if let Some(guard) = &this.guard {
-                        load_report::observe(guard.endpoint(), trailers, &this.load);
+                    if let Some(attempt) = &this.attempt {
+                        load_report::observe(attempt.endpoint(), trailers, &this.load);
                     }
-                    this.finish(Some(code));
+                    this.finish(Outcome::Answered(code), Some(code));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(status))) => {
-                let code = status.code();
-                this.finish(Some(code));
+                // The backend's stream broke mid-answer (reset, connection lost).
+                this.finish(Outcome::Transport, Some(status.code()));
                 Poll::Ready(Some(Err(status)))
             }
             Poll::Ready(None) => {
                 let code = this.code.unwrap_or(Code::Unknown);
-                this.finish(Some(code));
+                this.finish(Outcome::Answered(code), Some(code));
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -227,7 +236,7 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         // Dropped before the end: the caller hung up (or its deadline passed). The
         // backend sees the stream reset when `inner` drops right after this.
-        self.finish(None);
+        self.finish(Outcome::Cancelled, None);
     }
 }
 

@@ -28,7 +28,7 @@
 //! budget.record_request(now);
 //! // ... a try failed with `failure` ...
 //! let wait = backoff(attempt, &cfg, &mut rng);
-//! if is_retryable(&failure, &cfg)
+//! if is_retryable(&failure, &retryable_codes)
 //!     && attempt < cfg.max_attempts
 //!     && may_retry(Instant::now(), deadline, cfg.per_try_timeout(), wait)
 //!     && budget.try_withdraw(Instant::now())
@@ -212,41 +212,31 @@ pub fn parse_codes<S: AsRef<str>>(names: &[S]) -> Result<Vec<Code>, String> {
 /// How a try failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// No connection to the backend.
+    /// The backend was not reached, or the connection broke before it answered.
     Connect,
-    /// The backend refused the HTTP/2 stream (REFUSED_STREAM, GOAWAY past it).
-    RefusedStream,
-    /// The stream was reset before any response headers.
-    ResetBeforeHeaders,
+    /// The backend sent nothing within the no-response bound or the per-try timeout.
+    NoResponse,
     /// The backend answered with this status, and no response message.
     Status(Code),
-    /// The response had started (headers or data sent on to the caller).
-    ResponseStarted,
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Connect => f.write_str("connect error"),
-            Failure::RefusedStream => f.write_str("stream refused"),
-            Failure::ResetBeforeHeaders => f.write_str("reset before headers"),
+            Failure::NoResponse => f.write_str("no response"),
             Failure::Status(code) => write!(f, "status {}", code_name(*code)),
-            Failure::ResponseStarted => f.write_str("failed after the response started"),
         }
     }
 }
 
 /// Whether a try that failed this way may be tried again (budget and deadline aside).
-/// Failures where the backend cannot have processed the call always may; a status
-/// may when its code is in `retryable_codes`; a started response never may.
-pub fn is_retryable(failure: &Failure, cfg: &RetryConfig) -> bool {
+/// Failures where the backend cannot have answered always may; a status may when its
+/// code is in `retryable_codes`.
+pub fn is_retryable(failure: &Failure, retryable: &[Code]) -> bool {
     match failure {
-        Failure::Connect | Failure::RefusedStream | Failure::ResetBeforeHeaders => true,
-        Failure::Status(code) => {
-            let name = code_name(*code);
-            *code != Code::Ok && cfg.retryable_codes.iter().any(|n| n == name)
-        }
-        Failure::ResponseStarted => false,
+        Failure::Connect | Failure::NoResponse => true,
+        Failure::Status(code) => *code != Code::Ok && retryable.contains(code),
     }
 }
 
@@ -394,18 +384,30 @@ impl RetryBudget {
     }
 }
 
-/// The last latencies of a model's calls, for the hedge delay. A ring buffer: memory
-/// is fixed, old samples make way for new ones.
+/// Recent latencies of a model's calls (for the hedge delay and the no-response
+/// bound): an HDR histogram of the current window and one of the window before, each
+/// `capacity` samples. Recording is one bucket increment; a quantile is read from the
+/// fuller of the two windows without copying any sample, so memory is fixed (about
+/// 20 KB a window) and a quantile costs a walk over buckets, never a sort.
 #[derive(Debug)]
 pub struct LatencyTracker {
-    capacity: usize,
-    state: Mutex<Ring>,
+    capacity: u64,
+    state: Mutex<Windows>,
 }
 
-#[derive(Debug, Default)]
-struct Ring {
-    samples: Vec<Duration>,
-    next: usize,
+#[derive(Debug)]
+struct Windows {
+    current: hdrhistogram::Histogram<u32>,
+    previous: hdrhistogram::Histogram<u32>,
+}
+
+/// Longest latency told apart, µs (a minute); longer ones count as a minute.
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+fn latency_histogram() -> hdrhistogram::Histogram<u32> {
+    // 2 significant digits: quantiles within 1%, in about 20 KB.
+    hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_US, 2)
+        .expect("constant histogram bounds are valid")
 }
 
 impl Default for LatencyTracker {
@@ -415,36 +417,36 @@ impl Default for LatencyTracker {
 }
 
 impl LatencyTracker {
-    /// Samples kept by default.
+    /// Samples in one window by default.
     pub const DEFAULT_CAPACITY: usize = 1024;
 
-    /// A tracker keeping the last `capacity` samples (at least 1).
+    /// A tracker whose windows hold `capacity` samples each (at least 1).
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
         LatencyTracker {
-            capacity,
-            state: Mutex::new(Ring {
-                samples: Vec::with_capacity(capacity),
-                next: 0,
+            capacity: capacity.max(1) as u64,
+            state: Mutex::new(Windows {
+                current: latency_histogram(),
+                previous: latency_histogram(),
             }),
         }
     }
 
     /// Adds the latency of one successful call.
     pub fn record(&self, latency: Duration) {
-        let mut ring = self.lock();
-        if ring.samples.len() < self.capacity {
-            ring.samples.push(latency);
-        } else {
-            let i = ring.next;
-            ring.samples[i] = latency;
+        let us = (latency.as_micros() as u64).clamp(1, LATENCY_MAX_US);
+        let mut w = self.lock();
+        w.current.saturating_record(us);
+        if w.current.len() >= self.capacity {
+            let Windows { current, previous } = &mut *w;
+            std::mem::swap(current, previous);
+            current.reset();
         }
-        ring.next = (ring.next + 1) % self.capacity;
     }
 
-    /// Samples held.
+    /// Samples in the window quantiles are read from.
     pub fn len(&self) -> usize {
-        self.lock().samples.len()
+        let w = self.lock();
+        w.current.len().max(w.previous.len()) as usize
     }
 
     /// Whether no sample is held.
@@ -452,23 +454,28 @@ impl LatencyTracker {
         self.len() == 0
     }
 
-    /// The `p` quantile (0.95 = p95) of the samples held, by nearest rank; None when
-    /// there are none or `p` is not a number.
+    /// The `p` quantile (0.95 = p95) of the fuller window, within 1%; None when there
+    /// are no samples or `p` is not a number.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
         if p.is_nan() {
             return None;
         }
-        let mut samples = self.lock().samples.clone();
-        if samples.is_empty() {
+        let w = self.lock();
+        let window = if w.current.len() >= w.previous.len() {
+            &w.current
+        } else {
+            &w.previous
+        };
+        if window.is_empty() {
             return None;
         }
-        let n = samples.len();
-        let rank = ((p.clamp(0.0, 1.0) * n as f64).ceil() as usize).clamp(1, n);
-        let (_, value, _) = samples.select_nth_unstable(rank - 1);
-        Some(*value)
+        let us = window.value_at_quantile(p.clamp(0.0, 1.0));
+        Some(Duration::from_micros(
+            window.highest_equivalent(us).min(LATENCY_MAX_US),
+        ))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Ring> {
+    fn lock(&self) -> MutexGuard<'_, Windows> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -603,18 +610,17 @@ mod tests {
 
     #[test]
     fn classifies_failures() {
-        let cfg = RetryConfig::default();
+        let codes = |cfg: &RetryConfig| parse_codes(&cfg.retryable_codes).expect("codes");
+        let cfg = codes(&RetryConfig::default());
         assert!(is_retryable(&Failure::Connect, &cfg));
-        assert!(is_retryable(&Failure::RefusedStream, &cfg));
-        assert!(is_retryable(&Failure::ResetBeforeHeaders, &cfg));
+        assert!(is_retryable(&Failure::NoResponse, &cfg));
         assert!(is_retryable(&Failure::Status(Code::Unavailable), &cfg));
         assert!(!is_retryable(&Failure::Status(Code::Internal), &cfg));
         assert!(!is_retryable(&Failure::Status(Code::Ok), &cfg));
-        assert!(!is_retryable(&Failure::ResponseStarted, &cfg));
-        let cfg = RetryConfig {
+        let cfg = codes(&RetryConfig {
             retryable_codes: vec!["RESOURCE_EXHAUSTED".into(), "ABORTED".into()],
             ..RetryConfig::default()
-        };
+        });
         assert!(is_retryable(
             &Failure::Status(Code::ResourceExhausted),
             &cfg
@@ -651,18 +657,31 @@ mod tests {
         for i in 1..=100 {
             tracker.record(ms(i));
         }
-        assert_eq!(tracker.percentile(0.5), Some(ms(50)));
-        assert_eq!(tracker.percentile(0.95), Some(ms(95)));
-        assert_eq!(tracker.percentile(1.0), Some(ms(100)));
-        assert_eq!(tracker.percentile(0.0), Some(ms(1)));
+        let near = |p: f64, want: u64| {
+            let got = tracker.percentile(p).expect("samples").as_secs_f64() * 1000.0;
+            let want = want as f64;
+            assert!(
+                (got - want).abs() <= want * 0.01 + 0.01,
+                "p{p}: {got} ms, want {want}"
+            );
+        };
+        near(0.5, 50);
+        near(0.95, 95);
+        near(1.0, 100);
+        near(0.0, 1);
         assert_eq!(tracker.percentile(f64::NAN), None);
-        // The ring keeps the newest 100: 101..=150 replace 1..=50.
+        // Windows of 100: 101..=150 go into a new window; quantiles still come from the
+        // full one until the new one fills, then from the new one alone.
         for i in 101..=150 {
             tracker.record(ms(i));
         }
         assert_eq!(tracker.len(), 100);
-        assert_eq!(tracker.percentile(0.0), Some(ms(51)));
-        assert_eq!(tracker.percentile(1.0), Some(ms(150)));
+        near(1.0, 100);
+        for i in 151..=200 {
+            tracker.record(ms(i));
+        }
+        near(0.0, 101);
+        near(1.0, 200);
 
         let cfg = HedgeConfig {
             enabled: true,
@@ -670,14 +689,22 @@ mod tests {
             delay_percentile: Some(0.9),
             max_hedges: 1,
         };
-        assert_eq!(hedge_delay(&cfg, &tracker), Some(ms(140)));
+        let within = |got: Option<Duration>, want: u64| {
+            let got = got.expect("a delay").as_secs_f64() * 1000.0;
+            assert!(
+                (got - want as f64).abs() <= want as f64 * 0.01,
+                "{got} ms, want {want}"
+            );
+        };
+        // p90 of the window 101..=200.
+        within(hedge_delay(&cfg, &tracker), 190);
         let few = LatencyTracker::default();
         for _ in 0..HEDGE_MIN_SAMPLES - 1 {
             few.record(ms(500));
         }
         assert_eq!(hedge_delay(&cfg, &few), Some(ms(30)), "too few samples");
         few.record(ms(500));
-        assert_eq!(hedge_delay(&cfg, &few), Some(ms(500)));
+        within(hedge_delay(&cfg, &few), 500);
         let fixed = HedgeConfig {
             delay_percentile: None,
             ..cfg.clone()

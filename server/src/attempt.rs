@@ -1,0 +1,516 @@
+//! One attempt on one backend, from the pick to its outcome: the request path's step 9,
+//! and the one place where what an attempt did is recorded.
+//!
+//! An [`Attempt`] owns everything an attempt holds: the endpoint's in-flight guard, the
+//! circuit permits taken at pick time and the attempt's CLIENT span. It ends exactly
+//! once, through [`Attempt::finish`] (or its drop, which means the caller went away),
+//! and that one call updates the endpoint's counters and its attempts metric, outlier
+//! detection, both circuit breakers, the latency figures and the span. Unary calls,
+//! hedges and streams all end their attempts this way, so no outcome is counted twice
+//! or labelled by whoever happened to see it last.
+//!
+//! Which outcomes count against the backend is decided here too ([`Verdict`]):
+//! - the backend answered OK: a success;
+//! - it answered with a code the *request* causes (INVALID_ARGUMENT, NOT_FOUND,
+//!   FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED, PERMISSION_DENIED, CANCELLED):
+//!   nothing, so one caller's stream of bad requests cannot open a circuit or eject a
+//!   backend;
+//! - the caller's deadline passed, or the caller went away, before the backend sent
+//!   anything: nothing if the attempt had not yet run past the model's no-response
+//!   bound (a caller that asks for less time than the model needs made its own choice),
+//!   a failure if it had (the backend was silent for longer than any healthy backend
+//!   takes);
+//! - a DEADLINE_EXCEEDED from the backend itself follows the same rule;
+//! - anything else (transport failure, a server error, silence past the bound): a
+//!   failure, which outlier detection and the breakers weigh by their own code lists.
+//!
+//! The no-response bound is `max(floor, factor × p99)` of the model's recent
+//! successful attempts' time to response headers ([`NoResponseConfig`]): adaptive, so a
+//! GPU three times slower than its peers is not cut off, while a hung one is noticed
+//! within a fraction of a second for a model that answers in tens of milliseconds.
+
+use crate::breaker::{Outcome as BreakerOutcome, PermitGuard};
+use crate::endpoint::{Endpoint, InFlightGuard};
+use crate::pool::{Picked, Pool};
+use crate::retry::LatencyTracker;
+use crate::trace::CallSpan;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+/// `[no_response]` (and `[models.X] no_response`): when an attempt that has received
+/// nothing counts as the backend's failure, and is re-sent elsewhere.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoResponseConfig {
+    /// Detect silent backends at all. Default true.
+    pub enabled: bool,
+    /// The bound never goes below this. Default 200 ms.
+    pub floor_ms: u64,
+    /// The bound is this many times the model's p99 time to response headers.
+    /// Default 5.
+    pub factor: f64,
+    /// Successful attempts needed before the p99 is trusted. Default 20.
+    pub min_samples: u64,
+    /// The bound while the model has fewer samples than that. Default 3000 ms.
+    pub cold_ms: u64,
+}
+
+impl Default for NoResponseConfig {
+    fn default() -> Self {
+        NoResponseConfig {
+            enabled: true,
+            floor_ms: 200,
+            factor: 5.0,
+            min_samples: 20,
+            cold_ms: 3000,
+        }
+    }
+}
+
+impl NoResponseConfig {
+    /// Checks values serde cannot check; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.floor_ms == 0 {
+            return Err("floor_ms: must be above 0".into());
+        }
+        if !(self.factor >= 1.0 && self.factor.is_finite()) {
+            return Err(format!(
+                "factor: must be at least 1 (a bound below the model's own p99 would cut off healthy backends), got {}",
+                self.factor
+            ));
+        }
+        if self.cold_ms == 0 {
+            return Err("cold_ms: must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The model's no-response bound, learned from its successful attempts.
+#[derive(Debug)]
+pub struct NoResponseBound {
+    cfg: NoResponseConfig,
+    /// Time to response headers of successful attempts.
+    times: LatencyTracker,
+    /// The bound last computed, µs (0 = not yet), and when (µs on the endpoint clock).
+    cached_us: AtomicU64,
+    cached_at_us: AtomicU64,
+}
+
+/// How often the bound is recomputed from the histogram.
+const REFRESH: Duration = Duration::from_millis(100);
+
+impl NoResponseBound {
+    /// A bound with no samples yet.
+    pub fn new(cfg: NoResponseConfig) -> Self {
+        NoResponseBound {
+            cfg,
+            times: LatencyTracker::default(),
+            cached_us: AtomicU64::new(0),
+            cached_at_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds the time to response headers of one successful attempt.
+    pub fn record(&self, elapsed: Duration) {
+        self.times.record(elapsed);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &NoResponseConfig {
+        &self.cfg
+    }
+
+    /// The bound now (None: detection is off).
+    pub fn get(&self, now: Instant) -> Option<Duration> {
+        if !self.cfg.enabled {
+            return None;
+        }
+        let now_us = crate::endpoint::clock::nanos(now) / 1000;
+        let at = self.cached_at_us.load(Ordering::Relaxed);
+        let cached = self.cached_us.load(Ordering::Relaxed);
+        if cached > 0 && now_us.saturating_sub(at) < REFRESH.as_micros() as u64 {
+            return Some(Duration::from_micros(cached));
+        }
+        let bound = self.compute();
+        self.cached_us
+            .store((bound.as_micros() as u64).max(1), Ordering::Relaxed);
+        self.cached_at_us.store(now_us, Ordering::Relaxed);
+        Some(bound)
+    }
+
+    fn compute(&self) -> Duration {
+        let floor = Duration::from_millis(self.cfg.floor_ms);
+        if (self.times.len() as u64) < self.cfg.min_samples {
+            return Duration::from_millis(self.cfg.cold_ms).max(floor);
+        }
+        match self.times.percentile(0.99) {
+            Some(p99) => p99.mul_f64(self.cfg.factor).max(floor),
+            None => Duration::from_millis(self.cfg.cold_ms).max(floor),
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered with this status (in trailers, or trailers-only).
+    Answered(Code),
+    /// The backend could not be reached, or the connection broke (reset, PING timeout)
+    /// before it answered.
+    Transport,
+    /// The backend sent nothing within the no-response bound or the per-try timeout;
+    /// the gateway gave up on it.
+    NoResponse,
+    /// The caller's deadline passed first.
+    Deadline,
+    /// The caller went away.
+    Cancelled,
+}
+
+/// What an outcome means for the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It served the call.
+    Success,
+    /// It failed: outlier detection sees `outlier` (None: a failure without a status,
+    /// which always counts), the breakers `breaker`.
+    Failure {
+        /// The code outlier detection weighs.
+        outlier: Option<Code>,
+        /// The code the breakers weigh.
+        breaker: Code,
+    },
+    /// Nothing the backend did: the request's or the caller's doing.
+    Neutral,
+}
+
+/// Codes that a request, not the server, causes.
+pub fn caused_by_request(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::Cancelled
+            | Code::AlreadyExists
+    )
+}
+
+/// The verdict on an outcome, given how long the attempt ran, whether the backend had
+/// sent response headers, and the model's no-response bound.
+pub fn verdict(
+    outcome: Outcome,
+    elapsed: Duration,
+    answered: bool,
+    bound: Option<Duration>,
+) -> Verdict {
+    let past_bound = bound.is_some_and(|b| elapsed >= b);
+    let silent_too_long = Verdict::Failure {
+        outlier: None,
+        breaker: Code::DeadlineExceeded,
+    };
+    match outcome {
+        Outcome::Answered(Code::Ok) => Verdict::Success,
+        Outcome::Answered(code) if caused_by_request(code) => Verdict::Neutral,
+        Outcome::Answered(Code::DeadlineExceeded) => {
+            if past_bound {
+                silent_too_long
+            } else {
+                Verdict::Neutral
+            }
+        }
+        Outcome::Answered(code) => Verdict::Failure {
+            outlier: Some(code),
+            breaker: code,
+        },
+        Outcome::Transport => Verdict::Failure {
+            outlier: None,
+            breaker: Code::Unavailable,
+        },
+        Outcome::NoResponse => silent_too_long,
+        Outcome::Deadline | Outcome::Cancelled => {
+            if !answered && past_bound {
+                silent_too_long
+            } else {
+                Verdict::Neutral
+            }
+        }
+    }
+}
+
+/// Where a successful attempt's latency is learned, beside the endpoint's own figures.
+pub type Latencies = Option<Arc<crate::models::ModelPolicy>>;
+
+/// One attempt in flight.
+pub struct Attempt {
+    pool: Arc<Pool>,
+    endpoint: Arc<Endpoint>,
+    model: String,
+    permits: [Option<PermitGuard>; 2],
+    guard: Option<InFlightGuard>,
+    began: Instant,
+    /// Time to response headers, once they arrived.
+    answered: Option<Duration>,
+    span: Option<CallSpan>,
+    policy: Latencies,
+    bound: Option<Duration>,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("backend", &self.endpoint.address())
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attempt {
+    /// Starts an attempt on the picked endpoint: takes its in-flight slot now.
+    /// `policy` learns the latency of a success (None: nothing to learn, e.g. a call
+    /// that is not for one model); `bound` is the model's no-response bound now.
+    pub fn begin(
+        pool: Arc<Pool>,
+        picked: Picked,
+        model: &str,
+        span: CallSpan,
+        policy: Latencies,
+        bound: Option<Duration>,
+    ) -> Attempt {
+        let Picked {
+            endpoint,
+            permit,
+            model_permit,
+        } = picked;
+        let guard = endpoint.begin();
+        Attempt {
+            pool,
+            endpoint,
+            model: model.to_owned(),
+            permits: [permit, model_permit],
+            guard: Some(guard),
+            began: Instant::now(),
+            answered: None,
+            span: Some(span),
+            policy,
+            bound,
+        }
+    }
+
+    /// The backend.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// When the attempt began.
+    pub fn began(&self) -> Instant {
+        self.began
+    }
+
+    /// The model's no-response bound when the attempt began.
+    pub fn bound(&self) -> Option<Duration> {
+        self.bound
+    }
+
+    /// The attempt's span (to inject its context into the request).
+    pub fn span(&self) -> Option<&CallSpan> {
+        self.span.as_ref()
+    }
+
+    /// The backend's response headers arrived.
+    pub fn answered(&mut self) {
+        if self.answered.is_none() {
+            self.answered = Some(self.began.elapsed());
+        }
+    }
+
+    /// Ends the attempt with `outcome`; `status` (when the gateway made one) goes on the
+    /// span. Records everywhere it counts, once.
+    pub fn finish(mut self, outcome: Outcome, status: Option<&Status>) {
+        self.record(outcome, status);
+    }
+
+    fn record(&mut self, outcome: Outcome, status: Option<&Status>) {
+        let Some(span) = self.span.take() else {
+            return; // recorded already
+        };
+        let elapsed = self.began.elapsed();
+        // Time to the answer's headers where there was one: that is what the bound and
+        // the latency figures measure (a stream's life is not its backend's latency).
+        let measured = self.answered.unwrap_or(elapsed);
+        let endpoint = &self.endpoint;
+        endpoint.count_attempt(match outcome {
+            Outcome::Answered(code) => Some(code),
+            Outcome::Transport => None,
+            Outcome::NoResponse | Outcome::Deadline => Some(Code::DeadlineExceeded),
+            Outcome::Cancelled => Some(Code::Cancelled),
+        });
+        let verdict = verdict(outcome, elapsed, self.answered.is_some(), self.bound);
+        let breaker_code = match verdict {
+            Verdict::Success => Some(Code::Ok),
+            Verdict::Failure { outlier, breaker } => {
+                self.pool.record_outlier(endpoint, outlier, measured);
+                Some(breaker)
+            }
+            Verdict::Neutral => None,
+        };
+        if verdict == Verdict::Success {
+            self.pool.record_outlier(endpoint, Some(Code::Ok), measured);
+            endpoint.observe_latency(elapsed);
+            if let Some(policy) = &self.policy {
+                policy.latencies.record(measured);
+                policy.no_response.record(measured);
+            }
+        }
+        endpoint.record_outcome(!matches!(verdict, Verdict::Failure { .. }));
+        // The backend's permit, then the backend × model one; transitions of either are
+        // published under the call's model.
+        for permit in self.permits.iter_mut().filter_map(Option::take) {
+            // A neutral outcome returns the permit unrecorded (as a cancelled call does).
+            if let Some(code) = breaker_code {
+                let outcome = BreakerOutcome {
+                    code,
+                    elapsed: measured,
+                };
+                if let Some(t) = permit.record(outcome, Instant::now()) {
+                    self.pool.circuit_event(endpoint, &self.model, &t);
+                }
+            }
+        }
+        match (status, outcome) {
+            (Some(status), _) => span.end_with_status(status),
+            (None, Outcome::Answered(code)) => span.end(code),
+            (None, Outcome::Transport) => span.end(Code::Unavailable),
+            (None, Outcome::NoResponse | Outcome::Deadline) => span.end(Code::DeadlineExceeded),
+            (None, Outcome::Cancelled) => span.end(Code::Cancelled),
+        }
+        self.guard.take();
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        // Dropped unfinished: the caller went away (or its deadline passed and the
+        // call's future was dropped).
+        self.record(Outcome::Cancelled, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn callers_mistakes_never_count_against_the_backend() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::Cancelled,
+        ] {
+            assert_eq!(
+                verdict(Outcome::Answered(code), ms(5), true, Some(ms(200))),
+                Verdict::Neutral,
+                "{code:?}"
+            );
+        }
+        assert_eq!(
+            verdict(Outcome::Answered(Code::Internal), ms(5), true, None),
+            Verdict::Failure {
+                outlier: Some(Code::Internal),
+                breaker: Code::Internal
+            }
+        );
+    }
+
+    #[test]
+    fn a_short_deadline_is_the_callers_choice_until_the_bound_passes() {
+        let bound = Some(ms(200));
+        // 7 ms deadline on a 20 ms model: not the backend's fault.
+        assert_eq!(
+            verdict(Outcome::Deadline, ms(7), false, bound),
+            Verdict::Neutral
+        );
+        assert_eq!(
+            verdict(
+                Outcome::Answered(Code::DeadlineExceeded),
+                ms(7),
+                true,
+                bound
+            ),
+            Verdict::Neutral
+        );
+        assert_eq!(
+            verdict(Outcome::Cancelled, ms(150), false, bound),
+            Verdict::Neutral
+        );
+        // Silent past the bound: the backend's failure, however the call ended.
+        let silent = Verdict::Failure {
+            outlier: None,
+            breaker: Code::DeadlineExceeded,
+        };
+        assert_eq!(verdict(Outcome::Deadline, ms(250), false, bound), silent);
+        assert_eq!(verdict(Outcome::Cancelled, ms(250), false, bound), silent);
+        assert_eq!(verdict(Outcome::NoResponse, ms(200), false, bound), silent);
+        // A caller leaving a stream that is answering says nothing about the backend.
+        assert_eq!(
+            verdict(Outcome::Cancelled, ms(5000), true, bound),
+            Verdict::Neutral
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bound_follows_the_models_p99_above_its_floor() {
+        let bound = NoResponseBound::new(NoResponseConfig::default());
+        // Cold: the conservative bound.
+        assert_eq!(bound.get(Instant::now()), Some(ms(3000)));
+        for _ in 0..100 {
+            bound.record(ms(20));
+        }
+        tokio::time::advance(REFRESH).await;
+        // 5 × 20 ms is under the 200 ms floor.
+        assert_eq!(bound.get(Instant::now()), Some(ms(200)));
+        // A model that takes about a second: 5 × p99.
+        for _ in 0..2000 {
+            bound.record(ms(1000));
+        }
+        // Cached for REFRESH.
+        assert_eq!(bound.get(Instant::now()), Some(ms(200)));
+        tokio::time::advance(REFRESH).await;
+        let b = bound.get(Instant::now()).expect("bound");
+        assert!(b >= ms(4900) && b <= ms(5100), "{b:?}");
+    }
+
+    #[test]
+    fn the_bound_is_off_when_disabled() {
+        let bound = NoResponseBound::new(NoResponseConfig {
+            enabled: false,
+            ..NoResponseConfig::default()
+        });
+        assert_eq!(bound.get(Instant::now()), None);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let bad = NoResponseConfig {
+            factor: 0.5,
+            ..NoResponseConfig::default()
+        };
+        assert!(bad.validate().expect_err("factor").starts_with("factor"));
+    }
+}
