@@ -169,10 +169,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         config.backends.push(BackendConfig::new(address.clone()));
     }
     config.validate(&source).map_err(|e| e.to_string())?;
-    if config.backends.is_empty() {
+    if config.backends.is_empty() && config.dns.is_empty() {
         return Err(
             "no backends: give --backend HOST:PORT or a --config file with [[backends]] \
-                    (or run `infergate demo` for a simulated pool)"
+                    or [[dns]] (or run `infergate demo` for a simulated pool)"
                 .into(),
         );
     }
