@@ -524,4 +524,87 @@ async fn metrics_count_a_known_sequence_of_calls() {
     server.await.expect("metrics server stops");
 
     promtool_check(&text);
+
+    // A non-retryable trailers-only INTERNAL from a backend: the caller sees INTERNAL,
+    // and the attempt is counted once, as INTERNAL, by metrics and by the breaker.
+    let failing = sim("m-internal", |_| {});
+    failing.control().set_error_rate(1.0);
+    failing.control().set_error_code(Code::Internal);
+    let gw2 = gateway(config(&[failing.addr()])).await;
+    let mut c2 = client(gw2.addr()).await;
+    let status = c2
+        .model_infer(simple_request("internal", 1))
+        .await
+        .expect_err("injected INTERNAL");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let addr = failing.addr().to_string();
+    let on = [("backend", addr.as_str()), ("code", "INTERNAL")];
+    let (text, samples) = scrape_until(gw2.metrics_addr(), Duration::from_secs(10), |s| {
+        sum(s, "infergate_backend_attempts_total", &on) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        one(&samples, "infergate_backend_attempts_total", &on),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "infergate_backend_attempts_total",
+            &[("backend", addr.as_str())]
+        ),
+        1.0,
+        "one attempt, one label\n{text}"
+    );
+    let endpoint = gw2.pool().endpoint(&addr).expect("endpoint");
+    assert_eq!(endpoint.failures_total(), 1, "counted once");
+    let breaker = endpoint.breaker().stats(tokio::time::Instant::now()).window;
+    assert_eq!(breaker.calls, 1, "the breaker saw one call: {breaker:?}");
+    assert_eq!(breaker.failures, 1, "{breaker:?}");
+
+    // Calls the client cancels right after sending them leave no in-flight call
+    // behind and are counted as CANCELLED.
+    let slow = sim("m-slow", |c| c.latency_ms = 500.0);
+    let gw3 = gateway(config(&[slow.addr()])).await;
+    let c3 = client(gw3.addr()).await;
+    let cancelled = [("method", "ModelInfer"), ("code", "CANCELLED")];
+    let before = sum(
+        &parse(&scrape(gw3.metrics_addr()).await),
+        "infergate_requests_total",
+        &cancelled,
+    );
+    for i in 0..10 {
+        let mut c = c3.clone();
+        let call = c.model_infer(simple_request(&format!("cancel-{i}"), 1));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(2), call)
+                .await
+                .is_err(),
+            "a 500 ms call cannot answer in 2 ms"
+        );
+    }
+    let (text, samples) = scrape_until(gw3.metrics_addr(), Duration::from_secs(10), |s| {
+        sum(
+            s,
+            "infergate_requests_in_flight",
+            &[("method", "ModelInfer")],
+        ) == 0.0
+            && sum(s, "infergate_requests_total", &cancelled) >= before + 10.0
+    })
+    .await;
+    assert_eq!(
+        one(
+            &samples,
+            "infergate_requests_in_flight",
+            &[("method", "ModelInfer")]
+        ),
+        0.0,
+        "no call left in flight\n{text}"
+    );
+    assert_eq!(
+        sum(&samples, "infergate_requests_total", &cancelled),
+        before + 10.0,
+        "{text}"
+    );
 }

@@ -452,3 +452,146 @@ async fn a_backend_that_offers_health_watch_is_followed_at_once() {
         "followed by Watch, not by 30 s polling"
     );
 }
+
+/// The default config, with the test's fast health checks: nothing tuned for faults.
+fn default_config(backends: &[std::net::SocketAddr]) -> Config {
+    config(backends)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_backend_costs_no_call_with_the_defaults() {
+    // The sim's hang: it accepts calls and never answers them, while its HTTP/2 stack
+    // and health service stay alive; only the request path can tell.
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let hung = sim("hung", |_| {});
+    let gw = gateway(default_config(&[a.addr(), b.addr(), hung.addr()])).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 4);
+    eventually("steady traffic", Duration::from_secs(5), || {
+        hung.control().completed() > 30
+    })
+    .await;
+    let endpoint = gw
+        .pool()
+        .endpoint(&hung.addr().to_string())
+        .expect("endpoint");
+    hung.control().set_hang(true);
+    let hung_at = Instant::now();
+    eventually(
+        "the silent backend is ejected",
+        Duration::from_secs(5),
+        || endpoint.is_ejected(Instant::now()),
+    )
+    .await;
+    let ejected_after = hung_at.elapsed();
+    println!("silent backend ejected after {ejected_after:?}");
+    let (ok, failed) = load.finish().await;
+    println!("{ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "every call the silent backend held was re-sent");
+    assert!(ok > 100, "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_is_out_fast_and_back_when_it_thaws() {
+    // Frozen as by SIGSTOP: its sockets stay open and nothing at all comes back, not
+    // even the answer to an HTTP/2 PING or a health check.
+    let a = sim("a", |_| {});
+    let b = sim("b", |_| {});
+    let victim = sim("victim", |_| {});
+    let proxy = FreezableProxy::start(victim.addr()).await;
+    let gw = gateway(default_config(&[a.addr(), b.addr(), proxy.addr()])).await;
+    let c = client(gw.addr()).await;
+    let load = Load::start(&c, 4);
+    eventually("steady traffic", Duration::from_secs(5), || {
+        victim.control().completed() > 30
+    })
+    .await;
+    let endpoint = gw
+        .pool()
+        .endpoint(&proxy.addr().to_string())
+        .expect("endpoint");
+    proxy.freeze(true);
+    let frozen_at = Instant::now();
+    eventually(
+        "the frozen backend leaves the rotation",
+        Duration::from_secs(5),
+        || !endpoint.is_eligible() || endpoint.is_ejected(Instant::now()),
+    )
+    .await;
+    println!("frozen backend out after {:?}", frozen_at.elapsed());
+    let served = victim.control().completed();
+    proxy.freeze(false);
+    let thawed_at = Instant::now();
+    eventually(
+        "the thawed backend serves again",
+        Duration::from_secs(15),
+        || victim.control().completed() > served + 20,
+    )
+    .await;
+    println!("thawed backend back after {:?}", thawed_at.elapsed());
+    let (ok, failed) = load.finish().await;
+    println!("{ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "no call was lost to the frozen backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_calls_takes_no_backend_out() {
+    let sims = [
+        sim("a", |c| c.latency_ms = 20.0),
+        sim("b", |c| c.latency_ms = 20.0),
+    ];
+    let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
+    let gw = gateway(default_config(&addrs)).await;
+    let good = client(gw.addr()).await;
+    let load = Load::start(&good, 2);
+    let mut bad = client(gw.addr()).await;
+    let raw = channel(gw.addr()).await;
+    let mut broken = vec![0x0a, 0x06];
+    broken.extend_from_slice(b"simple");
+    broken.extend_from_slice(&[0x2a, 0x03, 0xff, 0xff, 0xff]);
+    for round in 0..30 {
+        // Bytes whose inputs do not parse: refused at the gateway.
+        let status = infergate_client::raw::unary_raw(
+            raw.clone(),
+            http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer"),
+            tonic::Request::new(bytes::Bytes::from(broken.clone())),
+        )
+        .await
+        .expect_err("broken inputs");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("inputs[0]"),
+            "{}",
+            status.message()
+        );
+        // A request that parses but that the backend refuses (wrong datatype).
+        let mut wrong = simple_request(&format!("wrong-{round}"), 1);
+        wrong.inputs[0].datatype = "FP64".into();
+        let status = bad.model_infer(wrong).await.expect_err("wrong datatype");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        // A deadline shorter than the model ever answers in.
+        let mut hurried = tonic::Request::new(simple_request(&format!("short-{round}"), 1));
+        hurried.set_timeout(Duration::from_millis(7));
+        let status = bad.model_infer(hurried).await.expect_err("7 ms deadline");
+        // The gateway's DEADLINE_EXCEEDED, or the client's own timer when it fires first.
+        assert!(
+            matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{status:?}"
+        );
+    }
+    let (ok, failed) = load.finish().await;
+    println!("good caller: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 10, "{ok}");
+    for addr in &addrs {
+        let e = gw.pool().endpoint(&addr.to_string()).expect("endpoint");
+        assert!(!e.is_ejected(Instant::now()), "{addr} ejected");
+        assert_eq!(
+            e.breaker().state(),
+            infergate::breaker::BreakerState::Closed,
+            "{addr}"
+        );
+        assert_eq!(e.failures_total(), 0, "{addr}: no failure is the backend's");
+    }
+}

@@ -94,7 +94,12 @@ pub struct Pool {
     policies: Mutex<HashMap<String, Arc<Policy>>>,
     decoupled: RwLock<HashMap<String, bool>>,
     negative: Mutex<HashMap<String, Instant>>,
-    probe_lock: tokio::sync::Mutex<()>,
+    /// Probes of unknown models in progress, one per name: callers asking for the same
+    /// name wait on its lock and then find the answer cached; different names never
+    /// wait for each other.
+    probes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bounds how many names are probed at once.
+    probe_permits: tokio::sync::Semaphore,
     any_policy: Policy,
     breaker: BreakerConfig,
     connection: ConnectionConfig,
@@ -103,6 +108,31 @@ pub struct Pool {
     panic: AtomicBool,
     events: EventBus,
     policy_overrides: RwLock<HashMap<String, PolicyKind>>,
+}
+
+/// Names of unknown models probed at once, at most (each probe asks every backend
+/// `ModelReady`, bounded by `discovery.probe_timeout_ms`).
+pub const MAX_CONCURRENT_PROBES: usize = 16;
+
+/// Forgets a name's probe lock once its probe is over (the answer is cached by then);
+/// callers still waiting on the old lock find the answer when they get it.
+struct ProbeDone<'a> {
+    probes: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    model: &'a str,
+    lock: &'a Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for ProbeDone<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut probes) = self.probes.lock() {
+            if probes
+                .get(self.model)
+                .is_some_and(|l| Arc::ptr_eq(l, self.lock))
+            {
+                probes.remove(self.model);
+            }
+        }
+    }
 }
 
 /// An endpoint chosen for one attempt, with the circuit permits it holds. Dropping the
@@ -151,7 +181,8 @@ impl Pool {
             routes: RwLock::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
-            probe_lock: tokio::sync::Mutex::new(()),
+            probes: Mutex::new(HashMap::new()),
+            probe_permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES),
             any_policy: Policy::new(
                 config.balancer.policy,
                 PolicyParams::new(&config.balancer, config.load.stale_after()),
@@ -450,15 +481,30 @@ impl Pool {
         if self.recently_missed(model) {
             return Err(unknown());
         }
-        // One probe at a time: callers asking for the same unknown model queue here and
-        // then find the answer cached.
-        let _probing = self.probe_lock.lock().await;
+        // One probe per name: callers asking for the same unknown model queue on its
+        // lock and then find the answer cached; other names go on at the same time, up
+        // to MAX_CONCURRENT_PROBES of them (more wait for a permit, never for a name).
+        let lock = {
+            let Ok(mut probes) = self.probes.lock() else {
+                return Err(unknown());
+            };
+            Arc::clone(probes.entry(model.to_owned()).or_default())
+        };
+        let _probing = lock.lock().await;
+        let _done = ProbeDone {
+            probes: &self.probes,
+            model,
+            lock: &lock,
+        };
         if let Some(route) = self.known_route(model) {
             return Ok(route);
         }
         if self.recently_missed(model) {
             return Err(unknown());
         }
+        let Ok(_permit) = self.probe_permits.acquire().await else {
+            return Err(unknown());
+        };
         let found = discovery::probe_model(&endpoints, model, self.settings.probe_timeout).await;
         if found.is_empty() {
             if let Ok(mut negative) = self.negative.lock() {

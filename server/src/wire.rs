@@ -196,6 +196,7 @@ impl fmt::Display for PeekError {
 /// `ModelMetadataRequest`, `ModelConfigRequest` and `ModelStatisticsRequest`.
 pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekError> {
     let mut key = RouteKey::default();
+    let mut counts = [0usize; 3];
     while payload.has_remaining() {
         let tag = read_varint(&mut payload)
             .ok_or_else(|| PeekError("malformed protobuf: truncated field tag".into()))?;
@@ -234,6 +235,23 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
                     )));
                 }
                 let value = &payload[..len];
+                if with_id {
+                    // ModelInferRequest: its nested messages must parse too, so a
+                    // request the backend cannot decode is refused here, as the
+                    // caller's mistake, and never reaches (or counts against) a backend.
+                    let nested = match field {
+                        4 => Some(("parameters", &mut counts[0])),
+                        5 => Some(("inputs", &mut counts[1])),
+                        6 => Some(("outputs", &mut counts[2])),
+                        _ => None,
+                    };
+                    if let Some((name, count)) = nested {
+                        check_message(value).map_err(|e| {
+                            PeekError(format!("malformed protobuf: {name}[{count}]: {e}"))
+                        })?;
+                        *count += 1;
+                    }
+                }
                 let slot = match field {
                     1 => Some(&mut key.model),
                     2 => Some(&mut key.version),
@@ -262,6 +280,45 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
 /// Reads an integer request parameter (`parameters` map, field 4 of
 /// `ModelInferRequest`) without decoding the rest: int64, uint64 or a numeric string.
 /// None when absent or malformed.
+/// Checks that `bytes` are a well-formed protobuf message at its top level: every tag,
+/// varint and length fits. Nothing is decoded or copied; a length-delimited field is
+/// skipped whole, so the cost is one step per field, not per byte.
+fn check_message(mut bytes: &[u8]) -> Result<(), String> {
+    while !bytes.is_empty() {
+        let tag = read_varint(&mut bytes).ok_or("truncated field tag")?;
+        let field = tag >> 3;
+        if field == 0 {
+            return Err("field number 0".into());
+        }
+        match tag & 7 {
+            0 => {
+                read_varint(&mut bytes)
+                    .ok_or_else(|| format!("truncated varint in field {field}"))?;
+            }
+            1 | 5 => {
+                let width = if tag & 7 == 1 { 8 } else { 4 };
+                bytes = bytes
+                    .get(width..)
+                    .ok_or_else(|| format!("truncated fixed-width field {field}"))?;
+            }
+            2 => {
+                let len = read_varint(&mut bytes)
+                    .ok_or_else(|| format!("truncated length of field {field}"))?;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if bytes.len() < len {
+                    return Err(format!(
+                        "field {field} announces {len} bytes, {} remain",
+                        bytes.len()
+                    ));
+                }
+                bytes = &bytes[len..];
+            }
+            other => return Err(format!("field {field} has unsupported wire type {other}")),
+        }
+    }
+    Ok(())
+}
+
 pub fn peek_int_parameter(mut payload: &[u8], name: &str) -> Option<i64> {
     let mut found = None;
     while !payload.is_empty() {
@@ -434,6 +491,39 @@ mod tests {
         assert_eq!(key.model, "simple");
         assert_eq!(key.version, "1");
         assert_eq!(key.id, "req-7");
+    }
+
+    #[test]
+    fn a_broken_nested_message_is_refused_with_its_field_named() {
+        // model_name "simple", then inputs (field 5) of 3 bytes that are no message.
+        let mut bad = vec![0x0a, 0x06];
+        bad.extend_from_slice(b"simple");
+        bad.extend_from_slice(&[0x2a, 0x03, 0xff, 0xff, 0xff]);
+        let err = peek_route(&bad, true).expect_err("broken inputs");
+        assert!(err.0.contains("inputs[0]"), "{}", err.0);
+        // Other RPCs' requests are not ModelInferRequests: field 5 is left alone.
+        assert!(peek_route(&bad, false).is_ok());
+        // A well-formed request with inputs and outputs passes.
+        use infergate_proto::inference::model_infer_request::{
+            InferInputTensor, InferRequestedOutputTensor,
+        };
+        let good = ModelInferRequest {
+            model_name: "simple".into(),
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".into(),
+                datatype: "INT32".into(),
+                shape: vec![1, 16],
+                ..Default::default()
+            }],
+            outputs: vec![InferRequestedOutputTensor {
+                name: "OUTPUT0".into(),
+                ..Default::default()
+            }],
+            raw_input_contents: vec![vec![7u8; 64]],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(peek_route(&good, true).expect("parses").model, "simple");
     }
 
     #[test]

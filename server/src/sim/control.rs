@@ -100,6 +100,8 @@ pub struct SimControl {
     slots: usize,
     models: Vec<(Model, ModelStats)>,
     error_rate: AtomicF64,
+    /// The gRPC code injected faults answer with (UNAVAILABLE by default).
+    error_code: AtomicU64,
     hidden_load: AtomicF64,
     extra_latency_ms: AtomicU64,
     hang: AtomicBool,
@@ -136,6 +138,7 @@ impl SimControl {
             slots,
             models: models.iter().map(|m| (*m, ModelStats::default())).collect(),
             error_rate: AtomicF64::new(error_rate),
+            error_code: AtomicU64::new(tonic::Code::Unavailable as u64),
             hidden_load: AtomicF64::new(hidden_load),
             extra_latency_ms: AtomicU64::new(0),
             hang: AtomicBool::new(false),
@@ -182,7 +185,17 @@ impl SimControl {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Share of calls answered UNAVAILABLE ("injected fault"), clamped to 0..=1.
+    /// The code injected faults answer with, trailers-only (default UNAVAILABLE).
+    pub fn set_error_code(&self, code: tonic::Code) {
+        self.error_code.store(code as u64, RELAXED);
+    }
+    /// See [`SimControl::set_error_code`].
+    pub fn error_code(&self) -> tonic::Code {
+        tonic::Code::from_i32(self.error_code.load(RELAXED) as i32)
+    }
+
+    /// Share of calls answered with the error code ("injected fault"; UNAVAILABLE unless
+    /// [`SimControl::set_error_code`] says otherwise), clamped to 0..=1.
     pub fn set_error_rate(&self, rate: f64) {
         self.error_rate.set(clamp_fraction(rate));
     }

@@ -223,7 +223,7 @@ impl Engine {
         }
         if self.ctl.roll_fault() {
             return Err(Failure::Status(
-                Status::unavailable("injected fault"),
+                Status::new(self.ctl.error_code(), "injected fault"),
                 FailReason::Backend,
             ));
         }
@@ -796,7 +796,24 @@ pub(crate) async fn keep_health_in_sync(ctl: Arc<SimControl>) {
     }
 }
 
-/// Tower layer that appends [`ExtraTrailers`] to the trailer frame of a response.
+/// A request that does not decode is the caller's mistake: tonic's codec says INTERNAL
+/// `failed to decode Protobuf message`; the simulator answers INVALID_ARGUMENT with the
+/// same message instead, as Triton does.
+fn undecodable_is_invalid_argument(map: &mut http::HeaderMap) {
+    let internal = map
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let undecodable = map.get("grpc-message").is_some_and(|v| {
+        let m = v.as_bytes();
+        m.starts_with(b"failed%20to%20decode") || m.starts_with(b"failed to decode")
+    });
+    if internal && undecodable {
+        map.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+}
+
+/// Tower layer that appends [`ExtraTrailers`] to the trailer frame of a response, and
+/// turns a codec's decode failure into INVALID_ARGUMENT.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TrailerLayer;
 
@@ -835,6 +852,7 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             let (mut parts, body) = resp.into_parts();
+            undecodable_is_invalid_argument(&mut parts.headers);
             let extra = parts.extensions.remove::<ExtraTrailers>().map(|e| e.0);
             Ok(http::Response::from_parts(
                 parts,
@@ -869,6 +887,7 @@ where
                     Ok(t) => t,
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 };
+                undecodable_is_invalid_argument(&mut trailers);
                 if let Some(extra) = self.extra.take() {
                     for (k, v) in extra.iter() {
                         if !trailers.contains_key(k) {

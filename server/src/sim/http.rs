@@ -158,6 +158,7 @@ fn parse_fraction(key: &str, v: &str) -> Result<f64, String> {
 pub(crate) fn apply_control(ctl: &SimControl, query: &str) -> Result<bool, String> {
     enum Action {
         ErrorRate(f64),
+        ErrorCode(tonic::Code),
         Hang(bool),
         Refuse(bool),
         Ready(bool),
@@ -172,6 +173,9 @@ pub(crate) fn apply_control(ctl: &SimControl, query: &str) -> Result<bool, Strin
         let (k, v) = (percent_decode(k), percent_decode(v));
         let action = match k.as_str() {
             "error_rate" => Action::ErrorRate(parse_fraction(&k, &v)?),
+            "error_code" => {
+                Action::ErrorCode(crate::breaker::parse_code(&v).map_err(|e| format!("{k}: {e}"))?)
+            }
             "hidden_load" => Action::HiddenLoad(parse_fraction(&k, &v)?),
             "hang" => Action::Hang(parse_bool(&k, &v)?),
             "refuse" => Action::Refuse(parse_bool(&k, &v)?),
@@ -198,6 +202,7 @@ pub(crate) fn apply_control(ctl: &SimControl, query: &str) -> Result<bool, Strin
     for action in actions {
         match action {
             Action::ErrorRate(v) => ctl.set_error_rate(v),
+            Action::ErrorCode(c) => ctl.set_error_code(c),
             Action::HiddenLoad(v) => ctl.set_hidden_load(v),
             Action::Hang(v) => ctl.set_hang(v),
             Action::Refuse(v) => ctl.set_refuse(v),
