@@ -54,6 +54,7 @@
 //! Time is only ever read by the caller (`now` is an argument everywhere), so the logic
 //! is deterministic and tests step time by hand.
 
+use crate::codes::CodeSet;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::fmt;
@@ -69,104 +70,6 @@ const MAX_DURATION_MS: u64 = 86_400_000;
 const MAX_WINDOW_SIZE: u32 = 100_000;
 /// Width of one bucket of a time window.
 const BUCKET: Duration = Duration::from_secs(1);
-
-/// gRPC status codes by their canonical names (as in the gRPC spec and `grpc-status`).
-const CODE_NAMES: [(&str, Code); 17] = [
-    ("OK", Code::Ok),
-    ("CANCELLED", Code::Cancelled),
-    ("UNKNOWN", Code::Unknown),
-    ("INVALID_ARGUMENT", Code::InvalidArgument),
-    ("DEADLINE_EXCEEDED", Code::DeadlineExceeded),
-    ("NOT_FOUND", Code::NotFound),
-    ("ALREADY_EXISTS", Code::AlreadyExists),
-    ("PERMISSION_DENIED", Code::PermissionDenied),
-    ("RESOURCE_EXHAUSTED", Code::ResourceExhausted),
-    ("FAILED_PRECONDITION", Code::FailedPrecondition),
-    ("ABORTED", Code::Aborted),
-    ("OUT_OF_RANGE", Code::OutOfRange),
-    ("UNIMPLEMENTED", Code::Unimplemented),
-    ("INTERNAL", Code::Internal),
-    ("UNAVAILABLE", Code::Unavailable),
-    ("DATA_LOSS", Code::DataLoss),
-    ("UNAUTHENTICATED", Code::Unauthenticated),
-];
-
-/// Parses a gRPC code name (`"UNAVAILABLE"`; case and surrounding spaces ignored).
-pub fn parse_code(name: &str) -> Result<Code, String> {
-    let trimmed = name.trim();
-    CODE_NAMES
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(trimmed))
-        .map(|&(_, code)| code)
-        .ok_or_else(|| {
-            let known: Vec<&str> = CODE_NAMES.iter().map(|(n, _)| *n).collect();
-            format!(
-                "unknown gRPC code `{name}` (expected one of {})",
-                known.join(", ")
-            )
-        })
-}
-
-pub use crate::telemetry::code_name;
-
-/// A set of gRPC codes, as a bit mask (a lookup costs one AND).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CodeSet(u32);
-
-impl CodeSet {
-    /// The empty set.
-    pub const EMPTY: CodeSet = CodeSet(0);
-
-    /// Parses code names for the config field `field` (used in errors, with the index:
-    /// `failure_codes[2]: unknown gRPC code ...`). `OK` is refused: a success is never a
-    /// failure.
-    pub fn parse(field: &str, names: &[String]) -> Result<CodeSet, String> {
-        let mut set = CodeSet::EMPTY;
-        for (i, name) in names.iter().enumerate() {
-            let code = parse_code(name).map_err(|e| format!("{field}[{i}]: {e}"))?;
-            if code == Code::Ok {
-                return Err(format!("{field}[{i}]: OK cannot count as a failure"));
-            }
-            set.insert(code);
-        }
-        Ok(set)
-    }
-
-    /// A set of the given codes.
-    pub fn of(codes: &[Code]) -> CodeSet {
-        let mut set = CodeSet::EMPTY;
-        for &code in codes {
-            set.insert(code);
-        }
-        set
-    }
-
-    /// Adds `code`.
-    pub fn insert(&mut self, code: Code) {
-        if let Some(bit) = Self::bit(code) {
-            self.0 |= bit;
-        }
-    }
-
-    /// Whether `code` is in the set.
-    pub fn contains(self, code: Code) -> bool {
-        Self::bit(code).is_some_and(|bit| self.0 & bit != 0)
-    }
-
-    /// The names in the set, in code order.
-    pub fn names(self) -> Vec<&'static str> {
-        CODE_NAMES
-            .iter()
-            .filter(|(_, c)| self.contains(*c))
-            .map(|(n, _)| *n)
-            .collect()
-    }
-
-    fn bit(code: Code) -> Option<u32> {
-        let value = code as i32;
-        (0..32).contains(&value).then(|| 1u32 << value)
-    }
-}
 
 /// How the closed state's sliding window is measured.
 ///
@@ -223,7 +126,7 @@ pub struct BreakerConfig {
     /// `UNKNOWN`, `DEADLINE_EXCEEDED`, `DATA_LOSS`. Client errors (`INVALID_ARGUMENT`,
     /// `NOT_FOUND`, ...) say nothing about the backend's health and should not be here;
     /// `OK` is refused.
-    pub failure_codes: Vec<String>,
+    pub failure_codes: CodeSet,
 }
 
 impl Default for BreakerConfig {
@@ -237,15 +140,13 @@ impl Default for BreakerConfig {
             open_wait_ms: 5000,
             open_wait_max_ms: 60_000,
             half_open_permits: 3,
-            failure_codes: [
-                "UNAVAILABLE",
-                "INTERNAL",
-                "UNKNOWN",
-                "DEADLINE_EXCEEDED",
-                "DATA_LOSS",
-            ]
-            .map(String::from)
-            .to_vec(),
+            failure_codes: CodeSet::of(&[
+                Code::Unavailable,
+                Code::Internal,
+                Code::Unknown,
+                Code::DeadlineExceeded,
+                Code::DataLoss,
+            ]),
         }
     }
 }
@@ -297,7 +198,6 @@ impl BreakerConfig {
                 self.half_open_permits
             ));
         }
-        CodeSet::parse("failure_codes", &self.failure_codes)?;
         Ok(())
     }
 }
@@ -350,7 +250,7 @@ impl Settings {
             open_wait_ms: config.open_wait_ms,
             open_wait_max_ms: config.open_wait_max_ms,
             half_open_permits: config.half_open_permits,
-            failure_codes: CodeSet::parse("failure_codes", &config.failure_codes)?,
+            failure_codes: config.failure_codes,
         })
     }
 }
@@ -1109,7 +1009,7 @@ mod tests {
         let c = BreakerConfig::default();
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.window, WindowKind::Count { size: 20 });
-        let codes = CodeSet::parse("failure_codes", &c.failure_codes).expect("codes");
+        let codes = c.failure_codes;
         assert_eq!(
             codes.names(),
             [
@@ -1221,20 +1121,6 @@ mod tests {
                 },
                 "slow_call_duration_ms:",
             ),
-            (
-                BreakerConfig {
-                    failure_codes: vec!["UNAVAILABLE".into(), "UNAVALABLE".into()],
-                    ..config()
-                },
-                "failure_codes[1]: unknown gRPC code `UNAVALABLE`",
-            ),
-            (
-                BreakerConfig {
-                    failure_codes: vec!["OK".into()],
-                    ..config()
-                },
-                "failure_codes[0]:",
-            ),
         ];
         for (c, prefix) in cases {
             let err = c.validate().expect_err(prefix);
@@ -1247,20 +1133,22 @@ mod tests {
     }
 
     #[test]
-    fn code_names_parse_both_ways() {
-        assert_eq!(parse_code("UNAVAILABLE"), Ok(Code::Unavailable));
+    fn failure_codes_are_parsed_while_the_config_loads() {
+        let c: BreakerConfig =
+            toml::from_str("failure_codes = [\" unavailable \", \"13\"]").expect("codes");
         assert_eq!(
-            parse_code(" deadline_exceeded "),
-            Ok(Code::DeadlineExceeded)
+            c.failure_codes,
+            CodeSet::of(&[Code::Unavailable, Code::Internal])
         );
-        let err = parse_code("TIMEOUT").expect_err("unknown");
-        assert!(
-            err.contains("`TIMEOUT`") && err.contains("UNAVAILABLE"),
-            "{err}"
-        );
-        for (name, code) in CODE_NAMES {
-            assert_eq!(code_name(code), name);
-            assert_eq!(parse_code(name), Ok(code));
+        for (text, want) in [
+            (
+                "failure_codes = [\"UNAVAILABLE\", \"UNAVALABLE\"]",
+                "[1]: unknown gRPC code `UNAVALABLE`",
+            ),
+            ("failure_codes = [\"OK\"]", "[0]: OK"),
+        ] {
+            let err = toml::from_str::<BreakerConfig>(text).expect_err(text);
+            assert!(err.to_string().contains(want), "{err}");
         }
     }
 
@@ -1578,7 +1466,7 @@ mod tests {
         assert_eq!(b.stats(now).window.failures, 0);
 
         let mut b = breaker(&BreakerConfig {
-            failure_codes: vec!["INVALID_ARGUMENT".into()],
+            failure_codes: CodeSet::of(&[Code::InvalidArgument]),
             ..config()
         });
         for _ in 0..4 {
@@ -1637,15 +1525,6 @@ mod tests {
         let p = b.try_acquire(later).expect("probe");
         assert!(b.try_acquire(later).is_none(), "one probe now");
         assert!(b.record(p, ok(), later).is_some());
-    }
-
-    #[test]
-    fn code_set_bits() {
-        let set = CodeSet::of(&[Code::Unavailable, Code::DataLoss]);
-        assert!(set.contains(Code::Unavailable));
-        assert!(!set.contains(Code::Ok));
-        assert_eq!(set.names(), ["UNAVAILABLE", "DATA_LOSS"]);
-        assert!(CodeSet::EMPTY.names().is_empty());
     }
 
     #[test]

@@ -524,7 +524,7 @@ impl Endpoint {
                 metrics::counter!(
                     "infergate_backend_attempts_total",
                     "backend" => self.address.clone(),
-                    "code" => code.map(infergate_proto::code_name).unwrap_or("TRANSPORT_ERROR")
+                    "code" => code.map(crate::codes::name).unwrap_or("TRANSPORT_ERROR")
                 )
             })
             .increment(1);

@@ -24,6 +24,7 @@ pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
 pub mod capacity;
+pub mod codes;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -9,15 +9,15 @@
 
 use crate::attempt::NoResponseBound;
 use crate::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::codes::CodeSet;
 use crate::config::{Config, ModelConfig};
 use crate::endpoint::{clock, Endpoint};
-use crate::retry::{parse_codes, HedgeConfig, LatencyTracker, RetryBudget, RetryConfig};
+use crate::retry::{HedgeConfig, LatencyTracker, RetryBudget, RetryConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::Code;
 
 /// Everything the request path needs to know about one model.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub struct ModelPolicy {
     /// Retry settings.
     pub retry: RetryConfig,
     /// Codes the retry settings name.
-    pub retryable: Vec<Code>,
+    pub retryable: CodeSet,
     /// Retry (and hedge) budget.
     pub budget: RetryBudget,
     /// Hedging settings.
@@ -71,8 +71,7 @@ impl ModelPolicy {
             name: name.to_owned(),
             bulkhead: bulkhead.map(|b: BulkheadConfig| Arc::new(Bulkhead::new(name.to_owned(), b))),
             auto_bulkhead: auto.then(AutoSize::default),
-            retryable: parse_codes(&retry.retryable_codes)
-                .unwrap_or_else(|_| vec![Code::Unavailable]),
+            retryable: retry.retryable_codes,
             budget: RetryBudget::new(&retry),
             retry,
             hedge,

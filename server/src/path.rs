@@ -434,8 +434,7 @@ impl Gateway {
         attempt: u32,
         deadline: Option<Instant>,
     ) -> Option<Duration> {
-        if !retry::is_retryable(failure, &policy.retryable) || attempt >= policy.retry.max_attempts
-        {
+        if !retry::is_retryable(failure, policy.retryable) || attempt >= policy.retry.max_attempts {
             return None;
         }
         let backoff = RNG.with(|rng| retry::backoff(attempt, &policy.retry, &mut rng.borrow_mut()));
@@ -766,7 +765,7 @@ impl Gateway {
             // another backend may still be tried. One that is not retried is handed
             // back as it came, and its attempt ends as the response is wrapped.
             let code = status.code();
-            if policy.retryable.contains(&code) {
+            if policy.retryable.contains(code) {
                 attempt.finish(Outcome::Answered(code), Some(&status));
                 return Err(AttemptFailed {
                     failure: Failure::Status(code),

@@ -28,7 +28,7 @@
 //! budget.record_request(now);
 //! // ... a try failed with `failure` ...
 //! let wait = backoff(attempt, &cfg, &mut rng);
-//! if is_retryable(&failure, &retryable_codes)
+//! if is_retryable(&failure, cfg.retryable_codes)
 //!     && attempt < cfg.max_attempts
 //!     && may_retry(Instant::now(), deadline, cfg.per_try_timeout(), wait)
 //!     && budget.try_withdraw(Instant::now())
@@ -37,6 +37,7 @@
 //! }
 //! ```
 
+use crate::codes::CodeSet;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -52,7 +53,7 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// gRPC status codes that are retried, by canonical name (`UNAVAILABLE`,
     /// `RESOURCE_EXHAUSTED`, ...). Default `["UNAVAILABLE"]`.
-    pub retryable_codes: Vec<String>,
+    pub retryable_codes: CodeSet,
     /// Backoff cap of the first retry, in ms; doubles with each retry. Default 25.
     pub backoff_base_ms: u64,
     /// Largest backoff cap, in ms. Default 250.
@@ -74,7 +75,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             max_attempts: 2,
-            retryable_codes: vec!["UNAVAILABLE".to_owned()],
+            retryable_codes: CodeSet::of(&[Code::Unavailable]),
             backoff_base_ms: 25,
             backoff_max_ms: 250,
             per_try_timeout_ms: None,
@@ -93,11 +94,6 @@ impl RetryConfig {
                 "retry.max_attempts must be in 1..=10 (1 = no retry), got {}",
                 self.max_attempts
             ));
-        }
-        let codes = parse_codes(&self.retryable_codes)
-            .map_err(|e| format!("retry.retryable_codes: {e}"))?;
-        if codes.contains(&Code::Ok) {
-            return Err("retry.retryable_codes: OK is not a failure".into());
         }
         if self.backoff_base_ms > self.backoff_max_ms {
             return Err(format!(
@@ -188,27 +184,6 @@ impl HedgeConfig {
     }
 }
 
-pub use crate::telemetry::code_name;
-
-/// Parses canonical gRPC code names (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...), exactly
-/// as written in the gRPC spec; a near miss gets a "did you mean" hint.
-pub fn parse_codes<S: AsRef<str>>(names: &[S]) -> Result<Vec<Code>, String> {
-    names
-        .iter()
-        .map(|name| {
-            let name = name.as_ref();
-            match crate::breaker::parse_code(name) {
-                Ok(code) if code_name(code) == name => Ok(code),
-                Ok(code) => Err(format!(
-                    "unknown gRPC code `{name}`; did you mean `{}`?",
-                    code_name(code)
-                )),
-                Err(e) => Err(e),
-            }
-        })
-        .collect()
-}
-
 /// How a try failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -225,7 +200,7 @@ impl fmt::Display for Failure {
         match self {
             Failure::Connect => f.write_str("connect error"),
             Failure::NoResponse => f.write_str("no response"),
-            Failure::Status(code) => write!(f, "status {}", code_name(*code)),
+            Failure::Status(code) => write!(f, "status {}", crate::codes::name(*code)),
         }
     }
 }
@@ -233,10 +208,10 @@ impl fmt::Display for Failure {
 /// Whether a try that failed this way may be tried again (budget and deadline aside).
 /// Failures where the backend cannot have answered always may; a status may when its
 /// code is in `retryable_codes`.
-pub fn is_retryable(failure: &Failure, retryable: &[Code]) -> bool {
+pub fn is_retryable(failure: &Failure, retryable: CodeSet) -> bool {
     match failure {
         Failure::Connect | Failure::NoResponse => true,
-        Failure::Status(code) => *code != Code::Ok && retryable.contains(code),
+        Failure::Status(code) => *code != Code::Ok && retryable.contains(*code),
     }
 }
 
@@ -610,24 +585,17 @@ mod tests {
 
     #[test]
     fn classifies_failures() {
-        let codes = |cfg: &RetryConfig| parse_codes(&cfg.retryable_codes).expect("codes");
-        let cfg = codes(&RetryConfig::default());
-        assert!(is_retryable(&Failure::Connect, &cfg));
-        assert!(is_retryable(&Failure::NoResponse, &cfg));
-        assert!(is_retryable(&Failure::Status(Code::Unavailable), &cfg));
-        assert!(!is_retryable(&Failure::Status(Code::Internal), &cfg));
-        assert!(!is_retryable(&Failure::Status(Code::Ok), &cfg));
-        let cfg = codes(&RetryConfig {
-            retryable_codes: vec!["RESOURCE_EXHAUSTED".into(), "ABORTED".into()],
-            ..RetryConfig::default()
-        });
-        assert!(is_retryable(
-            &Failure::Status(Code::ResourceExhausted),
-            &cfg
-        ));
-        assert!(is_retryable(&Failure::Status(Code::Aborted), &cfg));
-        assert!(!is_retryable(&Failure::Status(Code::Unavailable), &cfg));
-        assert!(is_retryable(&Failure::Connect, &cfg));
+        let cfg = RetryConfig::default().retryable_codes;
+        assert!(is_retryable(&Failure::Connect, cfg));
+        assert!(is_retryable(&Failure::NoResponse, cfg));
+        assert!(is_retryable(&Failure::Status(Code::Unavailable), cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Internal), cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Ok), cfg));
+        let cfg = CodeSet::of(&[Code::ResourceExhausted, Code::Aborted]);
+        assert!(is_retryable(&Failure::Status(Code::ResourceExhausted), cfg));
+        assert!(is_retryable(&Failure::Status(Code::Aborted), cfg));
+        assert!(!is_retryable(&Failure::Status(Code::Unavailable), cfg));
+        assert!(is_retryable(&Failure::Connect, cfg));
         assert_eq!(
             Failure::Status(Code::DeadlineExceeded).to_string(),
             "status DEADLINE_EXCEEDED"
@@ -718,23 +686,18 @@ mod tests {
     }
 
     #[test]
-    fn parses_canonical_code_names() {
+    fn retryable_codes_follow_the_one_parser() {
+        // The same rules as every other code list: `unavailable` is accepted here too.
+        let cfg: RetryConfig =
+            toml::from_str("retryable_codes = [\"unavailable\", \"RESOURCE_EXHAUSTED\"]")
+                .expect("codes");
         assert_eq!(
-            parse_codes(&["UNAVAILABLE", "RESOURCE_EXHAUSTED"]),
-            Ok(vec![Code::Unavailable, Code::ResourceExhausted])
+            cfg.retryable_codes,
+            CodeSet::of(&[Code::Unavailable, Code::ResourceExhausted])
         );
-        let err = parse_codes(&["unavailable"]).expect_err("lower case");
-        assert!(err.contains("did you mean `UNAVAILABLE`"), "{err}");
-        let err = parse_codes(&["BUSY"]).expect_err("unknown");
-        assert!(err.contains("`BUSY`") && err.contains("DATA_LOSS"), "{err}");
-        for code in [
-            Code::Unavailable,
-            Code::DeadlineExceeded,
-            Code::DataLoss,
-            Code::Unauthenticated,
-        ] {
-            assert_eq!(parse_codes(&[code_name(code)]), Ok(vec![code]));
-        }
+        let err =
+            toml::from_str::<RetryConfig>("retryable_codes = [\"BUSY\"]").expect_err("unknown");
+        assert!(err.to_string().contains("`BUSY`"), "{err}");
     }
 
     #[test]
@@ -760,20 +723,6 @@ mod tests {
                 ..d()
             },
             "retry.max_attempts",
-        );
-        bad(
-            RetryConfig {
-                retryable_codes: vec!["UNAVAILABLE".into(), "SLOW".into()],
-                ..d()
-            },
-            "retry.retryable_codes",
-        );
-        bad(
-            RetryConfig {
-                retryable_codes: vec!["OK".into()],
-                ..d()
-            },
-            "retry.retryable_codes",
         );
         bad(
             RetryConfig {

@@ -193,7 +193,6 @@ pub fn describe() {
 }
 
 /// The canonical name of a gRPC code, as used in the `code` label.
-pub use infergate_proto::code_name;
 
 /// A call has started (in-flight gauge).
 pub fn call_started(method: &'static str) {
@@ -202,7 +201,7 @@ pub fn call_started(method: &'static str) {
 
 /// A call has ended; `code` None means the caller went away first.
 pub fn call_ended(method: &'static str, model: &str, code: Option<Code>, elapsed: Duration) {
-    let code = code.map(code_name).unwrap_or("CANCELLED");
+    let code = code.map(crate::codes::name).unwrap_or("CANCELLED");
     metrics::gauge!("infergate_requests_in_flight", "method" => method).decrement(1.0);
     metrics::counter!(
         "infergate_requests_total",

@@ -174,7 +174,7 @@ pub(crate) fn apply_control(ctl: &SimControl, query: &str) -> Result<bool, Strin
         let action = match k.as_str() {
             "error_rate" => Action::ErrorRate(parse_fraction(&k, &v)?),
             "error_code" => {
-                Action::ErrorCode(crate::breaker::parse_code(&v).map_err(|e| format!("{k}: {e}"))?)
+                Action::ErrorCode(crate::codes::parse(&v).map_err(|e| format!("{k}: {e}"))?)
             }
             "hidden_load" => Action::HiddenLoad(parse_fraction(&k, &v)?),
             "hang" => Action::Hang(parse_bool(&k, &v)?),
