@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use infergate::config::{Config, PolicyKind};
-use infergate::load_report::Source;
+use infergate::load::Source;
 use infergate::sim::{SimConfig, SimHandle};
 use std::time::Duration;
 

@@ -421,7 +421,7 @@ async fn metrics_count_a_known_sequence_of_calls() {
     cfg.models.insert(
         "simple".into(),
         infergate::config::ModelConfig {
-            bulkhead: Some(infergate::bulkhead::BulkheadConfig {
+            bulkhead: Some(infergate::config::BulkheadConfig {
                 max_concurrent: 3,
                 max_queue: 7,
                 ..Default::default()
@@ -442,8 +442,8 @@ async fn metrics_count_a_known_sequence_of_calls() {
         let models = std::sync::Arc::clone(&models);
         let pool = std::sync::Arc::clone(gw.pool());
         std::sync::Arc::new(move |out: &mut String| {
-            infergate::telemetry::render_pool(&pool, out);
-            infergate::telemetry::render_models(&models, out);
+            infergate::gauges::render_pool(&pool, out);
+            infergate::gauges::render_models(&models, out);
         })
     };
     let listener = infergate::telemetry::bind(loopback())

@@ -20,7 +20,7 @@ async fn a_hedge_to_another_backend_wins_over_a_slow_one_and_the_loser_is_cancel
     cfg.models.insert(
         "simple".into(),
         ModelConfig {
-            hedge: Some(infergate::retry::HedgeConfig {
+            hedge: Some(infergate::config::HedgeConfig {
                 enabled: true,
                 delay_ms: Some(50),
                 delay_percentile: None,

@@ -236,7 +236,7 @@ async fn a_flapping_backend_is_ejected_for_longer_each_time() {
     let mut cfg = pool_config(&[&a, &b, &flappy]);
     cfg.retry.max_attempts = 3;
     // Outlier ejection alone: keep the circuit breaker out of the way.
-    cfg.breaker.window = infergate::breaker::WindowKind::Count { size: 1000 };
+    cfg.breaker.window = infergate::config::WindowKind::Count { size: 1000 };
     cfg.breaker.minimum_calls = 1000;
     let gw = gateway(cfg).await;
     let c = client(gw.addr()).await;
@@ -317,7 +317,7 @@ async fn a_flooded_model_with_hung_backends_does_not_hurt_another_model() {
     cfg.models.insert(
         "identity_fp32".into(),
         ModelConfig {
-            bulkhead: Some(infergate::bulkhead::BulkheadConfig {
+            bulkhead: Some(infergate::config::BulkheadConfig {
                 max_concurrent: 4,
                 max_queue: 4,
                 queue_timeout_ms: 100,

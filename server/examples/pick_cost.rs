@@ -9,7 +9,7 @@
 use infergate::balance::{Policy, PolicyParams};
 use infergate::config::PolicyKind;
 use infergate::endpoint::{Endpoint, Health};
-use infergate::load_report::{Load, Source};
+use infergate::load::{Load, Source};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;

@@ -32,128 +32,12 @@
 use crate::breaker::{Outcome as BreakerOutcome, PermitGuard};
 use crate::endpoint::{Endpoint, InFlightGuard};
 use crate::pool::{Picked, Pool};
-use crate::retry::LatencyTracker;
 use crate::trace::CallSpan;
-use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::{Code, Status};
-
-/// `[no_response]` (and `[models.X] no_response`): when an attempt that has received
-/// nothing counts as the backend's failure, and is re-sent elsewhere.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct NoResponseConfig {
-    /// Detect silent backends at all. Default true.
-    pub enabled: bool,
-    /// The bound never goes below this. Default 200 ms.
-    pub floor_ms: u64,
-    /// The bound is this many times the model's p99 time to response headers.
-    /// Default 5.
-    pub factor: f64,
-    /// Successful attempts needed before the p99 is trusted. Default 20.
-    pub min_samples: u64,
-    /// The bound while the model has fewer samples than that. Default 3000 ms.
-    pub cold_ms: u64,
-}
-
-impl Default for NoResponseConfig {
-    fn default() -> Self {
-        NoResponseConfig {
-            enabled: true,
-            floor_ms: 200,
-            factor: 5.0,
-            min_samples: 20,
-            cold_ms: 3000,
-        }
-    }
-}
-
-impl NoResponseConfig {
-    /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.floor_ms == 0 {
-            return Err("floor_ms: must be above 0".into());
-        }
-        if !(self.factor >= 1.0 && self.factor.is_finite()) {
-            return Err(format!(
-                "factor: must be at least 1 (a bound below the model's own p99 would cut off healthy backends), got {}",
-                self.factor
-            ));
-        }
-        if self.cold_ms == 0 {
-            return Err("cold_ms: must be above 0".into());
-        }
-        Ok(())
-    }
-}
-
-/// The model's no-response bound, learned from its successful attempts.
-#[derive(Debug)]
-pub struct NoResponseBound {
-    cfg: NoResponseConfig,
-    /// Time to response headers of successful attempts.
-    times: LatencyTracker,
-    /// The bound last computed, µs (0 = not yet), and when (µs on the endpoint clock).
-    cached_us: AtomicU64,
-    cached_at_us: AtomicU64,
-}
-
-/// How often the bound is recomputed from the histogram.
-const REFRESH: Duration = Duration::from_millis(100);
-
-impl NoResponseBound {
-    /// A bound with no samples yet.
-    pub fn new(cfg: NoResponseConfig) -> Self {
-        NoResponseBound {
-            cfg,
-            times: LatencyTracker::default(),
-            cached_us: AtomicU64::new(0),
-            cached_at_us: AtomicU64::new(0),
-        }
-    }
-
-    /// Adds the time to response headers of one successful attempt.
-    pub fn record(&self, elapsed: Duration) {
-        self.times.record(elapsed);
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &NoResponseConfig {
-        &self.cfg
-    }
-
-    /// The bound now (None: detection is off).
-    pub fn get(&self, now: Instant) -> Option<Duration> {
-        if !self.cfg.enabled {
-            return None;
-        }
-        let now_us = crate::endpoint::clock::nanos(now) / 1000;
-        let at = self.cached_at_us.load(Ordering::Relaxed);
-        let cached = self.cached_us.load(Ordering::Relaxed);
-        if cached > 0 && now_us.saturating_sub(at) < REFRESH.as_micros() as u64 {
-            return Some(Duration::from_micros(cached));
-        }
-        let bound = self.compute();
-        self.cached_us
-            .store((bound.as_micros() as u64).max(1), Ordering::Relaxed);
-        self.cached_at_us.store(now_us, Ordering::Relaxed);
-        Some(bound)
-    }
-
-    fn compute(&self) -> Duration {
-        let floor = Duration::from_millis(self.cfg.floor_ms);
-        if (self.times.len() as u64) < self.cfg.min_samples {
-            return Duration::from_millis(self.cfg.cold_ms).max(floor);
-        }
-        match self.times.percentile(0.99) {
-            Some(p99) => p99.mul_f64(self.cfg.factor).max(floor),
-            None => Duration::from_millis(self.cfg.cold_ms).max(floor),
-        }
-    }
-}
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,6 +291,8 @@ impl Drop for Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NoResponseConfig;
+    use crate::retry::{NoResponseBound, REFRESH};
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -545,7 +545,7 @@ mod tests {
     /// call adds `per_call` to its utilization), then stores a report of `utilization`
     /// and `queue` that counts none of this gateway's calls.
     fn report(e: &Endpoint, ms: u64, per_call: f64, utilization: f64, queue: f64) {
-        use crate::load_report::Source;
+        use crate::load::Source;
         for _ in 0..Endpoint::SERVICE_TIME_MIN_SAMPLES {
             e.observe_latency(Duration::from_millis(ms));
         }
@@ -670,7 +670,7 @@ mod tests {
     /// Stores a report that says how many calls the backend runs, `own` of them this
     /// gateway's.
     fn report_running(e: &Endpoint, utilization: f64, queue: f64, running: f64, own: u64) {
-        use crate::load_report::{Load, Source};
+        use crate::load::{Load, Source};
         let load = Load {
             utilization,
             queue_depth: queue,
@@ -769,7 +769,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_backend_avoided_for_its_slow_calls_gets_a_probe_when_that_is_old() {
-        use crate::load_report::Source;
+        use crate::load::Source;
         let endpoints = pool(2);
         // Its first calls came out slow (a cold start, say); the other is fast.
         report(&endpoints[0], 20, 0.25, 0.0, 0.0);

@@ -36,7 +36,8 @@
 //! ends after the breaker opened) is ignored instead of polluting the new state.
 //!
 //! ```
-//! use infergate::breaker::{Breaker, BreakerConfig, Outcome};
+//! use infergate::breaker::{Breaker, Outcome};
+//! use infergate::config::BreakerConfig;
 //! use std::time::Duration;
 //! use tokio::time::Instant;
 //!
@@ -55,7 +56,7 @@
 //! is deterministic and tests step time by hand.
 
 use crate::codes::CodeSet;
-use serde::{Deserialize, Serialize};
+use crate::config::{BreakerConfig, WindowKind};
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -63,164 +64,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
 
-/// Longest wait or window the config accepts (one day); keeps `Instant` arithmetic far
-/// from overflow.
-const MAX_DURATION_MS: u64 = 86_400_000;
-/// Largest count window accepted.
-const MAX_WINDOW_SIZE: u32 = 100_000;
 /// Width of one bucket of a time window.
 const BUCKET: Duration = Duration::from_secs(1);
-
-/// How the closed state's sliding window is measured.
-///
-/// In TOML: `window = { kind = "count", size = 20 }` or
-/// `window = { kind = "time", seconds = 30 }`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum WindowKind {
-    /// The last `size` calls (1 to 100000).
-    Count {
-        /// Calls in the window.
-        size: u32,
-    },
-    /// The calls of the last `seconds` seconds (1 to 86400), kept in one-second buckets:
-    /// a result stays counted between `seconds - 1` and `seconds` seconds.
-    Time {
-        /// Length of the window.
-        seconds: u64,
-    },
-}
-
-impl Default for WindowKind {
-    fn default() -> Self {
-        WindowKind::Count { size: 20 }
-    }
-}
-
-/// `[breaker]`: settings of one circuit breaker.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerConfig {
-    /// The closed state's sliding window. Default the last 20 calls.
-    pub window: WindowKind,
-    /// Share of failed calls in the window (0 < x ≤ 1) that opens the breaker.
-    /// Default 0.5.
-    pub failure_rate_threshold: f64,
-    /// A call that takes at least this long is slow (whatever its status). Default 2000.
-    pub slow_call_duration_ms: u64,
-    /// Share of slow calls in the window (0 < x ≤ 1) that opens the breaker; 1.0 turns
-    /// slow-call tripping off (use 0.99 to trip only when every call is slow).
-    /// Default 1.0 (off).
-    pub slow_call_rate_threshold: f64,
-    /// Calls the window must hold before rates are judged (at most the count window's
-    /// size). Default 10.
-    pub minimum_calls: u32,
-    /// How long the breaker stays open the first time. Default 5000 ms.
-    pub open_wait_ms: u64,
-    /// Cap on the open wait, which doubles with each consecutive opening (a half-open
-    /// trial that fails counts as one). Default 60000 ms.
-    pub open_wait_max_ms: u64,
-    /// Probe calls let through while half-open; all their results decide. Default 3.
-    pub half_open_permits: u32,
-    /// gRPC codes that count as failures, by name. Default `UNAVAILABLE`, `INTERNAL`,
-    /// `UNKNOWN`, `DEADLINE_EXCEEDED`, `DATA_LOSS`. Client errors (`INVALID_ARGUMENT`,
-    /// `NOT_FOUND`, ...) say nothing about the backend's health and should not be here;
-    /// `OK` is refused.
-    pub failure_codes: CodeSet,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            window: WindowKind::default(),
-            failure_rate_threshold: 0.5,
-            slow_call_duration_ms: 2000,
-            slow_call_rate_threshold: 1.0,
-            minimum_calls: 10,
-            open_wait_ms: 5000,
-            open_wait_max_ms: 60_000,
-            half_open_permits: 3,
-            failure_codes: CodeSet::of(&[
-                Code::Unavailable,
-                Code::Internal,
-                Code::Unknown,
-                Code::DeadlineExceeded,
-                Code::DataLoss,
-            ]),
-        }
-    }
-}
-
-impl BreakerConfig {
-    /// Checks values serde cannot check. The error starts with the field's name
-    /// (`failure_rate_threshold: must be ...`), so the caller can prefix its section.
-    pub fn validate(&self) -> Result<(), String> {
-        match self.window {
-            WindowKind::Count { size } => {
-                if size == 0 || size > MAX_WINDOW_SIZE {
-                    return Err(format!(
-                        "window.size: must be between 1 and {MAX_WINDOW_SIZE} (got {size})"
-                    ));
-                }
-                if self.minimum_calls > size {
-                    return Err(format!(
-                        "minimum_calls: {} is more than window.size {size}, so the breaker could never open",
-                        self.minimum_calls
-                    ));
-                }
-            }
-            WindowKind::Time { seconds } => {
-                if seconds == 0 || seconds > MAX_DURATION_MS / 1000 {
-                    return Err(format!(
-                        "window.seconds: must be between 1 and {} (got {seconds})",
-                        MAX_DURATION_MS / 1000
-                    ));
-                }
-            }
-        }
-        check_rate("failure_rate_threshold", self.failure_rate_threshold)?;
-        check_rate("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
-        check_ms("slow_call_duration_ms", self.slow_call_duration_ms)?;
-        if self.minimum_calls == 0 {
-            return Err("minimum_calls: must be at least 1".into());
-        }
-        check_ms("open_wait_ms", self.open_wait_ms)?;
-        check_ms("open_wait_max_ms", self.open_wait_max_ms)?;
-        if self.open_wait_max_ms < self.open_wait_ms {
-            return Err(format!(
-                "open_wait_max_ms: {} is less than open_wait_ms {}",
-                self.open_wait_max_ms, self.open_wait_ms
-            ));
-        }
-        if self.half_open_permits == 0 || self.half_open_permits > 1000 {
-            return Err(format!(
-                "half_open_permits: must be between 1 and 1000 (got {})",
-                self.half_open_permits
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn check_rate(field: &str, value: f64) -> Result<(), String> {
-    if value.is_finite() && value > 0.0 && value <= 1.0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{field}: must be a fraction above 0 and at most 1 (got {value})"
-        ))
-    }
-}
-
-fn check_ms(field: &str, value: u64) -> Result<(), String> {
-    if value == 0 || value > MAX_DURATION_MS {
-        Err(format!(
-            "{field}: must be between 1 and {MAX_DURATION_MS} ms (got {value})"
-        ))
-    } else {
-        Ok(())
-    }
-}
 
 /// The config in the form the breaker uses.
 #[derive(Debug, Clone)]

@@ -34,7 +34,8 @@
 //! drop(slot); // or keep it inside the response body until the stream ends
 //! ```
 
-use serde::{Deserialize, Serialize};
+use crate::config::BulkheadConfig;
+use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -42,88 +43,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-
-/// `[models.<name>.bulkhead]`: limits of one model's bulkhead.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct BulkheadConfig {
-    /// Calls of the model in flight at once; 0 = unlimited. Default 0.
-    pub max_concurrent: usize,
-    /// Calls that may wait for a slot; 0 = refuse at once when full. Default 64.
-    pub max_queue: usize,
-    /// Longest wait for a slot, in ms. Default 1000.
-    pub queue_timeout_ms: u64,
-    /// Largest part of the bulkhead one tenant may hold, in (0, 1]: at most
-    /// `ceil(share × max_concurrent)` slots and `ceil(share × max_queue)` queue places.
-    /// Absent = no per-tenant limit. Default absent.
-    pub tenant_share: Option<f64>,
-}
-
-impl Default for BulkheadConfig {
-    fn default() -> Self {
-        BulkheadConfig {
-            max_concurrent: 0,
-            max_queue: 64,
-            queue_timeout_ms: 1000,
-            tenant_share: None,
-        }
-    }
-}
-
-impl BulkheadConfig {
-    /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_queue > 0 && self.queue_timeout_ms == 0 {
-            return Err(
-                "bulkhead.queue_timeout_ms must be > 0 when max_queue > 0 (a queue nobody may wait in)"
-                    .into(),
-            );
-        }
-        if let Some(share) = self.tenant_share {
-            if !(share.is_finite() && share > 0.0 && share <= 1.0) {
-                return Err(format!(
-                    "bulkhead.tenant_share must be in (0, 1], got {share}"
-                ));
-            }
-            if self.max_concurrent == 0 {
-                return Err(
-                    "bulkhead.tenant_share needs bulkhead.max_concurrent > 0 (a share of unlimited is unlimited)"
-                        .into(),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// `queue_timeout_ms` as a Duration.
-    pub fn queue_timeout(&self) -> Duration {
-        Duration::from_millis(self.queue_timeout_ms)
-    }
-
-    /// Slots one tenant may hold, when a share is set.
-    fn tenant_limit(&self) -> Option<usize> {
-        share_of(self.tenant_share?, self.max_concurrent)
-    }
-
-    /// Queue places one tenant may hold, when a share is set.
-    fn tenant_queue_limit(&self) -> Option<usize> {
-        share_of(self.tenant_share?, self.max_queue)
-    }
-}
-
-/// `ceil(share × total)`, at least 1; None when `total` is 0 (unlimited or no queue).
-fn share_of(share: f64, total: usize) -> Option<usize> {
-    if total == 0 {
-        return None;
-    }
-    // Clamp so that an unvalidated share cannot make the limit 0 or NaN.
-    let share = if share.is_nan() {
-        1.0
-    } else {
-        share.clamp(0.0, 1.0)
-    };
-    Some(((share * total as f64).ceil() as usize).clamp(1, total))
-}
 
 /// Why a call got no slot. Each says which limit was hit and how long to back off.
 #[derive(Debug, Clone, PartialEq)]
@@ -702,6 +621,7 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::share_of;
     use std::future::Future;
     use std::task::Poll;
 

@@ -9,10 +9,11 @@
 //! circuit state: only the differences (added, removed, re-weighted backends; changed
 //! model tables) are applied.
 
+use crate::config::LoadConfig;
 use crate::config::{BackendConfig, Config, ModelConfig, PolicyKind};
 use crate::endpoint::Endpoint;
 use crate::health::{self, Publisher};
-use crate::load_report::{self, LoadConfig};
+use crate::load_report;
 use crate::path::Gateway;
 use crate::pool::Pool;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
-//! Discovery: which backend serves which model. Runs beside the request path, plus one
-//! on-demand probe when a call names a model the pool has not seen.
+//! Discovery: which backend serves which model, asked of the endpoints it is given (the
+//! pool's refresh loop, [`crate::pool::Pool::refresh_models`], and its on-demand probe
+//! when a call names a model the pool has not seen). Sits below the pool.
 //!
 //! Sources, in order of authority: the config file (`backends[].models`, never
 //! overridden), the backend's own `RepositoryIndex` (re-read every
@@ -8,13 +9,11 @@
 //! by this). Whether a model is decoupled comes from config or from its `ModelConfig`.
 
 use crate::endpoint::Endpoint;
-use crate::pool::Pool;
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::{ModelConfigRequest, ModelReadyRequest, RepositoryIndexRequest};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 fn client(endpoint: &Endpoint) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
     GrpcInferenceServiceClient::new(endpoint.channel())
@@ -84,47 +83,4 @@ pub async fn index(
         .filter(|m| m.state.is_empty() || m.state.eq_ignore_ascii_case("READY"))
         .map(|m| m.name)
         .collect())
-}
-
-/// Re-reads every backend's index once, and learns the decoupled flag of new models.
-pub async fn refresh_all(pool: &Pool, timeout: Duration) {
-    let endpoints = pool.endpoints();
-    let reads = endpoints
-        .iter()
-        .map(|endpoint| async move { (endpoint, index(endpoint, timeout).await) });
-    for (endpoint, result) in futures_util::future::join_all(reads).await {
-        match result {
-            Ok(models) => {
-                for model in &models {
-                    if !pool.decoupled_known(model) {
-                        if let Some(decoupled) = learn_decoupled(endpoint, model, timeout).await {
-                            pool.set_decoupled(model, decoupled);
-                        }
-                    }
-                }
-                pool.update_models(endpoint, models);
-            }
-            Err(status) => tracing::debug!(
-                backend = endpoint.address(),
-                code = ?status.code(),
-                "repository index not available: {}",
-                status.message()
-            ),
-        }
-    }
-}
-
-/// Refreshes every `interval` until `shutdown` turns true.
-pub async fn run(
-    pool: Arc<Pool>,
-    interval: Duration,
-    timeout: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => refresh_all(&pool, timeout).await,
-            _ = shutdown.changed() => return,
-        }
-    }
 }

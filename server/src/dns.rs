@@ -27,112 +27,16 @@
 //! - Each query waits at most `min(interval_ms, 5 s)` per attempt, two attempts, so a
 //!   round normally ends before the next is due; rounds never overlap.
 
+use crate::config::{DnsConfig, MAX_QUERY_TIMEOUT};
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
-use hickory_resolver::proto::rr::{Name, RecordType};
+use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::TokioResolver;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// Shortest accepted `interval_ms`.
-pub const MIN_INTERVAL_MS: u64 = 10;
-/// Longest a single DNS query waits per attempt.
-const MAX_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn default_interval_ms() -> u64 {
-    5000
-}
-
-/// One DNS name that stands for a set of backends.
-///
-/// ```toml
-/// name = "triton.models.svc.cluster.local"
-/// port = 8001
-/// interval_ms = 5000          # default
-/// nameserver = "10.96.0.10:53" # default: the system's (/etc/resolv.conf)
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsConfig {
-    /// Host name to resolve, without a port (`my-svc.ns.svc.cluster.local`). Required.
-    pub name: String,
-    /// Port of the backends' KServe v2 gRPC endpoint; DNS A/AAAA records carry none.
-    /// Required.
-    pub port: u16,
-    /// How often the name is resolved again, in milliseconds. Default 5000; at least
-    /// [`MIN_INTERVAL_MS`].
-    #[serde(default = "default_interval_ms")]
-    pub interval_ms: u64,
-    /// Name server to ask (`ip:port`). Default: none, meaning the system resolver
-    /// configuration (`/etc/resolv.conf` on Unix).
-    #[serde(default)]
-    pub nameserver: Option<SocketAddr>,
-}
-
-impl DnsConfig {
-    /// `name:port` with every other field at its default.
-    pub fn new(name: impl Into<String>, port: u16) -> Self {
-        DnsConfig {
-            name: name.into(),
-            port,
-            interval_ms: default_interval_ms(),
-            nameserver: None,
-        }
-    }
-
-    /// The re-resolution interval.
-    pub fn interval(&self) -> Duration {
-        Duration::from_millis(self.interval_ms)
-    }
-
-    /// Checks values serde cannot check. The error starts with the field's name
-    /// (`port: must be above 0`), so the caller can prefix its section.
-    pub fn validate(&self) -> Result<(), String> {
-        let name = self.name.trim_end_matches('.');
-        if name.is_empty() {
-            return Err("name: must not be empty".into());
-        }
-        if name.contains(':') || name.contains('/') {
-            return Err(format!(
-                "name: `{}` must be a host name alone (the port goes in `port`)",
-                self.name
-            ));
-        }
-        if self.name.parse::<IpAddr>().is_ok() {
-            return Err(format!(
-                "name: `{}` is an IP address; list it as a static backend instead",
-                self.name
-            ));
-        }
-        if let Err(e) = Name::from_utf8(&self.name) {
-            return Err(format!(
-                "name: `{}` is not a valid DNS name: {e}",
-                self.name
-            ));
-        }
-        if self.port == 0 {
-            return Err("port: must be above 0".into());
-        }
-        if self.interval_ms < MIN_INTERVAL_MS {
-            return Err(format!(
-                "interval_ms: must be at least {MIN_INTERVAL_MS} (got {})",
-                self.interval_ms
-            ));
-        }
-        if let Some(ns) = self.nameserver {
-            if ns.port() == 0 || ns.ip().is_unspecified() {
-                return Err(format!(
-                    "nameserver: `{ns}` cannot be asked (needs a concrete IP and a port above 0)"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What changed between two successful resolutions. Both lists are sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,10 +6,11 @@
 //! every path (answer, error, the caller hanging up mid-stream), because the guard lives
 //! inside the response body that the server drops when the call ends.
 
-use crate::breaker::{BreakerConfig, BreakerState, SharedBreaker};
+use crate::breaker::{BreakerState, SharedBreaker};
+use crate::clock;
 use crate::config::BackendConfig;
-use crate::load_report::{Load, LoadState, ScrapeConfig, Source};
-use serde::{Deserialize, Serialize};
+use crate::config::{BreakerConfig, ConnectionConfig, ScrapeConfig};
+use crate::load::{Load, LoadState, Source};
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -17,57 +18,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-
-/// `[backend_connection]`: how the gateway holds its HTTP/2 connection to each backend.
-///
-/// Why these defaults: a GPU server that hangs (a CUDA or NCCL hang, a paused VM, a
-/// dropped network path) keeps its TCP connection open and stops answering. Nothing on
-/// the connection fails by itself, so the gateway asks: an HTTP/2 PING every
-/// `keepalive_interval_ms`, also while the connection is idle, which a live server's
-/// HTTP/2 stack answers at once, whatever its model is doing. No answer within
-/// `keepalive_timeout_ms` closes the connection: every call in flight on it fails as a
-/// transport error (retried on another backend where the deadline allows), the health
-/// Watch stream on it breaks (so the backend is checked again, and fails), and the next
-/// call opens a new connection. One second each bounds the time to notice a hung
-/// server to about two seconds, at the cost of one 17-byte frame a second each way.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConnectionConfig {
-    /// Time between HTTP/2 PINGs on a backend connection. Default 1000 ms.
-    pub keepalive_interval_ms: u64,
-    /// Longest wait for a PING's answer before the connection is closed. Default 1000 ms.
-    pub keepalive_timeout_ms: u64,
-    /// Longest wait for a TCP connection to a backend. Default 1000 ms.
-    pub connect_timeout_ms: u64,
-}
-
-impl Default for ConnectionConfig {
-    fn default() -> Self {
-        ConnectionConfig {
-            keepalive_interval_ms: 1000,
-            keepalive_timeout_ms: 1000,
-            connect_timeout_ms: 1000,
-        }
-    }
-}
-
-impl ConnectionConfig {
-    /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
-            ("keepalive_interval_ms", self.keepalive_interval_ms),
-            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
-            ("connect_timeout_ms", self.connect_timeout_ms),
-        ] {
-            if v == 0 {
-                return Err(format!(
-                    "{name}: must be above 0 (a hung backend would never be noticed)"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What active health checks last concluded about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,28 +122,6 @@ impl Unavailable {
             Unavailable::ModelCircuitOpen => "circuit open for the model",
             Unavailable::ModelNotReady => "model not ready there",
         }
-    }
-}
-
-/// A monotonic clock in nanoseconds, so instants fit in atomics.
-pub mod clock {
-    use std::sync::OnceLock;
-    use std::time::Duration;
-    use tokio::time::Instant;
-
-    fn epoch() -> Instant {
-        static EPOCH: OnceLock<Instant> = OnceLock::new();
-        *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1))
-    }
-
-    /// `at` as nanoseconds (never 0).
-    pub fn nanos(at: Instant) -> u64 {
-        (at.saturating_duration_since(epoch()).as_nanos() as u64).max(1)
-    }
-
-    /// Nanoseconds back to an instant.
-    pub fn instant(nanos: u64) -> Instant {
-        epoch() + Duration::from_nanos(nanos)
     }
 }
 

@@ -7,12 +7,13 @@
 //! stuck model cannot pile up unbounded calls and memory. Settings can be replaced at
 //! run time ([`Models::update`]); calls in flight keep the settings they started with.
 
-use crate::attempt::NoResponseBound;
-use crate::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::bulkhead::Bulkhead;
+use crate::clock;
 use crate::codes::CodeSet;
+use crate::config::{BulkheadConfig, HedgeConfig, RetryConfig};
 use crate::config::{Config, ModelConfig};
-use crate::endpoint::{clock, Endpoint};
-use crate::retry::{HedgeConfig, LatencyTracker, RetryBudget, RetryConfig};
+use crate::endpoint::Endpoint;
+use crate::retry::{LatencyTracker, NoResponseBound, RetryBudget};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -31,9 +31,10 @@
 
 use crate::attempt::{Attempt, Outcome};
 use crate::bulkhead::Slot;
+use crate::config::LoadConfig;
 use crate::config::TenantConfig;
 use crate::endpoint::Endpoint;
-use crate::load_report::{self, LoadConfig};
+use crate::load_report;
 use crate::models::{ModelPolicy, Models};
 use crate::pool::{ModelRoute, Picked};
 use crate::pool::{Pool, RouteError};

@@ -10,10 +10,11 @@
 //! `discovery.negative_cache_ms`.
 
 use crate::balance::{Policy, PolicyParams};
-use crate::breaker::{BreakerConfig, PermitGuard};
+use crate::breaker::PermitGuard;
+use crate::config::{BreakerConfig, ConnectionConfig};
 use crate::config::{Config, PolicyKind};
 use crate::discovery;
-use crate::endpoint::{ConnectionConfig, Endpoint, Health, Unavailable};
+use crate::endpoint::{Endpoint, Health, Unavailable};
 use crate::events::EventBus;
 use crate::outlier::{CallOutcome, EventKind, OutlierDetector};
 use std::collections::BTreeMap;
@@ -463,6 +464,52 @@ impl Pool {
     pub fn model_ready(&self, model: &str) -> bool {
         self.known_route(model)
             .is_some_and(|r| r.endpoints.iter().any(|e| e.health() == Health::Ready))
+    }
+
+    /// Re-reads every backend's `RepositoryIndex` once (discovery), and learns the
+    /// decoupled flag of new models.
+    pub async fn refresh_models(&self, timeout: Duration) {
+        let endpoints = self.endpoints();
+        let reads = endpoints
+            .iter()
+            .map(|endpoint| async move { (endpoint, discovery::index(endpoint, timeout).await) });
+        for (endpoint, result) in futures_util::future::join_all(reads).await {
+            match result {
+                Ok(models) => {
+                    for model in &models {
+                        if !self.decoupled_known(model) {
+                            if let Some(decoupled) =
+                                discovery::learn_decoupled(endpoint, model, timeout).await
+                            {
+                                self.set_decoupled(model, decoupled);
+                            }
+                        }
+                    }
+                    self.update_models(endpoint, models);
+                }
+                Err(status) => tracing::debug!(
+                    backend = endpoint.address(),
+                    code = ?status.code(),
+                    "repository index not available: {}",
+                    status.message()
+                ),
+            }
+        }
+    }
+
+    /// Refreshes the models every `interval` until `shutdown` turns true.
+    pub async fn refresh_models_every(
+        self: Arc<Self>,
+        interval: Duration,
+        timeout: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => self.refresh_models(timeout).await,
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// The route for `model`: known already, or found by probing the backends.

@@ -8,7 +8,8 @@
 //! dropped by a caller that went away.
 
 use crate::attempt::{Attempt, Outcome};
-use crate::load_report::{self, LoadConfig};
+use crate::config::LoadConfig;
+use crate::load_report;
 use crate::wire::{Deframer, FrameError, Message};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};

@@ -38,151 +38,14 @@
 //! ```
 
 use crate::codes::CodeSet;
-use serde::{Deserialize, Serialize};
+use crate::config::NoResponseConfig;
+use crate::config::{HedgeConfig, RetryConfig};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
-
-/// `[models.<name>.retry]`: when and how often a failed call is tried again.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Tries in all, the first included; 1 = never retry. Default 2 (one retry).
-    pub max_attempts: u32,
-    /// gRPC status codes that are retried, by canonical name (`UNAVAILABLE`,
-    /// `RESOURCE_EXHAUSTED`, ...). Default `["UNAVAILABLE"]`.
-    pub retryable_codes: CodeSet,
-    /// Backoff cap of the first retry, in ms; doubles with each retry. Default 25.
-    pub backoff_base_ms: u64,
-    /// Largest backoff cap, in ms. Default 250.
-    pub backoff_max_ms: u64,
-    /// Time one try may take, in ms; absent = only the caller's deadline. Default
-    /// absent.
-    pub per_try_timeout_ms: Option<u64>,
-    /// Retries (and hedges) may add at most this fraction to the calls of the last
-    /// `budget_window_seconds`. Default 0.2.
-    pub budget_ratio: f64,
-    /// Retries allowed per second whatever the traffic, so a quiet model can retry.
-    /// Default 10.
-    pub budget_min_per_second: f64,
-    /// The budget's sliding window, in seconds. Default 10.
-    pub budget_window_seconds: u64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_attempts: 2,
-            retryable_codes: CodeSet::of(&[Code::Unavailable]),
-            backoff_base_ms: 25,
-            backoff_max_ms: 250,
-            per_try_timeout_ms: None,
-            budget_ratio: 0.2,
-            budget_min_per_second: 10.0,
-            budget_window_seconds: 10,
-        }
-    }
-}
-
-impl RetryConfig {
-    /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=10).contains(&self.max_attempts) {
-            return Err(format!(
-                "retry.max_attempts must be in 1..=10 (1 = no retry), got {}",
-                self.max_attempts
-            ));
-        }
-        if self.backoff_base_ms > self.backoff_max_ms {
-            return Err(format!(
-                "retry.backoff_base_ms ({}) must be <= retry.backoff_max_ms ({})",
-                self.backoff_base_ms, self.backoff_max_ms
-            ));
-        }
-        if self.per_try_timeout_ms == Some(0) {
-            return Err("retry.per_try_timeout_ms must be > 0 (leave it out for none)".into());
-        }
-        if !(self.budget_ratio.is_finite() && (0.0..=1.0).contains(&self.budget_ratio)) {
-            return Err(format!(
-                "retry.budget_ratio must be in [0, 1], got {}",
-                self.budget_ratio
-            ));
-        }
-        if !(self.budget_min_per_second.is_finite() && self.budget_min_per_second >= 0.0) {
-            return Err(format!(
-                "retry.budget_min_per_second must be a number >= 0, got {}",
-                self.budget_min_per_second
-            ));
-        }
-        if !(1..=3600).contains(&self.budget_window_seconds) {
-            return Err(format!(
-                "retry.budget_window_seconds must be in 1..=3600, got {}",
-                self.budget_window_seconds
-            ));
-        }
-        Ok(())
-    }
-
-    /// `per_try_timeout_ms` as a Duration.
-    pub fn per_try_timeout(&self) -> Option<Duration> {
-        self.per_try_timeout_ms.map(Duration::from_millis)
-    }
-}
-
-/// `[models.<name>.hedge]`: sending a second copy of a slow call.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HedgeConfig {
-    /// Whether calls are hedged. Default false.
-    pub enabled: bool,
-    /// Fixed delay before a hedge, in ms; with `delay_percentile`, the delay used
-    /// until enough latencies are known. Default absent.
-    pub delay_ms: Option<u64>,
-    /// Hedge after this quantile of recent latencies, in (0, 1] (0.95 = p95). Default
-    /// absent.
-    pub delay_percentile: Option<f64>,
-    /// Most hedges per call, on top of the first try. Default 1.
-    pub max_hedges: u32,
-}
-
-impl Default for HedgeConfig {
-    fn default() -> Self {
-        HedgeConfig {
-            enabled: false,
-            delay_ms: None,
-            delay_percentile: None,
-            max_hedges: 1,
-        }
-    }
-}
-
-impl HedgeConfig {
-    /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(p) = self.delay_percentile {
-            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-                return Err(format!("hedge.delay_percentile must be in (0, 1], got {p}"));
-            }
-        }
-        if self.delay_ms == Some(0) {
-            return Err("hedge.delay_ms must be > 0 (a hedge at once doubles the load)".into());
-        }
-        if !(1..=4).contains(&self.max_hedges) {
-            return Err(format!(
-                "hedge.max_hedges must be in 1..=4, got {}",
-                self.max_hedges
-            ));
-        }
-        if self.enabled && self.delay_ms.is_none() && self.delay_percentile.is_none() {
-            return Err(
-                "hedge.delay_ms or hedge.delay_percentile must be set when hedge.enabled".into(),
-            );
-        }
-        Ok(())
-    }
-}
 
 /// How a try failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,6 +315,71 @@ impl LatencyTracker {
 
     fn lock(&self) -> MutexGuard<'_, Windows> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The model's no-response bound, learned from its successful attempts.
+#[derive(Debug)]
+pub struct NoResponseBound {
+    cfg: NoResponseConfig,
+    /// Time to response headers of successful attempts.
+    times: LatencyTracker,
+    /// The bound last computed, µs (0 = not yet), and when (µs on the endpoint clock).
+    cached_us: AtomicU64,
+    cached_at_us: AtomicU64,
+}
+
+/// How often the bound is recomputed from the histogram.
+pub(crate) const REFRESH: Duration = Duration::from_millis(100);
+
+impl NoResponseBound {
+    /// A bound with no samples yet.
+    pub fn new(cfg: NoResponseConfig) -> Self {
+        NoResponseBound {
+            cfg,
+            times: LatencyTracker::default(),
+            cached_us: AtomicU64::new(0),
+            cached_at_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds the time to response headers of one successful attempt.
+    pub fn record(&self, elapsed: Duration) {
+        self.times.record(elapsed);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &NoResponseConfig {
+        &self.cfg
+    }
+
+    /// The bound now (None: detection is off).
+    pub fn get(&self, now: Instant) -> Option<Duration> {
+        if !self.cfg.enabled {
+            return None;
+        }
+        let now_us = crate::clock::nanos(now) / 1000;
+        let at = self.cached_at_us.load(Ordering::Relaxed);
+        let cached = self.cached_us.load(Ordering::Relaxed);
+        if cached > 0 && now_us.saturating_sub(at) < REFRESH.as_micros() as u64 {
+            return Some(Duration::from_micros(cached));
+        }
+        let bound = self.compute();
+        self.cached_us
+            .store((bound.as_micros() as u64).max(1), Ordering::Relaxed);
+        self.cached_at_us.store(now_us, Ordering::Relaxed);
+        Some(bound)
+    }
+
+    fn compute(&self) -> Duration {
+        let floor = Duration::from_millis(self.cfg.floor_ms);
+        if (self.times.len() as u64) < self.cfg.min_samples {
+            return Duration::from_millis(self.cfg.cold_ms).max(floor);
+        }
+        match self.times.percentile(0.99) {
+            Some(p99) => p99.mul_f64(self.cfg.factor).max(floor),
+            None => Duration::from_millis(self.cfg.cold_ms).max(floor),
+        }
     }
 }
 

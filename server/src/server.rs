@@ -7,7 +7,6 @@
 use crate::admin::AdminService;
 use crate::config::Config;
 use crate::control::{Control, Tasks};
-use crate::discovery;
 use crate::front::InferenceFront;
 use crate::health::Checker;
 use crate::load_report;
@@ -101,10 +100,7 @@ pub async fn start_with_file(
     // Learn the pool before taking traffic: one health round and one index read.
     let mut checker = Checker::new(Arc::clone(&pool), config.health.clone(), reporter.clone());
     let probe_timeout = Duration::from_millis(config.discovery.probe_timeout_ms);
-    tokio::join!(
-        checker.round(),
-        discovery::refresh_all(&pool, probe_timeout)
-    );
+    tokio::join!(checker.round(), pool.refresh_models(probe_timeout));
     checker.publish().await;
 
     let listener = bind(config.listen, "inference gRPC", "listen").await?;
@@ -236,7 +232,7 @@ pub async fn start_with_file(
             metrics_listener,
             handle,
             shutdown_rx.clone(),
-            Some(telemetry::gateway_scrape_hook(&gateway)),
+            Some(crate::gauges::gateway_scrape_hook(&gateway)),
         ));
     } else if config.metrics {
         tracing::warn!("metrics recorder unavailable; /metrics is not served");
@@ -250,8 +246,7 @@ pub async fn start_with_file(
     for endpoint in pool.endpoints() {
         load_report::spawn_for(&endpoint, &load, &shutdown_rx);
     }
-    tokio::spawn(discovery::run(
-        Arc::clone(&pool),
+    tokio::spawn(Arc::clone(&pool).refresh_models_every(
         Duration::from_millis(config.discovery.refresh_interval_ms),
         probe_timeout,
         shutdown_rx,

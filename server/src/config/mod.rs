@@ -4,6 +4,23 @@
 //! Command-line flags are applied on top of the file by `main.rs`; [`Config::validate`]
 //! runs after that, so a bad flag is reported the same way as a bad file.
 
+mod limits;
+mod load;
+mod net;
+mod resilience;
+
+pub use limits::{Bucket, RateLimitConfig};
+pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
+pub(crate) use net::MAX_QUERY_TIMEOUT;
+pub use net::{ConnectionConfig, DnsConfig, MIN_INTERVAL_MS};
+#[cfg(test)]
+pub(crate) use resilience::share_of;
+pub(crate) use resilience::MAX_EJECTION_MS;
+pub use resilience::{
+    BreakerConfig, BulkheadConfig, HedgeConfig, NoResponseConfig, OutlierConfig, RetryConfig,
+    WindowKind,
+};
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -106,23 +123,23 @@ pub struct Config {
     /// Learning which backend serves which model.
     pub discovery: DiscoveryConfig,
     /// Load reports (ORCA, Prometheus) and how they are read.
-    pub load: crate::load_report::LoadConfig,
+    pub load: crate::config::LoadConfig,
     /// Passive outlier detection and ejection.
-    pub outlier: crate::outlier::OutlierConfig,
+    pub outlier: crate::config::OutlierConfig,
     /// Circuit breakers (one per backend and one per backend × model, all alike).
-    pub breaker: crate::breaker::BreakerConfig,
+    pub breaker: crate::config::BreakerConfig,
     /// Backend connections: HTTP/2 PING keepalive, connect timeout.
-    pub backend_connection: crate::endpoint::ConnectionConfig,
+    pub backend_connection: crate::config::ConnectionConfig,
     /// When an attempt that has received nothing counts as a backend's failure.
-    pub no_response: crate::attempt::NoResponseConfig,
+    pub no_response: crate::config::NoResponseConfig,
     /// Who a call belongs to.
     pub tenants: TenantConfig,
     /// Token-bucket rate limits per tenant and per model.
-    pub rate_limit: crate::ratelimit::RateLimitConfig,
+    pub rate_limit: crate::config::RateLimitConfig,
     /// Retries for every model (a model's own `retry` table replaces it).
-    pub retry: crate::retry::RetryConfig,
+    pub retry: crate::config::RetryConfig,
     /// Hedging for every model (off by default; a model's `hedge` table replaces it).
-    pub hedge: crate::retry::HedgeConfig,
+    pub hedge: crate::config::HedgeConfig,
     /// The admin API.
     pub admin: AdminConfig,
     /// Time kept back from the caller's remaining deadline when it is passed on to the
@@ -132,7 +149,7 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// DNS names whose A/AAAA records are backends (a Kubernetes headless service),
     /// re-resolved on an interval: new addresses are added, vanished ones drained.
-    pub dns: Vec<crate::dns::DnsConfig>,
+    pub dns: Vec<crate::config::DnsConfig>,
     /// Per-model settings, by model name.
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -150,15 +167,15 @@ impl Default for Config {
             balancer: BalancerConfig::default(),
             health: HealthConfig::default(),
             discovery: DiscoveryConfig::default(),
-            load: crate::load_report::LoadConfig::default(),
-            outlier: crate::outlier::OutlierConfig::default(),
-            breaker: crate::breaker::BreakerConfig::default(),
-            backend_connection: crate::endpoint::ConnectionConfig::default(),
-            no_response: crate::attempt::NoResponseConfig::default(),
+            load: crate::config::LoadConfig::default(),
+            outlier: crate::config::OutlierConfig::default(),
+            breaker: crate::config::BreakerConfig::default(),
+            backend_connection: crate::config::ConnectionConfig::default(),
+            no_response: crate::config::NoResponseConfig::default(),
             tenants: TenantConfig::default(),
-            rate_limit: crate::ratelimit::RateLimitConfig::default(),
-            retry: crate::retry::RetryConfig::default(),
-            hedge: crate::retry::HedgeConfig::default(),
+            rate_limit: crate::config::RateLimitConfig::default(),
+            retry: crate::config::RetryConfig::default(),
+            hedge: crate::config::HedgeConfig::default(),
             deadline_margin_ms: 5,
             admin: AdminConfig::default(),
             backends: Vec::new(),
@@ -298,7 +315,7 @@ pub struct BackendConfig {
     /// Which metric names the scrape reads (`preset = "triton"` or `"vllm"`, or
     /// `utilization_metric` / `queue_metric`).
     #[serde(default)]
-    pub scrape: crate::load_report::ScrapeConfig,
+    pub scrape: crate::config::ScrapeConfig,
     /// Calls the backend runs at once when nothing else shares it (e.g. a Triton
     /// model's instance count times its batch size). gpu_aware then counts one call as
     /// `1 / capacity` of the reported utilization instead of learning that share from
@@ -320,7 +337,7 @@ impl BackendConfig {
             models: Vec::new(),
             weight: 1,
             metrics_address: None,
-            scrape: crate::load_report::ScrapeConfig::default(),
+            scrape: crate::config::ScrapeConfig::default(),
             capacity: None,
         }
     }
@@ -336,11 +353,11 @@ pub struct ModelConfig {
     /// Balancing policy for this model; absent = `[balancer].policy`.
     pub policy: Option<PolicyKind>,
     /// Bounded concurrency and queue for this model. Default: unlimited.
-    pub bulkhead: Option<crate::bulkhead::BulkheadConfig>,
+    pub bulkhead: Option<crate::config::BulkheadConfig>,
     /// Retries for this model; absent = the top-level `[retry]`.
-    pub retry: Option<crate::retry::RetryConfig>,
+    pub retry: Option<crate::config::RetryConfig>,
     /// Hedging for this model; absent = the top-level `[hedge]`.
-    pub hedge: Option<crate::retry::HedgeConfig>,
+    pub hedge: Option<crate::config::HedgeConfig>,
     /// Deadline given to calls that carry none (`grpc-timeout`). Default: none.
     pub deadline_default_ms: Option<u64>,
     /// Longest deadline a call may have; longer ones are cut to this. Default: none.
@@ -355,7 +372,7 @@ pub struct ModelConfig {
     pub triton_timeout_parameter: bool,
     /// When an attempt that received nothing counts as its backend's failure;
     /// absent = `[no_response]`.
-    pub no_response: Option<crate::attempt::NoResponseConfig>,
+    pub no_response: Option<crate::config::NoResponseConfig>,
 }
 
 /// `[admin]`
@@ -671,7 +688,7 @@ mod tests {
     fn the_documented_example_is_valid_and_shows_the_defaults() {
         // docs/ARCHITECTURE.md's example must parse, and what it sets must be the
         // defaults it claims to show.
-        let doc = include_str!("../../docs/ARCHITECTURE.md");
+        let doc = include_str!("../../../docs/ARCHITECTURE.md");
         let start = doc.find("```toml\n").expect("a toml block") + 8;
         let end = start + doc[start..].find("```").expect("its end");
         let config = Config::parse(&doc[start..end], "docs/ARCHITECTURE.md").expect("parses");
