@@ -99,6 +99,9 @@ pub struct BenchConfig {
     /// Send this request instead of the generated one (unary only; `model_name` is filled
     /// from `model` when empty).
     pub request: Option<ModelInferRequest>,
+    /// Keep one [`TimelineEntry`] per finished call in [`BenchReport::timeline`] (a few
+    /// dozen bytes per call, kept in memory until the end).
+    pub timeline: bool,
 }
 
 impl BenchConfig {
@@ -173,6 +176,7 @@ impl Default for BenchConfig {
             headers: Vec::new(),
             stream: false,
             request: None,
+            timeline: false,
         }
     }
 }
@@ -256,6 +260,51 @@ pub struct BenchReport {
     /// clients of several gateway replicas.
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
+    /// One entry per finished call, in the order calls finished (only with
+    /// [`BenchConfig::timeline`]; empty otherwise).
+    #[serde(skip)]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One finished call, for [`BenchConfig::timeline`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineEntry {
+    /// When the call was due (open loop) or sent (closed loop), from the start of the run.
+    pub send_offset: Duration,
+    /// From `send_offset` to the answer (the same latency the histogram records).
+    pub latency: Duration,
+    /// `OK`, or the gRPC code name of the failure. A call the client gave up on is
+    /// `DEADLINE_EXCEEDED` (bench's own timer) or `CANCELLED` (tonic's `grpc-timeout`
+    /// timer, "Timeout expired").
+    pub code: &'static str,
+    /// The backend that answered (`sim-name` header or trailer), when it said.
+    pub backend: Option<String>,
+}
+
+impl TimelineEntry {
+    /// One line: `send_offset_ms latency_ms code backend` (backend `-` when unknown).
+    pub fn line(&self) -> String {
+        format!(
+            "{:.3} {:.3} {} {}",
+            self.send_offset.as_secs_f64() * 1000.0,
+            self.latency.as_secs_f64() * 1000.0,
+            self.code,
+            self.backend.as_deref().unwrap_or("-")
+        )
+    }
+}
+
+/// Writes `entries` to `path`, one [`TimelineEntry::line`] each, in send order.
+pub fn write_timeline(path: &std::path::Path, entries: &[TimelineEntry]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut sorted: Vec<&TimelineEntry> = entries.iter().collect();
+    sorted.sort_by_key(|e| e.send_offset);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "# send_offset_ms latency_ms code backend")?;
+    for e in sorted {
+        writeln!(out, "{}", e.line())?;
+    }
+    out.flush()
 }
 
 impl BenchReport {
@@ -367,13 +416,13 @@ where
     let mut load = match cfg.rate {
         None => {
             let workers = (0..cfg.concurrency)
-                .map(|_| Stats::new())
+                .map(|_| Stats::with_timeline(cfg.timeline))
                 .collect::<Result<Vec<_>, _>>()?;
             let (target, counters) = (target.clone(), counters.clone());
             tokio::spawn(async move { closed_loop(target, counters, limits, workers).await })
         }
         Some(rate) => {
-            let stats = Arc::new(Mutex::new(Stats::new()?));
+            let stats = Arc::new(Mutex::new(Stats::with_timeline(cfg.timeline)?));
             let (target, counters) = (target.clone(), counters.clone());
             let max_in_flight = cfg.max_in_flight;
             let schedule = Schedule::new(rate, cfg.phase, cfg.poisson.then_some(cfg.seed));
@@ -430,6 +479,7 @@ where
         per_backend: stats.per_backend,
         tokens: stats.tokens,
         histogram: Some(stats.hist),
+        timeline: stats.timeline.unwrap_or_default(),
     })
 }
 
@@ -469,9 +519,19 @@ struct Stats {
     error_samples: BTreeMap<String, String>,
     per_backend: BTreeMap<String, u64>,
     tokens: u64,
+    /// Per-call entries, when the run keeps a timeline.
+    timeline: Option<Vec<TimelineEntry>>,
 }
 
 impl Stats {
+    fn with_timeline(timeline: bool) -> Result<Stats, ClientError> {
+        let mut stats = Stats::new()?;
+        if timeline {
+            stats.timeline = Some(Vec::with_capacity(4096));
+        }
+        Ok(stats)
+    }
+
     fn new() -> Result<Stats, ClientError> {
         let hist = Histogram::new_with_bounds(1, MAX_TRACKED_US, 3)
             .map_err(|e| ClientError::Protocol(format!("histogram: {e}")))?;
@@ -483,7 +543,24 @@ impl Stats {
             error_samples: BTreeMap::new(),
             per_backend: BTreeMap::new(),
             tokens: 0,
+            timeline: None,
         })
+    }
+
+    /// Records a call that was due (or sent) `send_offset` after the start.
+    fn record_at(&mut self, send_offset: Duration, outcome: Outcome, latency: Duration) {
+        if let Some(timeline) = &mut self.timeline {
+            timeline.push(TimelineEntry {
+                send_offset,
+                latency,
+                code: match &outcome.result {
+                    Ok(()) => "OK",
+                    Err(status) => code_name(status.code()),
+                },
+                backend: outcome.backend.clone(),
+            });
+        }
+        self.record(outcome, latency);
     }
 
     fn record(&mut self, outcome: Outcome, latency: Duration) {
@@ -523,6 +600,9 @@ impl Stats {
         }
         for (k, v) in other.per_backend {
             *self.per_backend.entry(k).or_default() += v;
+        }
+        if let (Some(mine), Some(theirs)) = (&mut self.timeline, other.timeline) {
+            mine.extend(theirs);
         }
     }
 }
@@ -746,6 +826,7 @@ async fn closed_loop(
     limits: Limits,
     workers: Vec<Stats>,
 ) -> Result<(Stats, u64), ClientError> {
+    let keep_timeline = workers.iter().any(|w| w.timeline.is_some());
     let mut set = tokio::task::JoinSet::new();
     for mut stats in workers {
         let (target, counters) = (target.clone(), counters.clone());
@@ -767,12 +848,13 @@ async fn closed_loop(
                     &counters.errors
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                stats.record(outcome, sent_at.elapsed());
+                let offset = sent_at.saturating_duration_since(limits.start);
+                stats.record_at(offset, outcome, sent_at.elapsed());
             }
             stats
         });
     }
-    let mut total = Stats::new()?;
+    let mut total = Stats::with_timeline(keep_timeline)?;
     while let Some(done) = set.join_next().await {
         let stats = done.map_err(|e| ClientError::Protocol(format!("bench worker failed: {e}")))?;
         total.merge(stats);
@@ -846,6 +928,7 @@ async fn open_loop(
         let Ok(permit) = permit else { break };
         counters.sent.fetch_add(1, Ordering::Relaxed);
         let (target, counters, stats) = (target.clone(), counters.clone(), stats.clone());
+        let start = limits.start;
         tokio::spawn(async move {
             let outcome = target.call(i).await;
             let latency = due.elapsed();
@@ -858,7 +941,7 @@ async fn open_loop(
             stats
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .record(outcome, latency);
+                .record_at(due.saturating_duration_since(start), outcome, latency);
             drop(permit);
         });
         i += 1;
@@ -950,6 +1033,57 @@ mod tests {
         let l = LatencySummary::from_histogram(&a.hist);
         assert_eq!(l.count, 2);
         assert!(near(l.max, 4_000));
+    }
+
+    #[test]
+    fn timeline_keeps_one_line_per_call() {
+        let mut a = Stats::with_timeline(true).expect("stats");
+        let mut b = Stats::with_timeline(true).expect("stats");
+        a.record_at(
+            Duration::from_millis(30),
+            Outcome {
+                result: Err(Status::cancelled("Timeout expired")),
+                backend: None,
+                tokens: 0,
+            },
+            Duration::from_micros(2_000_500),
+        );
+        b.record_at(
+            Duration::from_micros(1_250),
+            Outcome {
+                result: Ok(()),
+                backend: Some("gpu-a".into()),
+                tokens: 0,
+            },
+            Duration::from_millis(21),
+        );
+        a.merge(b);
+        let timeline = a.timeline.expect("kept");
+        assert_eq!(timeline.len(), 2);
+        assert_eq!(timeline[0].line(), "30.000 2000.500 CANCELLED -");
+        assert_eq!(timeline[1].line(), "1.250 21.000 OK gpu-a");
+        let path = std::env::temp_dir().join(format!("bench-timeline-{}", std::process::id()));
+        write_timeline(&path, &timeline).expect("written");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with('#'));
+        assert!(
+            lines[1].starts_with("1.250 "),
+            "sorted by send time: {text}"
+        );
+        let mut off = Stats::with_timeline(false).expect("stats");
+        off.record_at(
+            Duration::ZERO,
+            Outcome {
+                result: Ok(()),
+                backend: None,
+                tokens: 0,
+            },
+            Duration::from_millis(1),
+        );
+        assert!(off.timeline.is_none());
     }
 
     #[test]
@@ -1080,6 +1214,7 @@ mod tests {
             per_backend: BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)]),
             histogram: None,
             tokens: 0,
+            timeline: Vec::new(),
         };
         let s = report.summary();
         assert!(s.contains("p99 2.500"), "{s}");

@@ -255,9 +255,10 @@ impl Attempt {
             }
         }
         endpoint.record_outcome(!matches!(verdict, Verdict::Failure { .. }));
-        // The backend's permit, then the backend × model one; transitions of either are
-        // published under the call's model.
-        for permit in self.permits.iter_mut().filter_map(Option::take) {
+        // The backend's permit (its transitions are the whole backend's: model ""), then
+        // the backend × model one.
+        for (i, slot) in self.permits.iter_mut().enumerate() {
+            let Some(permit) = slot.take() else { continue };
             // A neutral outcome returns the permit unrecorded (as a cancelled call does).
             if let Some(code) = breaker_code {
                 let outcome = BreakerOutcome {
@@ -265,7 +266,8 @@ impl Attempt {
                     elapsed: measured,
                 };
                 if let Some(t) = permit.record(outcome, Instant::now()) {
-                    self.pool.circuit_event(endpoint, &self.model, &t);
+                    let model = if i == 0 { "" } else { self.model.as_str() };
+                    self.pool.circuit_event(endpoint, model, &t);
                 }
             }
         }

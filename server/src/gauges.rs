@@ -97,10 +97,9 @@ impl Family {
 /// Appends the per-backend state of `pool` as it is now: in flight, load report
 /// (utilization, queue depth, age), ejected, draining, weight, circuit states and the
 /// attempt counters the endpoints keep. Rendered as text rather than recorded, so a
-/// backend removed from the pool leaves no stale series behind. Also sets
-/// `infergate_backend_ready` and `infergate_pool_panic` (recorded gauges, normally set
-/// on transitions) so they exist even for transitions that happened before the
-/// recorder was installed.
+/// backend removed from the pool leaves no stale series behind (readiness included).
+/// Also sets `infergate_pool_panic` (a recorded gauge, normally set on transitions) so
+/// it exists even for transitions that happened before the recorder was installed.
 pub fn render_pool(pool: &Pool, out: &mut String) {
     let now = tokio::time::Instant::now();
     let mut in_flight = Family::new(
@@ -122,6 +121,11 @@ pub fn render_pool(pool: &Pool, out: &mut String) {
         "infergate_backend_load_report_age_seconds",
         "gauge",
         "Age of the backend's last load report, in seconds.",
+    );
+    let mut ready = Family::new(
+        "infergate_backend_ready",
+        "gauge",
+        "1 when the backend's health checks say it is ready, else 0 (unknown or not ready).",
     );
     let mut ejected = Family::new(
         "infergate_backend_ejected",
@@ -161,8 +165,7 @@ pub fn render_pool(pool: &Pool, out: &mut String) {
     for endpoint in pool.endpoints() {
         let backend = endpoint.address().to_owned();
         let b = || vec![("backend", backend.clone())];
-        metrics::gauge!("infergate_backend_ready", "backend" => backend.clone())
-            .set(flag(endpoint.health() == Health::Ready));
+        ready.add(b(), flag(endpoint.health() == Health::Ready));
         in_flight.add(b(), endpoint.in_flight() as f64);
         if let Some(reading) = endpoint.load().read(now) {
             utilization.add(b(), reading.utilization);
@@ -186,6 +189,7 @@ pub fn render_pool(pool: &Pool, out: &mut String) {
     }
     metrics::gauge!("infergate_pool_panic").set(flag(pool.in_panic()));
     for family in [
+        ready,
         in_flight,
         utilization,
         queue_depth,

@@ -354,8 +354,6 @@ impl EndpointCheck {
             return false;
         }
         let previous = e.set_health(next);
-        metrics::gauge!("infergate_backend_ready", "backend" => e.address().to_owned())
-            .set(if next == Health::Ready { 1.0 } else { 0.0 });
         pool.events().publish(
             "health_changed",
             e.address(),

@@ -45,6 +45,8 @@ pub struct GatewayHandle {
     reporter: HealthReporter,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
+    /// How long calls are still served after health turns NOT_SERVING.
+    drain: Duration,
 }
 
 async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, StartError> {
@@ -262,6 +264,7 @@ pub async fn start_with_file(
         reporter,
         shutdown,
         servers,
+        drain: Duration::from_millis(config.shutdown_drain_ms),
     })
 }
 
@@ -301,10 +304,11 @@ impl GatewayHandle {
         &self.gateway.pool
     }
 
-    /// Graceful shutdown: health turns NOT_SERVING, new calls are refused, in-flight
-    /// calls get up to `grace` to finish, then whatever is left is cut.
+    /// Graceful shutdown: health turns NOT_SERVING first, and calls are still served
+    /// for `shutdown_drain_ms` (so health checks and load balancers move traffic away
+    /// before anything is refused); then new calls are refused (UNAVAILABLE, then
+    /// GOAWAY), in-flight calls get up to `grace` to finish, and whatever is left is cut.
     pub async fn shutdown(self, grace: Duration) {
-        self.gateway.begin_shutdown();
         self.reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -313,6 +317,11 @@ impl GatewayHandle {
                 .set_service_status(&route.model, ServingStatus::NotServing)
                 .await;
         }
+        if !self.drain.is_zero() {
+            tracing::info!(drain = ?self.drain, "health is NOT_SERVING; still serving while traffic moves away");
+            tokio::time::sleep(self.drain).await;
+        }
+        self.gateway.begin_shutdown();
         let _ = self.shutdown.send(true);
         let mut servers = self.servers;
         let all = futures_util::future::join_all(servers.iter_mut());

@@ -121,12 +121,8 @@ pub fn describe() {
         "Forwarded calls started and not yet ended, by method."
     );
 
-    // Backends, kept on transitions (health.rs, pool.rs) and set again at scrape time
-    // by `render_pool`, whose other families are rendered as text, not described here.
-    describe_gauge!(
-        "infergate_backend_ready",
-        "1 when the backend's health checks say it is ready, else 0 (unknown or not ready)."
-    );
+    // Backends: their state is rendered at scrape time by `gauges::render_pool` (with
+    // its own HELP lines); the counters below are recorded as events happen.
     describe_counter!(
         "infergate_backend_ejections_total",
         Unit::Count,

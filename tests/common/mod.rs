@@ -39,6 +39,8 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     };
     config.health.interval_ms = 100;
     config.health.timeout_ms = 200;
+    // Tests stop gateways at once; the drain before refusing is for real deployments.
+    config.shutdown_drain_ms = 0;
     config.backends = backends
         .iter()
         .map(|a| BackendConfig::new(a.to_string()))

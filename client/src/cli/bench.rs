@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use infergate_client::bench::{run_with_progress, BenchConfig};
+use infergate_client::bench::{run_with_progress, write_timeline, BenchConfig};
 use infergate_client::input::parse_infer_json;
 use infergate_client::ClientError;
 
@@ -78,6 +78,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE.json")]
     pub input_file: Option<PathBuf>,
 
+    /// Write one line per finished call to FILE, `send_offset_ms latency_ms code backend`
+    /// (offset from the start to when the call was due; code OK or the gRPC code name;
+    /// backend from the sim-name header, `-` if none), sorted by send time, at the end
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+
     /// Print the report as JSON (progress still goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -128,6 +134,7 @@ impl BenchArgs {
             headers: cli.headers.clone(),
             stream: self.stream,
             request,
+            timeline: self.timeline.is_some(),
         })
     }
 }
@@ -145,6 +152,12 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<ExitCode, ClientError> {
         }
     })
     .await?;
+    if let Some(path) = &args.timeline {
+        write_timeline(path, &report.timeline).map_err(|source| ClientError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
     if args.json {
         emitln(&to_json(&report)?)?;
     } else {
@@ -206,6 +219,7 @@ mod tests {
         assert_eq!(cfg.timeout, Duration::from_millis(1500));
         assert_eq!(cfg.seed, 9);
         assert_eq!(cfg.max_in_flight, 64);
+        assert!(!cfg.timeline);
         assert_eq!(cfg.headers, vec![("x-tenant".to_string(), "a".to_string())]);
     }
 

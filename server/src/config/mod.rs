@@ -116,6 +116,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// How long in-flight calls may run on after SIGTERM/SIGINT. Default 10 s.
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM/SIGINT, health is NOT_SERVING at once, and calls are still served
+    /// this long before new ones are refused, so that health checks and load balancers
+    /// can move traffic away first. Default 1000 ms.
+    pub shutdown_drain_ms: u64,
     /// Pool-wide balancing.
     pub balancer: BalancerConfig,
     /// Active health checks of backends.
@@ -164,6 +168,7 @@ impl Default for Config {
             worker_threads: None,
             max_message_bytes: 64 << 20,
             shutdown_grace_ms: 10_000,
+            shutdown_drain_ms: 1000,
             balancer: BalancerConfig::default(),
             health: HealthConfig::default(),
             discovery: DiscoveryConfig::default(),
