@@ -471,3 +471,83 @@ async fn backends_show_what_one_call_takes_and_the_service_time() {
         assert!(b.reported_running <= 4.0, "{b:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_config_reloads_to_itself_and_reload_drops_a_removed_fallback() {
+    let sims: Vec<_> = (0..2).map(|i| sim(&format!("r-{i}"), |_| {})).collect();
+    let mut cfg = config(&sims.iter().map(|s| s.addr()).collect::<Vec<_>>());
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.tenants
+        .api_keys
+        .insert("secret-key-a".into(), "team-a".into());
+    cfg.models.insert(
+        "simple".into(),
+        infergate::config::ModelConfig {
+            fallback: Some("fb_model".into()),
+            ..Default::default()
+        },
+    );
+    let gw = gateway(cfg).await;
+    let mut adm = admin(&gw).await;
+    let get = |adm: &mut Admin| {
+        let mut adm = adm.clone();
+        async move {
+            adm.get_config(GetConfigRequest {})
+                .await
+                .expect("config")
+                .into_inner()
+                .toml
+        }
+    };
+    let first = get(&mut adm).await;
+    assert!(
+        !first.contains("secret-key-a"),
+        "keys are never shown\n{first}"
+    );
+    assert!(!first.contains(TOKEN), "the token is never shown");
+    // GetConfig's output reloads to the same config: placeholders keep the secrets.
+    adm.reload_config(ReloadConfigRequest {
+        toml: first.clone(),
+    })
+    .await
+    .expect("GetConfig's own output reloads");
+    let second = get(&mut adm).await;
+    assert_eq!(second, first, "the round trip changes nothing");
+    let keys = &gw.control().config().tenants.api_keys;
+    assert_eq!(keys.get("secret-key-a").map(String::as_str), Some("team-a"));
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(
+        gw.control().config().admin.token.as_deref(),
+        Some(TOKEN),
+        "the token stays"
+    );
+
+    // The fallback removed from the file is gone from ListModels too.
+    let listed = |adm: &mut Admin| {
+        let mut adm = adm.clone();
+        async move {
+            adm.list_models(ListModelsRequest {})
+                .await
+                .expect("models")
+                .into_inner()
+                .models
+                .into_iter()
+                .find(|m| m.name == "simple")
+                .map(|m| m.fallback)
+        }
+    };
+    assert_eq!(listed(&mut adm).await.as_deref(), Some("fb_model"));
+    let without = first.replace("fallback = \"fb_model\"\n", "");
+    assert_ne!(
+        without, first,
+        "the fallback line was in the TOML:\n{first}"
+    );
+    adm.reload_config(ReloadConfigRequest { toml: without })
+        .await
+        .expect("reload without the fallback");
+    assert_eq!(
+        listed(&mut adm).await.as_deref(),
+        Some(""),
+        "the same policy as a fresh start"
+    );
+}

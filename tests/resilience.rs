@@ -523,12 +523,22 @@ async fn a_frozen_backend_is_out_fast_and_back_when_it_thaws() {
     let served = victim.control().completed();
     proxy.freeze(false);
     let thawed_at = Instant::now();
-    eventually(
-        "the thawed backend serves again",
-        Duration::from_secs(15),
-        || victim.control().completed() > served + 20,
-    )
+    // Back once health checks pass and its ejection (5 s by default, longer if it was
+    // ejected more than once meanwhile) ends.
+    let back = tokio::time::timeout(Duration::from_secs(40), async {
+        while victim.control().completed() <= served + 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
     .await;
+    assert!(
+        back.is_ok(),
+        "the thawed backend serves again: health {:?}, ejected {}, reason {:?}, circuit {:?}",
+        endpoint.health(),
+        endpoint.is_ejected(Instant::now()),
+        gw.pool().ejection_reason(&proxy.addr().to_string()),
+        endpoint.breaker().state()
+    );
     println!("thawed backend back after {:?}", thawed_at.elapsed());
     let (ok, failed) = load.finish().await;
     println!("{ok} ok, {failed} failed");

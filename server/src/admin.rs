@@ -343,20 +343,7 @@ impl Admin for AdminService {
         &self,
         _: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
-        let mut config = self.control.config();
-        if config.admin.token.is_some() {
-            config.admin.token = Some("(set)".into());
-        }
-        for tenant in config.tenants.api_keys.values_mut() {
-            *tenant = format!("{tenant} (key hidden)");
-        }
-        config.tenants.api_keys = config
-            .tenants
-            .api_keys
-            .into_values()
-            .enumerate()
-            .map(|(i, t)| (format!("key-{i}"), t))
-            .collect();
+        let config = self.control.config().redacted();
         let toml = toml::to_string_pretty(&config)
             .map_err(|e| Status::internal(format!("cannot render the config: {e}")))?;
         Ok(Response::new(GetConfigResponse {

@@ -399,6 +399,6 @@ mod tests {
             factor: 0.5,
             ..NoResponseConfig::default()
         };
-        assert!(bad.validate().expect_err("factor").starts_with("factor"));
+        assert_eq!(bad.validate().expect_err("factor").path, "factor");
     }
 }

@@ -84,7 +84,7 @@ struct Settings {
 
 impl Settings {
     fn new(config: &BreakerConfig) -> Result<Settings, String> {
-        config.validate()?;
+        config.validate().map_err(|e| e.to_string())?;
         Ok(Settings {
             window: config.window,
             failure_rate: config.failure_rate_threshold,
@@ -968,7 +968,7 @@ mod tests {
             ),
         ];
         for (c, prefix) in cases {
-            let err = c.validate().expect_err(prefix);
+            let err = c.validate().expect_err(prefix).to_string();
             assert!(
                 err.starts_with(prefix),
                 "{err:?} should start with {prefix:?}"

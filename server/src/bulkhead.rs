@@ -539,7 +539,8 @@ impl Bulkhead {
     /// lets calls in flight finish and admits no one until they are below the new limit.
     /// Waiters already queued stay even if `max_queue` shrinks below their number.
     pub fn set_limits(&self, cfg: BulkheadConfig) -> Result<(), String> {
-        cfg.validate()?;
+        cfg.validate()
+            .map_err(|e| e.under("bulkhead").to_string())?;
         let mut st = self.inner.lock();
         st.cfg = cfg;
         st.dispatch();
@@ -1071,7 +1072,11 @@ mod tests {
             .expect_err("unknown field");
         assert!(err.to_string().contains("max_concurent"), "{err}");
         let bad = |cfg: BulkheadConfig, field: &str| {
-            let err = cfg.validate().expect_err("invalid");
+            let err = cfg
+                .validate()
+                .expect_err("invalid")
+                .under("bulkhead")
+                .to_string();
             assert!(err.contains(field), "{err}");
         };
         bad(

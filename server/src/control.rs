@@ -10,7 +10,7 @@
 //! model tables) are applied.
 
 use crate::config::LoadConfig;
-use crate::config::{BackendConfig, Config, ModelConfig, PolicyKind};
+use crate::config::{BackendConfig, Config, ConfigError, ModelConfig, PolicyKind};
 use crate::endpoint::Endpoint;
 use crate::health::{self, Publisher};
 use crate::load_report;
@@ -354,6 +354,16 @@ impl Control {
         if next.admin.token.is_none() {
             next.admin.token.clone_from(&current.admin.token);
         }
+        next.restore_secrets(&current).map_err(|e| {
+            ControlError::Invalid(
+                ConfigError {
+                    source: source.clone(),
+                    field: e.path,
+                    reason: e.reason,
+                }
+                .to_string(),
+            )
+        })?;
         next.validate(&source)
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
 
@@ -427,19 +437,30 @@ impl Control {
                 );
             }
         }
-        // Models: changed tables take effect for new calls.
-        for (name, table) in &next.models {
-            if current.models.get(name) != Some(table) {
-                self.gateway
-                    .models
-                    .update(name, table.clone())
-                    .map_err(ControlError::Invalid)?;
-                if let Some(kind) = table.policy {
-                    self.pool.set_model_policy(name, kind);
+        // Models: every policy is made anew from the new file, as a fresh start would
+        // make it (a table removed falls back to the defaults); new calls use it.
+        let mut model_names: Vec<&String> =
+            next.models.keys().chain(current.models.keys()).collect();
+        model_names.sort();
+        model_names.dedup();
+        for name in model_names {
+            match (current.models.get(name), next.models.get(name)) {
+                (old, Some(table)) if old != Some(table) => {
+                    if let Some(kind) = table.policy {
+                        self.pool.set_model_policy(name, kind);
+                    }
+                    changes.push(format!("model {name} settings updated"));
                 }
-                changes.push(format!("model {name} settings updated"));
+                (Some(_), None) => {
+                    changes.push(format!("model {name} back to the default settings"));
+                }
+                _ => {}
             }
         }
+        self.gateway
+            .models
+            .replace_config(&next)
+            .map_err(ControlError::Invalid)?;
         if let Ok(mut config) = self.config.write() {
             *config = next.clone();
         }

@@ -283,6 +283,7 @@ mod tests {
         let field = |cfg: DnsConfig| {
             cfg.validate()
                 .expect_err("invalid")
+                .to_string()
                 .split(':')
                 .next()
                 .map(str::to_owned)

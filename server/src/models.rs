@@ -203,21 +203,51 @@ impl Models {
     /// and queue (its limits change in place); everything else starts fresh.
     pub fn update(&self, model: &str, cfg: ModelConfig) -> Result<(), String> {
         if let Some(b) = &cfg.bulkhead {
-            b.validate()?;
+            b.validate().map_err(|e| e.under("bulkhead").to_string())?;
         }
+        self.config
+            .write()
+            .map_err(|_| "settings lock poisoned".to_owned())?
+            .models
+            .insert(model.to_owned(), cfg);
+        self.rebuild(model)
+    }
+
+    /// Takes every model setting and default from `next` (a reloaded config), and
+    /// rebuilds every live policy from it: a model is left exactly as a fresh start on
+    /// `next` would make it (a table removed from the file falls back to the defaults),
+    /// except that bulkheads that stay keep their slots and queue.
+    pub fn replace_config(&self, next: &Config) -> Result<(), String> {
+        let mut names: Vec<String> = self
+            .live
+            .read()
+            .map(|l| l.keys().cloned().collect())
+            .unwrap_or_default();
+        names.extend(next.models.keys().cloned());
+        names.sort();
+        names.dedup();
+        *self
+            .config
+            .write()
+            .map_err(|_| "settings lock poisoned".to_owned())? = next.clone();
+        for name in names {
+            self.rebuild(&name)?;
+        }
+        Ok(())
+    }
+
+    /// The policy of `model` made anew from the current settings.
+    fn rebuild(&self, model: &str) -> Result<(), String> {
         let old = self.get(model);
         let mut policy = {
-            let mut config = self
+            let config = self
                 .config
-                .write()
+                .read()
                 .map_err(|_| "settings lock poisoned".to_owned())?;
-            config.models.insert(model.to_owned(), cfg.clone());
-            ModelPolicy::new(model, Some(&cfg), &config)
+            ModelPolicy::new(model, config.models.get(model), &config)
         };
-        if let (Some(live), Some(limits)) =
-            (&old.bulkhead, cfg.bulkhead.filter(|b| b.max_concurrent > 0))
-        {
-            live.set_limits(limits)?;
+        if let (Some(live), Some(fresh)) = (&old.bulkhead, &policy.bulkhead) {
+            live.set_limits(fresh.config())?;
             policy.bulkhead = Some(Arc::clone(live));
         }
         if let Ok(mut live) = self.live.write() {

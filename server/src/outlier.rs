@@ -263,7 +263,7 @@ impl OutlierDetector {
     }
 
     fn settings(config: &OutlierConfig) -> Result<Settings, String> {
-        config.validate()?;
+        config.validate().map_err(|e| e.to_string())?;
         Ok(Settings {
             failure_codes: config.failure_codes,
             config: config.clone(),
@@ -855,7 +855,7 @@ mod tests {
             ),
         ];
         for (c, prefix) in cases {
-            let err = c.validate().expect_err(prefix);
+            let err = c.validate().expect_err(prefix).to_string();
             assert!(
                 err.starts_with(prefix),
                 "{err:?} should start with {prefix:?}"

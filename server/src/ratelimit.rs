@@ -235,7 +235,8 @@ impl Buckets {
 impl LocalRateLimiter {
     /// A limiter with `cfg`, which is validated.
     pub fn new(cfg: RateLimitConfig) -> Result<Self, String> {
-        cfg.validate()?;
+        cfg.validate()
+            .map_err(|e| e.under("rate_limit").to_string())?;
         Ok(LocalRateLimiter {
             state: Mutex::new(State {
                 cfg,
@@ -248,7 +249,8 @@ impl LocalRateLimiter {
     /// Replaces the limits at run time. Buckets keep their tokens (cut to a smaller
     /// burst on their next check) and refill at the new rates from now on.
     pub fn set_config(&self, cfg: RateLimitConfig) -> Result<(), String> {
-        cfg.validate()?;
+        cfg.validate()
+            .map_err(|e| e.under("rate_limit").to_string())?;
         self.lock().cfg = cfg;
         Ok(())
     }
@@ -518,7 +520,11 @@ mod tests {
         assert_eq!(cfg.per_tenant, Some(bucket(5.0, 20)));
         assert!(serde_json::from_str::<RateLimitConfig>(r#"{"per_tenant": {"rate": 5}}"#).is_err());
         let bad = |cfg: RateLimitConfig, field: &str| {
-            let err = cfg.validate().expect_err("invalid");
+            let err = cfg
+                .validate()
+                .expect_err("invalid")
+                .under("rate_limit")
+                .to_string();
             assert!(err.contains(field), "{err}");
             assert!(LocalRateLimiter::new(cfg).is_err());
         };

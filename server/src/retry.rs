@@ -641,7 +641,11 @@ mod tests {
         assert!(serde_json::from_str::<HedgeConfig>(r#"{"delay": 3}"#).is_err());
 
         let bad = |cfg: RetryConfig, field: &str| {
-            let err = cfg.validate().expect_err("invalid");
+            let err = cfg
+                .validate()
+                .expect_err("invalid")
+                .under("retry")
+                .to_string();
             assert!(err.contains(field), "{err}");
         };
         let d = RetryConfig::default;
@@ -696,7 +700,11 @@ mod tests {
         );
 
         let bad = |cfg: HedgeConfig, field: &str| {
-            let err = cfg.validate().expect_err("invalid");
+            let err = cfg
+                .validate()
+                .expect_err("invalid")
+                .under("hedge")
+                .to_string();
             assert!(err.contains(field), "{err}");
         };
         let on = HedgeConfig {
@@ -710,7 +718,7 @@ mod tests {
                 delay_ms: None,
                 ..on.clone()
             },
-            "hedge.delay_ms or hedge.delay_percentile",
+            "hedge.delay_ms: delay_ms or delay_percentile",
         );
         bad(
             HedgeConfig {

@@ -1,5 +1,6 @@
 //! Settings of the token-bucket rate limits (`[rate_limit]`).
 
+use super::FieldError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -24,16 +25,17 @@ impl Default for Bucket {
 
 impl Bucket {
     /// Checks the values; `field` names the bucket in the message.
-    pub fn validate(&self, field: &str) -> Result<(), String> {
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
         if !(self.rate_per_second.is_finite() && self.rate_per_second > 0.0) {
-            return Err(format!(
-                "{field}.rate_per_second must be a number > 0, got {}",
-                self.rate_per_second
+            return Err(FieldError::new(
+                format!("{field}.rate_per_second"),
+                format!("must be a number > 0, got {}", self.rate_per_second),
             ));
         }
         if self.burst == 0 {
-            return Err(format!(
-                "{field}.burst must be >= 1 (a bucket of 0 tokens admits nothing)"
+            return Err(FieldError::new(
+                format!("{field}.burst"),
+                "must be >= 1 (a bucket of 0 tokens admits nothing)",
             ));
         }
         Ok(())
@@ -70,18 +72,18 @@ impl Default for RateLimitConfig {
 
 impl RateLimitConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if let Some(b) = &self.per_tenant {
-            b.validate("rate_limit.per_tenant")?;
+            b.validate("per_tenant")?;
         }
         if let Some(b) = &self.per_model {
-            b.validate("rate_limit.per_model")?;
+            b.validate("per_model")?;
         }
         for (tenant, b) in &self.tenants {
-            b.validate(&format!("rate_limit.tenants.{tenant}"))?;
+            b.validate(&format!("tenants.{tenant}"))?;
         }
         if self.max_keys == 0 {
-            return Err("rate_limit.max_keys must be >= 1".into());
+            return Err(FieldError::new("max_keys", "must be >= 1"));
         }
         Ok(())
     }

@@ -55,6 +55,48 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A value that is out of range or inconsistent: which field (a dotted path inside its
+/// section, e.g. `per_tenant.rate_per_second`) and why. Each section's `validate` says
+/// what is wrong with its own fields; [`FieldError::under`] adds the section's name as
+/// it goes up, so the full path is built from parts and never parsed from a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, relative to where the error was made.
+    pub path: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// `reason` about the field at `path`.
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error seen from the enclosing `section`.
+    pub fn under(mut self, section: &str) -> Self {
+        self.path = if self.path.is_empty() {
+            section.to_owned()
+        } else if self.path.starts_with('[') {
+            format!("{section}{}", self.path)
+        } else {
+            format!("{section}.{}", self.path)
+        };
+        self
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
 /// Balancing policy names accepted in config and on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -417,7 +459,61 @@ impl Default for TenantConfig {
     }
 }
 
+/// What [`Config::redacted`] writes in place of the admin token.
+pub const HIDDEN_TOKEN: &str = "(hidden)";
+/// What [`Config::redacted`] writes in place of the API key numbered N (in key order).
+const HIDDEN_KEY_PREFIX: &str = "(hidden key ";
+
 impl Config {
+    /// The config with its secrets replaced by placeholders (the admin token by
+    /// [`HIDDEN_TOKEN`], each API key by `(hidden key N)`; tenants stay), for GetConfig.
+    /// Its TOML reloads to the same config: [`Config::restore_secrets`] puts the
+    /// current secrets back where the placeholders are.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        if config.admin.token.is_some() {
+            config.admin.token = Some(HIDDEN_TOKEN.into());
+        }
+        config.tenants.api_keys = self
+            .tenants
+            .api_keys
+            .values()
+            .enumerate()
+            .map(|(i, tenant)| (format!("{HIDDEN_KEY_PREFIX}{i})"), tenant.clone()))
+            .collect();
+        config
+    }
+
+    /// Replaces the placeholders of [`Config::redacted`] with the secrets of `current`,
+    /// so a reloaded GetConfig keeps every key and the token. A placeholder that no
+    /// longer matches a key is an error naming it.
+    pub fn restore_secrets(&mut self, current: &Config) -> Result<(), FieldError> {
+        if self.admin.token.as_deref() == Some(HIDDEN_TOKEN) {
+            self.admin.token.clone_from(&current.admin.token);
+        }
+        let keys: Vec<&String> = current.tenants.api_keys.keys().collect();
+        let mut restored = BTreeMap::new();
+        for (key, tenant) in std::mem::take(&mut self.tenants.api_keys) {
+            let index = key
+                .strip_prefix(HIDDEN_KEY_PREFIX)
+                .and_then(|rest| rest.strip_suffix(')'))
+                .and_then(|n| n.parse::<usize>().ok());
+            let key = match index {
+                None => key,
+                Some(i) => match keys.get(i) {
+                    Some(real) => (*real).clone(),
+                    None => return Err(FieldError::new(
+                        format!("tenants.api_keys.\"{key}\""),
+                        "a placeholder for a key the gateway does not have; give the key itself",
+                    )),
+                },
+            };
+            restored.insert(key, tenant);
+        }
+        self.tenants.api_keys = restored;
+        Ok(())
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
@@ -432,20 +528,43 @@ impl Config {
     }
 
     /// Parses TOML text; `source` names it in errors.
+    ///
+    /// A type or value error names the whole path of its field (`balancer.choice_count`,
+    /// `backends[1].weight`), from the deserializer's own position, not from its
+    /// message; an unknown field is named under its table (`balancer.polcy`).
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let reason = e.message().to_owned();
-            let location = e
-                .span()
+        let located = |e: &toml::de::Error| {
+            e.span()
                 .map(|span| {
                     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                     format!(" (line {line})")
                 })
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        let document = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            source: source.to_owned(),
+            field: String::new(),
+            reason: format!("{}{}", e.message(), located(&e)),
+        })?;
+        serde_path_to_error::deserialize(document).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.inner();
+            let reason = inner.message().to_owned();
+            let mut field = if path == "." { String::new() } else { path };
+            // An unknown or missing field is reported at its table: add its own name.
+            if let Some(name) = field_from_message(&reason) {
+                if !field.ends_with(&name) {
+                    field = if field.is_empty() {
+                        name
+                    } else {
+                        format!("{field}.{name}")
+                    };
+                }
+            }
             ConfigError {
                 source: source.to_owned(),
-                field: field_from_message(&reason),
-                reason: format!("{reason}{location}"),
+                field,
+                reason: format!("{reason}{}", located(inner)),
             }
         })
     }
@@ -512,17 +631,10 @@ impl Config {
                 "must be above 0".into(),
             ));
         }
-        let sub = |section: &str, result: Result<(), String>| {
-            result.map_err(|reason| {
-                let (field, reason) = split_field(&reason);
-                err(
-                    if field.is_empty() {
-                        section.to_owned()
-                    } else {
-                        format!("{section}.{field}")
-                    },
-                    reason,
-                )
+        let sub = |section: &str, result: Result<(), FieldError>| {
+            result.map_err(|e| {
+                let e = e.under(section);
+                err(e.path, e.reason)
             })
         };
         sub("outlier", self.outlier.validate())?;
@@ -646,27 +758,157 @@ pub fn parse_host_port(address: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-/// Splits "field: reason" (as the section validators write it) into its parts.
-fn split_field(message: &str) -> (String, String) {
-    match message.split_once(": ") {
-        Some((field, reason)) if !field.contains(' ') => (field.to_owned(), reason.to_owned()),
-        _ => (String::new(), message.to_owned()),
-    }
-}
-
-fn field_from_message(message: &str) -> String {
-    // serde names the offending key in backticks: "unknown field `x`", "missing field `y`".
-    message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.contains("field"))
-        .unwrap_or_default()
-        .to_owned()
+/// The key that an "unknown field `x`" or "missing field `y`" error is about: serde
+/// reports those at the enclosing table, whose path the deserializer gave already.
+fn field_from_message(message: &str) -> Option<String> {
+    ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|prefix| {
+            let rest = message.strip_prefix(prefix)?;
+            Some(rest.split('`').next()?.to_owned())
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every section, fed a wrong type, an out-of-range value or an unknown field:
+    /// the message names the file, the whole field path and the reason.
+    #[test]
+    fn every_section_names_the_file_the_field_path_and_the_reason() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("listen = \"nope\"", "listen", "invalid socket address"),
+            (
+                "max_message_bytes = -100",
+                "max_message_bytes",
+                "invalid value",
+            ),
+            (
+                "[balancer]\nchoice_count = \"fast\"",
+                "balancer.choice_count",
+                "invalid type",
+            ),
+            (
+                "[balancer]\npolicy = \"fastest\"",
+                "balancer.policy",
+                "unknown variant",
+            ),
+            (
+                "[balancer]\npolcy = \"gpu_aware\"",
+                "balancer.polcy",
+                "unknown field",
+            ),
+            ("[health]\ninterval_ms = 0", "health.interval_ms", "above 0"),
+            (
+                "[load]\nstale_after_ms = 0",
+                "load.stale_after_ms",
+                "above 0",
+            ),
+            (
+                "[outlier]\nconsecutive_failurs = 5",
+                "outlier.consecutive_failurs",
+                "unknown field",
+            ),
+            (
+                "[outlier]\nmax_ejection_percent = 120",
+                "outlier.max_ejection_percent",
+                "0 to 100",
+            ),
+            (
+                "[breaker]\nminimum_calls = 0",
+                "breaker.minimum_calls",
+                "at least 1",
+            ),
+            (
+                "[breaker]\nfailure_codes = [\"UNAVALABLE\"]",
+                "breaker.failure_codes",
+                "UNAVALABLE",
+            ),
+            ("[retry]\nmax_attempts = 0", "retry.max_attempts", "1..=10"),
+            (
+                "[retry]\nretryable_codes = [\"BUSY\"]",
+                "retry.retryable_codes",
+                "`BUSY`",
+            ),
+            ("[hedge]\nmax_hedges = 9", "hedge.max_hedges", "1..=4"),
+            (
+                "[no_response]\nfactor = 0.5",
+                "no_response.factor",
+                "at least 1",
+            ),
+            (
+                "[backend_connection]\nkeepalive_timeout_ms = 0",
+                "backend_connection.keepalive_timeout_ms",
+                "above 0",
+            ),
+            (
+                "[rate_limit]\nper_tenant = { rate_per_second = -5 }",
+                "rate_limit.per_tenant.rate_per_second",
+                "> 0",
+            ),
+            (
+                "[rate_limit.tenants.team-a]\nburst = 0",
+                "rate_limit.tenants.team-a.burst",
+                ">= 1",
+            ),
+            ("[tenants]\nheadr = \"x\"", "tenants.headr", "unknown field"),
+            ("[admin]\ntokn = \"x\"", "admin.tokn", "unknown field"),
+            (
+                "[[backends]]\naddress = \"127.0.0.1:1\"\nweight = -1",
+                "backends[0].weight",
+                "invalid value",
+            ),
+            (
+                "[[backends]]\naddress = \"127.0.0.1:1\"\nscrape = { presett = \"vllm\" }",
+                "backends[0].scrape.presett",
+                "unknown field",
+            ),
+            (
+                "[[dns]]\nname = \"triton.svc\"\nport = 0",
+                "dns[0].port",
+                "above 0",
+            ),
+            (
+                "[models.simple]\ndeadline_max_ms = 0",
+                "models.simple.deadline_max_ms",
+                "above 0",
+            ),
+            (
+                "[models.simple]\nbulkhead = { max_concurrent = 4, tenant_share = 2.0 }",
+                "models.simple.bulkhead.tenant_share",
+                "(0, 1]",
+            ),
+            (
+                "[models.simple.retry]\nmax_attempts = 11",
+                "models.simple.retry.max_attempts",
+                "1..=10",
+            ),
+            (
+                "[models.simple.no_response]\nfloor_ms = 0",
+                "models.simple.no_response.floor_ms",
+                "above 0",
+            ),
+        ];
+        for (text, field, reason) in cases {
+            let err = Config::parse(text, "gw.toml")
+                .and_then(|c| c.validate("gw.toml").map(|()| c))
+                .expect_err(text);
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("gw.toml: field `{field}`: ")),
+                "{text:?}: {message}"
+            );
+            assert!(message.contains(reason), "{text:?}: {message}");
+        }
+        // One parser of codes for every list: lower case is fine in [retry] too.
+        let ok = Config::parse(
+            "[retry]\nretryable_codes = [\"unavailable\"]\n[breaker]\nfailure_codes = [\"unavailable\"]",
+            "gw.toml",
+        )
+        .expect("both lists parse");
+        assert_eq!(ok.validate("gw.toml"), Ok(()));
+    }
 
     #[test]
     fn defaults_and_a_full_file_parse() {
@@ -714,7 +956,10 @@ mod tests {
     fn errors_name_file_field_and_reason() {
         let err = Config::parse("[health]\ninterval = 5\n", "gw.toml").expect_err("unknown");
         assert_eq!(err.source, "gw.toml");
-        assert_eq!(err.field, "interval");
+        assert_eq!(
+            err.field, "health.interval",
+            "a nested unknown field has its path"
+        );
         assert!(err.to_string().contains("line 2"), "{err}");
 
         let config = Config::parse(

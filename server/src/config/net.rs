@@ -1,6 +1,7 @@
 //! Settings of the network: backend connections (`[backend_connection]`) and DNS
 //! discovery (`[[dns]]`).
 
+use super::FieldError;
 use hickory_resolver::proto::rr::Name;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -41,15 +42,16 @@ impl Default for ConnectionConfig {
 
 impl ConnectionConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         for (name, v) in [
             ("keepalive_interval_ms", self.keepalive_interval_ms),
             ("keepalive_timeout_ms", self.keepalive_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
         ] {
             if v == 0 {
-                return Err(format!(
-                    "{name}: must be above 0 (a hung backend would never be noticed)"
+                return Err(FieldError::new(
+                    name,
+                    "must be above 0 (a hung backend would never be noticed)",
                 ));
             }
         }
@@ -111,42 +113,52 @@ impl DnsConfig {
 
     /// Checks values serde cannot check. The error starts with the field's name
     /// (`port: must be above 0`), so the caller can prefix its section.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         let name = self.name.trim_end_matches('.');
         if name.is_empty() {
-            return Err("name: must not be empty".into());
+            return Err(FieldError::new("name", "must not be empty"));
         }
         if name.contains(':') || name.contains('/') {
-            return Err(format!(
-                "name: `{}` must be a host name alone (the port goes in `port`)",
-                self.name
+            return Err(FieldError::new(
+                "name",
+                format!(
+                    "`{}` must be a host name alone (the port goes in `port`)",
+                    self.name
+                ),
             ));
         }
         if self.name.parse::<IpAddr>().is_ok() {
-            return Err(format!(
-                "name: `{}` is an IP address; list it as a static backend instead",
-                self.name
+            return Err(FieldError::new(
+                "name",
+                format!(
+                    "`{}` is an IP address; list it as a static backend instead",
+                    self.name
+                ),
             ));
         }
         if let Err(e) = Name::from_utf8(&self.name) {
-            return Err(format!(
-                "name: `{}` is not a valid DNS name: {e}",
-                self.name
+            return Err(FieldError::new(
+                "name",
+                format!("`{}` is not a valid DNS name: {e}", self.name),
             ));
         }
         if self.port == 0 {
-            return Err("port: must be above 0".into());
+            return Err(FieldError::new("port", "must be above 0"));
         }
         if self.interval_ms < MIN_INTERVAL_MS {
-            return Err(format!(
-                "interval_ms: must be at least {MIN_INTERVAL_MS} (got {})",
-                self.interval_ms
+            return Err(FieldError::new(
+                "interval_ms",
+                format!(
+                    "must be at least {MIN_INTERVAL_MS} (got {})",
+                    self.interval_ms
+                ),
             ));
         }
         if let Some(ns) = self.nameserver {
             if ns.port() == 0 || ns.ip().is_unspecified() {
-                return Err(format!(
-                    "nameserver: `{ns}` cannot be asked (needs a concrete IP and a port above 0)"
+                return Err(FieldError::new(
+                    "nameserver",
+                    format!("`{ns}` cannot be asked (needs a concrete IP and a port above 0)"),
                 ));
             }
         }

@@ -1,6 +1,7 @@
 //! Settings of the request path's recovery state machines: circuit breakers, outlier
 //! detection, retries and hedging, bulkheads, and the no-response bound.
 
+use super::FieldError;
 use crate::codes::CodeSet;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -96,26 +97,33 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// Checks values serde cannot check. The error starts with the field's name
     /// (`failure_rate_threshold: must be ...`), so the caller can prefix its section.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         match self.window {
             WindowKind::Count { size } => {
                 if size == 0 || size > MAX_WINDOW_SIZE {
-                    return Err(format!(
-                        "window.size: must be between 1 and {MAX_WINDOW_SIZE} (got {size})"
+                    return Err(FieldError::new(
+                        "window.size",
+                        format!("must be between 1 and {MAX_WINDOW_SIZE} (got {size})"),
                     ));
                 }
                 if self.minimum_calls > size {
-                    return Err(format!(
-                        "minimum_calls: {} is more than window.size {size}, so the breaker could never open",
-                        self.minimum_calls
+                    return Err(FieldError::new(
+                        "minimum_calls",
+                        format!(
+                            "{} is more than window.size {size}, so the breaker could never open",
+                            self.minimum_calls
+                        ),
                     ));
                 }
             }
             WindowKind::Time { seconds } => {
                 if seconds == 0 || seconds > MAX_DURATION_MS / 1000 {
-                    return Err(format!(
-                        "window.seconds: must be between 1 and {} (got {seconds})",
-                        MAX_DURATION_MS / 1000
+                    return Err(FieldError::new(
+                        "window.seconds",
+                        format!(
+                            "must be between 1 and {} (got {seconds})",
+                            MAX_DURATION_MS / 1000
+                        ),
                     ));
                 }
             }
@@ -124,40 +132,48 @@ impl BreakerConfig {
         check_rate("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
         check_ms("slow_call_duration_ms", self.slow_call_duration_ms)?;
         if self.minimum_calls == 0 {
-            return Err("minimum_calls: must be at least 1".into());
+            return Err(FieldError::new("minimum_calls", "must be at least 1"));
         }
         check_ms("open_wait_ms", self.open_wait_ms)?;
         check_ms("open_wait_max_ms", self.open_wait_max_ms)?;
         if self.open_wait_max_ms < self.open_wait_ms {
-            return Err(format!(
-                "open_wait_max_ms: {} is less than open_wait_ms {}",
-                self.open_wait_max_ms, self.open_wait_ms
+            return Err(FieldError::new(
+                "open_wait_max_ms",
+                format!(
+                    "{} is less than open_wait_ms {}",
+                    self.open_wait_max_ms, self.open_wait_ms
+                ),
             ));
         }
         if self.half_open_permits == 0 || self.half_open_permits > 1000 {
-            return Err(format!(
-                "half_open_permits: must be between 1 and 1000 (got {})",
-                self.half_open_permits
+            return Err(FieldError::new(
+                "half_open_permits",
+                format!(
+                    "must be between 1 and 1000 (got {})",
+                    self.half_open_permits
+                ),
             ));
         }
         Ok(())
     }
 }
 
-pub(crate) fn check_rate(field: &str, value: f64) -> Result<(), String> {
+pub(crate) fn check_rate(field: &str, value: f64) -> Result<(), FieldError> {
     if value.is_finite() && value > 0.0 && value <= 1.0 {
         Ok(())
     } else {
-        Err(format!(
-            "{field}: must be a fraction above 0 and at most 1 (got {value})"
+        Err(FieldError::new(
+            field,
+            format!("must be a fraction above 0 and at most 1 (got {value})"),
         ))
     }
 }
 
-pub(crate) fn check_ms(field: &str, value: u64) -> Result<(), String> {
+pub(crate) fn check_ms(field: &str, value: u64) -> Result<(), FieldError> {
     if value == 0 || value > MAX_DURATION_MS {
-        Err(format!(
-            "{field}: must be between 1 and {MAX_DURATION_MS} ms (got {value})"
+        Err(FieldError::new(
+            field,
+            format!("must be between 1 and {MAX_DURATION_MS} ms (got {value})"),
         ))
     } else {
         Ok(())
@@ -255,23 +271,26 @@ impl OutlierConfig {
 
     /// Checks values serde cannot check. The error starts with the field's name
     /// (`latency_factor: must be ...`), so the caller can prefix its section.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         let t = self.failure_percentage_threshold;
         if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
-            return Err(format!(
-                "failure_percentage_threshold: must be a fraction from 0 to 1 (got {t})"
+            return Err(FieldError::new(
+                "failure_percentage_threshold",
+                format!("must be a fraction from 0 to 1 (got {t})"),
             ));
         }
         let f = self.success_rate_stdev_factor;
         if !(f.is_finite() && f >= 0.0) {
-            return Err(format!(
-                "success_rate_stdev_factor: must be 0 (off) or above (got {f})"
+            return Err(FieldError::new(
+                "success_rate_stdev_factor",
+                format!("must be 0 (off) or above (got {f})"),
             ));
         }
         let l = self.latency_factor;
         if !(l.is_finite() && (l == 0.0 || l > 1.0)) {
-            return Err(format!(
-                "latency_factor: must be 0 (off) or above 1 (got {l})"
+            return Err(FieldError::new(
+                "latency_factor",
+                format!("must be 0 (off) or above 1 (got {l})"),
             ));
         }
         for (field, value, min) in [
@@ -294,7 +313,10 @@ impl OutlierConfig {
             ("latency_minimum_hosts", self.latency_minimum_hosts, 2),
         ] {
             if value < min {
-                return Err(format!("{field}: must be at least {min} (got {value})"));
+                return Err(FieldError::new(
+                    field,
+                    format!("must be at least {min} (got {value})"),
+                ));
             }
         }
         for (field, value) in [
@@ -303,21 +325,28 @@ impl OutlierConfig {
             ("max_ejection_time_ms", self.max_ejection_time_ms),
         ] {
             if value == 0 || value > MAX_EJECTION_MS {
-                return Err(format!(
-                    "{field}: must be between 1 and {MAX_EJECTION_MS} ms (got {value})"
+                return Err(FieldError::new(
+                    field,
+                    format!("must be between 1 and {MAX_EJECTION_MS} ms (got {value})"),
                 ));
             }
         }
         if self.max_ejection_time_ms < self.base_ejection_time_ms {
-            return Err(format!(
-                "max_ejection_time_ms: {} is less than base_ejection_time_ms {}",
-                self.max_ejection_time_ms, self.base_ejection_time_ms
+            return Err(FieldError::new(
+                "max_ejection_time_ms",
+                format!(
+                    "{} is less than base_ejection_time_ms {}",
+                    self.max_ejection_time_ms, self.base_ejection_time_ms
+                ),
             ));
         }
         if self.ejection_jitter_ms > MAX_EJECTION_MS {
-            return Err(format!(
-                "ejection_jitter_ms: must be at most {MAX_EJECTION_MS} ms (got {})",
-                self.ejection_jitter_ms
+            return Err(FieldError::new(
+                "ejection_jitter_ms",
+                format!(
+                    "must be at most {MAX_EJECTION_MS} ms (got {})",
+                    self.ejection_jitter_ms
+                ),
             ));
         }
         for (field, value) in [
@@ -325,7 +354,10 @@ impl OutlierConfig {
             ("panic_threshold_percent", self.panic_threshold_percent),
         ] {
             if !(value.is_finite() && (0.0..=100.0).contains(&value)) {
-                return Err(format!("{field}: must be from 0 to 100 (got {value})"));
+                return Err(FieldError::new(
+                    field,
+                    format!("must be from 0 to 100 (got {value})"),
+                ));
             }
         }
         Ok(())
@@ -375,38 +407,47 @@ impl Default for RetryConfig {
 
 impl RetryConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if !(1..=10).contains(&self.max_attempts) {
-            return Err(format!(
-                "retry.max_attempts must be in 1..=10 (1 = no retry), got {}",
-                self.max_attempts
+            return Err(FieldError::new(
+                "max_attempts",
+                format!(
+                    "must be in 1..=10 (1 = no retry), got {}",
+                    self.max_attempts
+                ),
             ));
         }
         if self.backoff_base_ms > self.backoff_max_ms {
-            return Err(format!(
-                "retry.backoff_base_ms ({}) must be <= retry.backoff_max_ms ({})",
-                self.backoff_base_ms, self.backoff_max_ms
+            return Err(FieldError::new(
+                "backoff_base_ms",
+                format!(
+                    "({}) must be <= retry.backoff_max_ms ({})",
+                    self.backoff_base_ms, self.backoff_max_ms
+                ),
             ));
         }
         if self.per_try_timeout_ms == Some(0) {
-            return Err("retry.per_try_timeout_ms must be > 0 (leave it out for none)".into());
+            return Err(FieldError::new(
+                "per_try_timeout_ms",
+                "must be > 0 (leave it out for none)",
+            ));
         }
         if !(self.budget_ratio.is_finite() && (0.0..=1.0).contains(&self.budget_ratio)) {
-            return Err(format!(
-                "retry.budget_ratio must be in [0, 1], got {}",
-                self.budget_ratio
+            return Err(FieldError::new(
+                "budget_ratio",
+                format!("must be in [0, 1], got {}", self.budget_ratio),
             ));
         }
         if !(self.budget_min_per_second.is_finite() && self.budget_min_per_second >= 0.0) {
-            return Err(format!(
-                "retry.budget_min_per_second must be a number >= 0, got {}",
-                self.budget_min_per_second
+            return Err(FieldError::new(
+                "budget_min_per_second",
+                format!("must be a number >= 0, got {}", self.budget_min_per_second),
             ));
         }
         if !(1..=3600).contains(&self.budget_window_seconds) {
-            return Err(format!(
-                "retry.budget_window_seconds must be in 1..=3600, got {}",
-                self.budget_window_seconds
+            return Err(FieldError::new(
+                "budget_window_seconds",
+                format!("must be in 1..=3600, got {}", self.budget_window_seconds),
             ));
         }
         Ok(())
@@ -447,25 +488,32 @@ impl Default for HedgeConfig {
 
 impl HedgeConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if let Some(p) = self.delay_percentile {
             if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-                return Err(format!("hedge.delay_percentile must be in (0, 1], got {p}"));
+                return Err(FieldError::new(
+                    "delay_percentile",
+                    format!("must be in (0, 1], got {p}"),
+                ));
             }
         }
         if self.delay_ms == Some(0) {
-            return Err("hedge.delay_ms must be > 0 (a hedge at once doubles the load)".into());
+            return Err(FieldError::new(
+                "delay_ms",
+                "must be > 0 (a hedge at once doubles the load)",
+            ));
         }
         if !(1..=4).contains(&self.max_hedges) {
-            return Err(format!(
-                "hedge.max_hedges must be in 1..=4, got {}",
-                self.max_hedges
+            return Err(FieldError::new(
+                "max_hedges",
+                format!("must be in 1..=4, got {}", self.max_hedges),
             ));
         }
         if self.enabled && self.delay_ms.is_none() && self.delay_percentile.is_none() {
-            return Err(
-                "hedge.delay_ms or hedge.delay_percentile must be set when hedge.enabled".into(),
-            );
+            return Err(FieldError::new(
+                "delay_ms",
+                "delay_ms or delay_percentile must be set when enabled",
+            ));
         }
         Ok(())
     }
@@ -500,24 +548,25 @@ impl Default for BulkheadConfig {
 
 impl BulkheadConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.max_queue > 0 && self.queue_timeout_ms == 0 {
-            return Err(
-                "bulkhead.queue_timeout_ms must be > 0 when max_queue > 0 (a queue nobody may wait in)"
-                    .into(),
-            );
+            return Err(FieldError::new(
+                "queue_timeout_ms",
+                "must be > 0 when max_queue > 0 (a queue nobody may wait in)",
+            ));
         }
         if let Some(share) = self.tenant_share {
             if !(share.is_finite() && share > 0.0 && share <= 1.0) {
-                return Err(format!(
-                    "bulkhead.tenant_share must be in (0, 1], got {share}"
+                return Err(FieldError::new(
+                    "tenant_share",
+                    format!("must be in (0, 1], got {share}"),
                 ));
             }
             if self.max_concurrent == 0 {
-                return Err(
-                    "bulkhead.tenant_share needs bulkhead.max_concurrent > 0 (a share of unlimited is unlimited)"
-                        .into(),
-                );
+                return Err(FieldError::new(
+                    "tenant_share",
+                    "needs max_concurrent > 0 (a share of unlimited is unlimited)",
+                ));
             }
         }
         Ok(())
@@ -571,18 +620,18 @@ impl Default for NoResponseConfig {
 
 impl NoResponseConfig {
     /// Checks values serde cannot check; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.floor_ms == 0 {
-            return Err("floor_ms: must be above 0".into());
+            return Err(FieldError::new("floor_ms", "must be above 0"));
         }
         if !(self.factor >= 1.0 && self.factor.is_finite()) {
-            return Err(format!(
-                "factor: must be at least 1 (a bound below the model's own p99 would cut off healthy backends), got {}",
+            return Err(FieldError::new("factor", format!(
+                "must be at least 1 (a bound below the model's own p99 would cut off healthy backends), got {}",
                 self.factor
-            ));
+            )));
         }
         if self.cold_ms == 0 {
-            return Err("cold_ms: must be above 0".into());
+            return Err(FieldError::new("cold_ms", "must be above 0"));
         }
         Ok(())
     }
