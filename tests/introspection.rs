@@ -1,11 +1,15 @@
 //! End-to-end: what operators and platforms see without knowing our protos: server
-//! reflection (v1 and v1alpha) listing the services, and grpc.health.v1 Check and Watch
-//! on the inference and admin ports, following the pool's state.
+//! reflection (v1 and v1alpha) listing the services, every advertised service resolving
+//! to its file and that file's dependencies as a generic reflection client walks them,
+//! and grpc.health.v1 Check and Watch on the inference and admin ports, following the
+//! pool's state.
 
 mod common;
 
 use common::*;
 use futures_util::StreamExt;
+use prost::Message as _;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -87,6 +91,164 @@ async fn reflection_lists_every_service_on_both_ports() {
         Some(r1a::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
             if !f.file_descriptor_proto.is_empty()
     ));
+}
+
+/// What a generic reflection client (grpcurl, grpc-requests, buf curl) does before its
+/// first call: list the services, ask for the file that defines each service and each
+/// of its methods, then fetch every file those import by name. One macro body for both
+/// versions, whose generated types differ only in their module. Returns the services
+/// walked and the files fetched; panics on the first lookup that fails.
+macro_rules! walk_reflection {
+    ($r:ident, $addr:expr) => {{
+        use $r::server_reflection_request::MessageRequest;
+        use $r::server_reflection_response::MessageResponse;
+        let mut client =
+            $r::server_reflection_client::ServerReflectionClient::new(channel($addr).await);
+        // One stream, one request at a time, as the stock clients do.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut answers = client
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("reflection stream")
+            .into_inner();
+        let mut ask = async |request: MessageRequest| -> MessageResponse {
+            let what = format!("{request:?}");
+            tx.send($r::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            })
+            .await
+            .expect("send");
+            let answer = answers
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("{what}: stream ended"))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            match answer.message_response {
+                Some(MessageResponse::ErrorResponse(e)) => {
+                    panic!("{what}: error {} {}", e.error_code, e.error_message)
+                }
+                Some(other) => other,
+                None => panic!("{what}: empty answer"),
+            }
+        };
+        let decode =
+            |answer: MessageResponse, what: &str| -> Vec<prost_types::FileDescriptorProto> {
+                match answer {
+                    MessageResponse::FileDescriptorResponse(f) => {
+                        assert!(!f.file_descriptor_proto.is_empty(), "{what}: no file");
+                        f.file_descriptor_proto
+                            .iter()
+                            .map(|b| {
+                                prost_types::FileDescriptorProto::decode(b.as_slice())
+                                    .expect("a file descriptor")
+                            })
+                            .collect()
+                    }
+                    other => panic!("{what}: unexpected answer {other:?}"),
+                }
+            };
+
+        let services: Vec<String> = match ask(MessageRequest::ListServices(String::new())).await {
+            MessageResponse::ListServicesResponse(list) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("ListServices: unexpected answer {other:?}"),
+        };
+        assert!(!services.is_empty());
+        let mut files: HashMap<String, prost_types::FileDescriptorProto> = HashMap::new();
+        for service in &services {
+            let found = decode(
+                ask(MessageRequest::FileContainingSymbol(service.clone())).await,
+                service,
+            );
+            // The first file is the one that defines the symbol.
+            let file = &found[0];
+            let package = file.package.clone().unwrap_or_default();
+            let defined = file
+                .service
+                .iter()
+                .find(|s| format!("{package}.{}", s.name()) == *service)
+                .unwrap_or_else(|| panic!("{service}: not defined in {}", file.name()));
+            assert!(!defined.method.is_empty(), "{service}: no methods");
+            for method in &defined.method {
+                let symbol = format!("{service}.{}", method.name());
+                let of_method = decode(
+                    ask(MessageRequest::FileContainingSymbol(symbol.clone())).await,
+                    &symbol,
+                );
+                assert_eq!(of_method[0].name(), file.name(), "{symbol}");
+                // Its request and response types resolve as well.
+                for ty in [method.input_type(), method.output_type()] {
+                    let ty = ty.trim_start_matches('.').to_owned();
+                    decode(
+                        ask(MessageRequest::FileContainingSymbol(ty.clone())).await,
+                        &ty,
+                    );
+                }
+            }
+            for f in found {
+                files.insert(f.name().to_owned(), f);
+            }
+        }
+        // Transitive dependencies, by file name.
+        let mut pending: Vec<String> = files.values().flat_map(|f| f.dependency.clone()).collect();
+        while let Some(name) = pending.pop() {
+            if files.contains_key(&name) {
+                continue;
+            }
+            for f in decode(
+                ask(MessageRequest::FileByFilename(name.clone())).await,
+                &name,
+            ) {
+                pending.extend(f.dependency.iter().cloned());
+                files.insert(f.name().to_owned(), f);
+            }
+        }
+        // And every file resolves by name, as the clients ask again for each.
+        for name in files.keys() {
+            decode(
+                ask(MessageRequest::FileByFilename(name.clone())).await,
+                name,
+            );
+        }
+        let services: BTreeSet<String> = services.into_iter().collect();
+        let files: BTreeSet<String> = files.into_keys().collect();
+        (services, files)
+    }};
+}
+
+#[tokio::test]
+async fn every_advertised_service_resolves_through_both_versions_on_both_ports() {
+    let s = sim("gpu-0", |_| {});
+    let gw = gateway(config(&[s.addr()])).await;
+    for (port, addr, own) in [
+        ("front", gw.addr(), "inference.GRPCInferenceService"),
+        ("admin", gw.admin_addr(), "infergate.admin.v1.Admin"),
+    ] {
+        let (v1_services, v1_files) = walk_reflection!(r1, addr);
+        let (v1a_services, v1a_files) = walk_reflection!(r1a, addr);
+        // Both versions tell the same story.
+        assert_eq!(v1_services, v1a_services, "{port}");
+        assert_eq!(v1_files, v1a_files, "{port}");
+        for service in [
+            own,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(
+                v1_services.contains(service),
+                "{port}: {service} not listed"
+            );
+        }
+        for file in ["reflection_v1.proto", "reflection_v1alpha.proto"] {
+            assert!(
+                v1_files.contains(file),
+                "{port}: {file} not fetched: {v1_files:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -173,13 +173,21 @@ pub async fn start_with_file(
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    // Reflection advertises only what each port serves.
+    // Reflection advertises only what each port serves, and every service it advertises
+    // resolves through both versions: tonic-reflection's v1 service knows only its own
+    // descriptor (and v1alpha only its own), so each is given both, and health's.
     let reflection = |services: &[&str]| {
         let builder = || {
             services.iter().chain(REFLECTION).fold(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(infergate_proto::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    )
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    ),
                 |b, name| b.with_service_name(*name),
             )
         };
