@@ -36,6 +36,7 @@ pub mod events;
 pub mod front;
 pub mod gauges;
 pub mod health;
+pub mod http1;
 pub mod load;
 pub mod load_report;
 pub mod models;

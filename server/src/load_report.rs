@@ -19,7 +19,6 @@ use infergate_proto::orca::OrcaLoadReport;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -65,16 +64,7 @@ pub fn reduce(report: &OrcaLoadReport, cfg: &LoadConfig) -> Load {
 /// message. None when the bytes are not a well-formed report.
 pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
     fn varint(buf: &mut &[u8]) -> Option<u64> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = buf.split_first()?;
-            *buf = rest;
-            value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(value);
-            }
-        }
-        None
+        prost::encoding::decode_varint(buf).ok()
     }
     fn double(buf: &mut &[u8]) -> Option<f64> {
         let raw: [u8; 8] = buf.get(..8)?.try_into().ok()?;
@@ -250,32 +240,19 @@ fn parse_json(body: &str) -> Option<OrcaLoadReport> {
 
 /// Standard base64 (gRPC `-bin` metadata), padding optional.
 fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let input: Vec<u8> = input.iter().copied().filter(|c| *c != b'=').collect();
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    for chunk in input.chunks(4) {
-        let mut acc = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            acc |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        match chunk.len() {
-            4 => out.extend_from_slice(&bytes[1..4]),
-            3 => out.extend_from_slice(&bytes[1..3]),
-            2 => out.push(bytes[1]),
-            _ => return None,
-        }
-    }
-    Some(out)
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::Engine;
+    // gRPC's `-bin` metadata is base64 with or without padding; some stacks send the
+    // URL-safe alphabet.
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, CONFIG);
+    STANDARD
+        .decode(input)
+        .or_else(|_| URL_SAFE.decode(input))
+        .ok()
 }
 
 /// Starts the background load-report tasks of one endpoint: the ORCA out-of-band
@@ -389,8 +366,8 @@ pub async fn run_scrape(
             continue;
         }
         drop(e);
-        match tokio::time::timeout(interval, fetch_metrics(&metrics_address)).await {
-            Ok(Ok(text)) => {
+        match fetch_metrics(&metrics_address, interval).await {
+            Ok(text) => {
                 let mut names = vec![util_name.as_str(), queue_name.as_str()];
                 names.extend(running_name.as_deref());
                 let values = parse_prometheus(&text, &names);
@@ -414,34 +391,38 @@ pub async fn run_scrape(
                     );
                 }
             }
-            Ok(Err(err)) => tracing::debug!(%metrics_address, "scrape failed: {err}"),
-            Err(_) => tracing::debug!(%metrics_address, "scrape timed out"),
+            Err(err) => tracing::debug!(%metrics_address, "scrape failed: {err}"),
         }
     }
 }
 
-async fn fetch_metrics(address: &str) -> std::io::Result<String> {
+/// Largest metrics page read; a bigger one is an error, never silently cut.
+const MAX_METRICS_BYTES: usize = 8 << 20;
+
+async fn fetch_metrics(address: &str, timeout: Duration) -> Result<String, String> {
     let (host, path) = match address.split_once('/') {
         Some((host, path)) => (host, format!("/{path}")),
         None => (address, "/metrics".to_owned()),
     };
-    let mut socket = tokio::net::TcpStream::connect(host).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-    );
-    socket.write_all(request.as_bytes()).await?;
-    let mut body = Vec::new();
-    socket.take(8 << 20).read_to_end(&mut body).await?;
-    let text = String::from_utf8_lossy(&body);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(
-            head.lines().next().unwrap_or("bad status").to_owned(),
-        ));
+    crate::http1::get(host, &path, MAX_METRICS_BYTES, timeout).await
+}
+
+/// Where the label set `{...}` at the start of `text` ends (the byte after its `}`),
+/// reading quoted values with their escapes, so a `}` or `,` inside a value such as
+/// `{path="/a}b"}` does not end it.
+fn labels_end(text: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in text.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i + 1),
+            _ => {}
+        }
     }
-    Ok(rest.to_owned())
+    None
 }
 
 /// Sum and maximum of a metric over its label sets.
@@ -466,9 +447,14 @@ pub fn parse_prometheus<'a>(text: &str, names: &[&'a str]) -> HashMap<&'a str, A
         let Some(wanted) = names.iter().find(|n| **n == name) else {
             continue;
         };
-        let after_labels = match line[name_end..].find('}') {
-            Some(close) if line[name_end..].starts_with('{') => &line[name_end + close + 1..],
-            _ => &line[name_end..],
+        let rest = &line[name_end..];
+        let after_labels = if rest.starts_with('{') {
+            match labels_end(rest) {
+                Some(end) => &rest[end..],
+                None => continue, // an unterminated label set: not a sample
+            }
+        } else {
+            rest
         };
         let Some(value) = after_labels
             .split_whitespace()
@@ -497,20 +483,8 @@ mod tests {
     use http::HeaderValue;
 
     fn encode_base64(bytes: &[u8]) -> String {
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..=chunk.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            }
-        }
-        out
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
     }
 
     #[test]
@@ -627,6 +601,17 @@ mod tests {
         assert_eq!(values["nv_inference_pending_request_count"].sum, 5.0);
         assert_eq!(values["vllm:num_requests_waiting"].sum, 7.0);
         assert!(!values.contains_key("other_metric"));
+    }
+
+    #[test]
+    fn quoted_label_values_may_hold_braces_commas_and_escapes() {
+        let text = "queue{path=\"/a}b\",note=\"x, \\\"y\\\" }\"} 4\n\
+            queue{path=\"ok\"} 1 1700000000000\n\
+            queue{path=\"never closed} 9\n";
+        let values = parse_prometheus(text, &["queue"]);
+        // The third line has no end to its label set: not a sample.
+        assert_eq!(values["queue"].sum, 5.0);
+        assert_eq!(values["queue"].max, 4.0);
     }
 
     #[tokio::test(start_paused = true)]

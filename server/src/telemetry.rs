@@ -18,7 +18,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Code;
@@ -218,50 +217,28 @@ pub type ScrapeHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 pub async fn serve_with_hook(
     listener: TcpListener,
     handle: PrometheusHandle,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     hook: Option<ScrapeHook>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
-        };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        let handle = handle.clone();
-        let hook = hook.clone();
-        tokio::spawn(async move {
-            let mut head = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut head)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&head[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                // The hook runs first: gauges it sets through the recorder show in
-                // this render; the text it writes goes after.
-                let mut extra = String::new();
-                if let Some(hook) = &hook {
-                    hook(&mut extra);
-                }
-                handle.run_upkeep();
-                let mut body = handle.render();
-                body.push_str(&extra);
-                ("200 OK", body)
-            } else {
-                ("404 Not Found", "only /metrics is served here\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
-    }
+    let handler: crate::http1::Handler = Arc::new(move |method, path, _query| {
+        if path != "/metrics" {
+            return crate::http1::Reply::text(404, "only /metrics is served here\n");
+        }
+        if method != "GET" && method != "HEAD" {
+            return crate::http1::Reply::text(405, "GET /metrics\n");
+        }
+        // The hook runs first: gauges it sets through the recorder show in this
+        // render; the text it writes goes after.
+        let mut extra = String::new();
+        if let Some(hook) = &hook {
+            hook(&mut extra);
+        }
+        handle.run_upkeep();
+        let mut body = handle.render();
+        body.push_str(&extra);
+        crate::http1::Reply::prometheus(body)
+    });
+    crate::http1::serve(listener, handler, shutdown).await;
 }
 
 /// Binds the metrics listener (kept separate so callers learn the port before serving).

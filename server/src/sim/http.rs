@@ -1,17 +1,15 @@
 //! The simulator's small HTTP/1.1 side door: `GET /metrics` (Prometheus text, Triton's
 //! metric names) and `GET /control?...` (the same fault knobs as [`SimControl`]).
 //!
-//! It is written by hand on a `TcpListener` because it needs one request per connection,
-//! no keep-alive and no bodies: read the request head, answer with `Content-Length` and
-//! `Connection: close`. That keeps the simulator free of an HTTP server dependency while
-//! letting scripts, the demo and the gateway's Prometheus fallback drive and scrape it.
+//! Served with hyper (through [`crate::http1`]), so scripts, curl, the demo and the
+//! gateway's Prometheus fallback drive and scrape it with any HTTP/1.1 client.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::http1::{self, Reply};
 
 use super::control::{clamp_fraction, FailReason, SimControl};
 use super::models::{Model, VERSION};
@@ -19,121 +17,42 @@ use super::models::{Model, VERSION};
 /// What `exit=1` does: end the process (CLI) or stop this simulator (spawned).
 pub(crate) type ExitHook = Arc<dyn Fn() + Send + Sync>;
 
-const MAX_HEAD: usize = 16 * 1024;
-
 /// Serves the HTTP side door until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, ctl: Arc<SimControl>, exit: ExitHook) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, _)) => {
-                let ctl = ctl.clone();
-                let exit = exit.clone();
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(10), handle(sock, &ctl, &exit))
-                            .await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "sim metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    let handler: http1::Handler =
+        Arc::new(move |method, path, query| answer(&ctl, &exit, method, path, query));
+    // Never told to stop: the task is dropped with the simulator.
+    let (_keep, forever) = tokio::sync::watch::channel(false);
+    http1::serve(listener, handler, forever).await;
 }
 
-async fn handle(mut sock: TcpStream, ctl: &SimControl, exit: &ExitHook) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > MAX_HEAD {
-            return respond(&mut sock, 431, "text/plain", "request head too large\n").await;
-        }
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+fn answer(ctl: &SimControl, exit: &ExitHook, method: &str, path: &str, query: &str) -> Reply {
     if method != "GET" {
-        return respond(&mut sock, 405, "text/plain", "only GET is supported\n").await;
+        return Reply::text(405, "only GET is supported\n");
     }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match path {
-        "/metrics" => {
-            let body = render_metrics(ctl);
-            respond(&mut sock, 200, "text/plain; version=0.0.4", &body).await
-        }
+        "/metrics" => Reply::prometheus(render_metrics(ctl)),
         "/control" => match apply_control(ctl, query) {
             Ok(exit_requested) => {
-                let body = control_state(ctl);
-                let result = respond(&mut sock, 200, "application/json", &body).await;
+                let reply = Reply::text(200, control_state(ctl)).with_type("application/json");
                 if exit_requested {
-                    exit();
+                    let exit = Arc::clone(exit);
+                    reply.then(Box::new(move || exit()))
+                } else {
+                    reply
                 }
-                result
             }
-            Err(msg) => respond(&mut sock, 400, "text/plain", &format!("{msg}\n")).await,
+            Err(msg) => Reply::text(400, format!("{msg}\n")),
         },
-        _ => {
-            respond(
-                &mut sock,
-                404,
-                "text/plain",
-                "not found: try /metrics or /control\n",
-            )
-            .await
-        }
+        _ => Reply::text(404, "not found: try /metrics or /control\n"),
     }
 }
 
-async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &str) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Request Header Fields Too Large",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.flush().await?;
-    sock.shutdown().await
-}
-
-/// Decodes `%XX` escapes and `+` in a query component.
+/// Decodes `%XX` escapes and `+` (a space in a query) in a query component.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
