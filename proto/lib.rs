@@ -6,6 +6,8 @@
 //! - [`orca`]: ORCA load reports (`xds.data.orca.v3`) and the out-of-band service
 //!   (`xds.service.orca.v3`).
 //! - [`admin`]: infergate's control plane, `infergate.admin.v1.Admin`.
+//! - [`propagation`]: W3C trace context carried in gRPC metadata, shared by the
+//!   gateway and the client (hand-written, the only part that is).
 #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
 
 /// `package inference;`
@@ -75,5 +77,46 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// W3C trace context (`traceparent`, `tracestate`) carried in tonic's gRPC metadata:
+/// the OpenTelemetry extractor and injector over a `MetadataMap`, one for the gateway
+/// and the client alike. Reading borrows the map's values without copying them.
+pub mod propagation {
+    use opentelemetry::propagation::{Extractor, Injector};
+    use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+
+    /// Reads trace metadata from a call's metadata.
+    pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
+
+    impl Extractor for MetadataExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0
+                .keys()
+                .filter_map(|k| match k {
+                    KeyRef::Ascii(k) => Some(k.as_str()),
+                    KeyRef::Binary(_) => None,
+                })
+                .collect()
+        }
+    }
+
+    /// Writes trace metadata into a call's metadata, replacing what was there.
+    pub struct MetadataInjector<'a>(pub &'a mut MetadataMap);
+
+    impl Injector for MetadataInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(k), Ok(v)) = (
+                MetadataKey::from_bytes(key.as_bytes()),
+                MetadataValue::try_from(value.as_str()),
+            ) {
+                self.0.insert(k, v);
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     Span as _, SpanKind, Status as SpanStatus, TraceContextExt, Tracer, TracerProvider as _,
 };
@@ -28,7 +28,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 
 /// Instrumentation scope of the client's spans.
 pub const SCOPE: &str = "infergate-client";
@@ -177,39 +177,6 @@ impl Peer {
     }
 }
 
-/// Reads trace headers from gRPC metadata (a `traceparent` the caller set by hand).
-struct MetadataExtractor<'a>(&'a MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// Writes trace headers into gRPC metadata, replacing any already there.
-struct MetadataInjector<'a>(&'a mut MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
 /// The CLIENT span of one call; empty when no tracer provider records it.
 #[derive(Debug)]
 pub(crate) struct ClientSpan(Option<Context>);
@@ -228,8 +195,10 @@ impl ClientSpan {
         let parent = if current.has_active_span() || metadata.get("traceparent").is_none() {
             current
         } else {
-            TraceContextPropagator::new()
-                .extract_with_context(&current, &MetadataExtractor(metadata))
+            TraceContextPropagator::new().extract_with_context(
+                &current,
+                &infergate_proto::propagation::MetadataExtractor(metadata),
+            )
         };
         let span = tracer
             .span_builder(format!("{service}/{method}"))
@@ -260,7 +229,10 @@ impl ClientSpan {
     /// Sends this span as the call's `traceparent`/`tracestate`.
     pub(crate) fn inject(&self, metadata: &mut MetadataMap) {
         if let Some(cx) = &self.0 {
-            TraceContextPropagator::new().inject_context(cx, &mut MetadataInjector(metadata));
+            TraceContextPropagator::new().inject_context(
+                cx,
+                &mut infergate_proto::propagation::MetadataInjector(metadata),
+            );
         }
     }
 

@@ -57,6 +57,7 @@
 
 use crate::codes::CodeSet;
 use crate::config::{BreakerConfig, WindowKind};
+use crate::ratio::{pct, ratio};
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -217,24 +218,6 @@ impl Tally {
 
     fn slow_rate(self) -> f64 {
         ratio(self.slow, self.calls)
-    }
-}
-
-fn ratio(part: u32, whole: u32) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        f64::from(part) / f64::from(whole)
-    }
-}
-
-/// `0.5` → `"50%"`, `0.125` → `"12.5%"`.
-fn pct(fraction: f64) -> String {
-    let p = fraction * 100.0;
-    if (p - p.round()).abs() < 0.05 {
-        format!("{p:.0}%")
-    } else {
-        format!("{p:.1}%")
     }
 }
 
@@ -1370,12 +1353,5 @@ mod tests {
         let p = b.try_acquire(later).expect("probe");
         assert!(b.try_acquire(later).is_none(), "one probe now");
         assert!(b.record(p, ok(), later).is_some());
-    }
-
-    #[test]
-    fn percentages_read_well() {
-        assert_eq!(pct(0.5), "50%");
-        assert_eq!(pct(0.125), "12.5%");
-        assert_eq!(pct(2.0 / 3.0), "66.7%");
     }
 }

@@ -45,6 +45,7 @@ pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
+pub mod ratio;
 pub mod retry;
 pub mod server;
 pub mod sim;

@@ -58,6 +58,7 @@
 
 use crate::codes::CodeSet;
 use crate::config::{OutlierConfig, MAX_EJECTION_MS};
+use crate::ratio::{pct, ratio};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -669,24 +670,6 @@ impl OutlierDetector {
             host: String::new(),
             kind,
         })
-    }
-}
-
-fn ratio(part: u32, whole: u32) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        f64::from(part) / f64::from(whole)
-    }
-}
-
-/// `0.5` → `"50%"`, `0.125` → `"12.5%"`.
-fn pct(fraction: f64) -> String {
-    let p = fraction * 100.0;
-    if (p - p.round()).abs() < 0.05 {
-        format!("{p:.0}%")
-    } else {
-        format!("{p:.1}%")
     }
 }
 

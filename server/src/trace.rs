@@ -433,25 +433,6 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// Reads W3C trace metadata from a tonic request's metadata, without copying it.
-pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
 /// The caller's trace context from `traceparent`/`tracestate` (empty when absent or
 /// malformed).
 pub fn extract(headers: &HeaderMap) -> Context {
@@ -590,8 +571,10 @@ pub fn grpc_server_span(scope: &'static str, method: &str, metadata: &MetadataMa
     if !enabled() {
         return CallSpan::disabled();
     }
-    let parent = TraceContextPropagator::new()
-        .extract_with_context(&Context::new(), &MetadataExtractor(metadata));
+    let parent = TraceContextPropagator::new().extract_with_context(
+        &Context::new(),
+        &infergate_proto::propagation::MetadataExtractor(metadata),
+    );
     CallSpan::server(scope, method, &parent, None)
 }
 
