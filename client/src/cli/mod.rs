@@ -46,6 +46,13 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Operate the gateway through its admin API: backends, models, events, configuration
     Admin(admin::AdminArgs),
+    /// Print a shell completion script: `source <(infergate-cli completions bash)`, or
+    /// save it where the shell loads completions (zsh: a `_infergate-cli` file on
+    /// $fpath; fish: ~/.config/fish/completions/infergate-cli.fish)
+    Completions {
+        /// The shell: bash, zsh or fish (also elvish, powershell)
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Cli {
@@ -97,7 +104,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Health(args) => Ok(health::run(&cli, args).await?),
         Command::Bench(args) => Ok(bench::run(&cli, args).await?),
         Command::Admin(args) => admin::run(&cli, args).await,
+        Command::Completions { shell } => {
+            emit(&completions(*shell))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The completion script for `shell`, generated from the command definition.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "infergate-cli", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Prints an error and a hint to stderr and returns the exit code. Output cut short by a
@@ -204,6 +224,60 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_cover_every_subcommand() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let script = completions(shell);
+            assert!(script.contains("infergate-cli"), "{shell}");
+            for sub in ["infer", "models", "health", "bench", "admin", "completions"] {
+                assert!(script.contains(sub), "{shell}: {sub} missing");
+            }
+            // Nested admin subcommands and flags too (fish writes `-l model`).
+            for word in ["drain", "eject", "model", "addr", "max-concurrent"] {
+                assert!(script.contains(word), "{shell}: {word} missing");
+            }
+        }
+        let cli = Cli::try_parse_from(["infergate-cli", "completions", "zsh"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Completions { shell: Shell::Zsh }
+        ));
+        assert!(Cli::try_parse_from(["infergate-cli", "completions", "tcsh"]).is_err());
+    }
+
+    /// The shells that are installed accept the scripts (`bash -n`, `zsh -n`,
+    /// `fish --no-execute`); the others are skipped.
+    #[test]
+    fn completion_scripts_parse_in_their_shells() {
+        use clap_complete::Shell;
+        let dir =
+            std::env::temp_dir().join(format!("infergate-cli-completions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (shell, program, flag) in [
+            (Shell::Bash, "bash", "-n"),
+            (Shell::Zsh, "zsh", "-n"),
+            (Shell::Fish, "fish", "--no-execute"),
+        ] {
+            let path = dir.join(program);
+            std::fs::write(&path, completions(shell)).expect("write");
+            match std::process::Command::new(program)
+                .arg(flag)
+                .arg(&path)
+                .output()
+            {
+                Ok(out) => assert!(
+                    out.status.success(),
+                    "{program}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{program}: {e}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
