@@ -1,11 +1,29 @@
 //! `infergate demo`: the gateway on its default ports in front of three simulated GPU
 //! backends on free loopback ports, with nothing to configure. This is the first thing a
 //! new user runs.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, [`init_traces`] exports the gateway's spans as
+//! `service.name` `infergate` (or `OTEL_SERVICE_NAME`) and each simulated backend's as its
+//! own name (`gpu-0`, `gpu-1`, ...), as if each ran in its own process: one exporter per
+//! service, and a global tracer provider that hands out the tracer of the simulator whose
+//! thread asks ([`sim::current_name`]).
 
 use crate::config::{BackendConfig, Config};
 use crate::server::{self, GatewayHandle, StartError};
 use crate::sim::{self, SimConfig, SimHandle};
+use crate::trace::{self, TraceConfig, TraceGuard};
+use opentelemetry::global::{BoxedTracer, GlobalTracerProvider};
+use opentelemetry::InstrumentationScope;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+
+/// How many simulated backends the demo runs.
+pub const SIMS: usize = 3;
+
+/// The name of simulated backend `i`: its `sim-name`, `gpu_uuid` and `service.name`.
+pub fn sim_name(i: usize) -> String {
+    format!("gpu-{i}")
+}
 
 /// A running demo: the simulated backends and the gateway in front of them.
 pub struct Demo {
@@ -19,11 +37,11 @@ pub struct Demo {
 /// says (its backends are replaced by the simulated ones).
 pub async fn start(mut config: Config) -> Result<Demo, StartError> {
     let mut sims = Vec::new();
-    for i in 0..3 {
+    for i in 0..SIMS {
         let cfg = SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            name: format!("gpu-{i}"),
+            name: sim_name(i),
             seed: 1 + i as u64,
             ..SimConfig::default()
         };
@@ -70,5 +88,87 @@ impl Demo {
         ));
         out.push_str("stop: Ctrl-C\n");
         out
+    }
+}
+
+/// The demo's trace exporters: the gateway's and one per simulated backend. Shut it down
+/// after the gateway and the backends have stopped.
+#[must_use = "dropping it shuts tracing down"]
+pub struct DemoTraces {
+    sims: Vec<TraceGuard>,
+    gateway: TraceGuard,
+}
+
+impl DemoTraces {
+    /// True when spans are exported.
+    pub fn is_active(&self) -> bool {
+        self.gateway.is_active()
+    }
+
+    /// Exports every ended span now, for each service.
+    pub async fn flush(&self) -> Result<(), String> {
+        for guard in self.sims.iter().chain([&self.gateway]) {
+            guard.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and stops every exporter; tracing is off afterwards.
+    pub async fn shutdown(self) -> Result<(), String> {
+        for guard in self.sims {
+            guard.shutdown().await?;
+        }
+        self.gateway.shutdown().await
+    }
+}
+
+/// Starts tracing for the demo as [`trace::init`] does for one service (nothing when
+/// `cfg` has no endpoint), with each simulated backend (`gpu-0`...) exported under its
+/// own `service.name` and the gateway under `cfg.service_name`. Call it before [`start`],
+/// inside a tokio runtime.
+pub fn init_traces(cfg: TraceConfig) -> Result<DemoTraces, String> {
+    if cfg.endpoint.is_none() {
+        return Ok(DemoTraces {
+            sims: Vec::new(),
+            gateway: TraceGuard::inactive(),
+        });
+    }
+    // Each init installs its provider globally; what `tracer_provider` returns keeps
+    // that one working after the next replaces it. The gateway's goes last, so its
+    // guard is the one that turns tracing off.
+    let mut sims = Vec::new();
+    let mut by_sim = HashMap::new();
+    for i in 0..SIMS {
+        let name = sim_name(i);
+        sims.push(trace::init(TraceConfig {
+            service_name: name.clone(),
+            ..cfg.clone()
+        })?);
+        by_sim.insert(name, opentelemetry::global::tracer_provider());
+    }
+    let gateway = trace::init(cfg)?;
+    opentelemetry::global::set_tracer_provider(PerSimulator {
+        gateway: opentelemetry::global::tracer_provider(),
+        by_sim,
+    });
+    Ok(DemoTraces { sims, gateway })
+}
+
+/// A tracer provider that hands a simulator's thread that simulator's tracer, and every
+/// other thread the gateway's.
+#[derive(Debug)]
+struct PerSimulator {
+    gateway: GlobalTracerProvider,
+    by_sim: HashMap<String, GlobalTracerProvider>,
+}
+
+impl opentelemetry::trace::TracerProvider for PerSimulator {
+    type Tracer = BoxedTracer;
+
+    fn tracer_with_scope(&self, scope: InstrumentationScope) -> BoxedTracer {
+        let provider = sim::current_name()
+            .and_then(|name| self.by_sim.get(&name))
+            .unwrap_or(&self.gateway);
+        provider.tracer_with_scope(scope)
     }
 }

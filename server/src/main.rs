@@ -233,7 +233,8 @@ fn run_demo(ports: Ports) -> Result<(), String> {
     runtime(config.worker_threads)
         .map_err(|e| e.to_string())?
         .block_on(async move {
-            let traces = trace::init(trace::TraceConfig::from_env()?)?;
+            // Each simulated backend exports its spans as its own service (gpu-0, ...).
+            let traces = demo::init_traces(trace::TraceConfig::from_env()?)?;
             let demo = demo::start(config).await.map_err(|e| e.to_string())?;
             println!("{}", demo.banner());
             stop_signal().await;

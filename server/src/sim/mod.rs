@@ -430,6 +430,18 @@ impl Drop for SimHandle {
     }
 }
 
+thread_local! {
+    /// The name of the simulator [`spawn`] runs on this thread, if any.
+    static CURRENT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The name of the simulator whose thread this is ([`spawn`] runs each on its own), so
+/// that a process running several can tell their work apart: the demo gives each its
+/// own OpenTelemetry `service.name`. `None` outside a spawned simulator.
+pub fn current_name() -> Option<String> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
 fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
 }
@@ -466,6 +478,7 @@ pub fn spawn(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let thread = std::thread::Builder::new()
         .name(format!("sim-{name}"))
         .spawn(move || {
+            CURRENT.with(|c| *c.borrow_mut() = Some(name.clone()));
             rt.block_on(async move {
                 let (grace_tx, grace_rx) = oneshot::channel::<()>();
                 let shutdown = async move {
