@@ -10,13 +10,14 @@
 use crate::attempt::{Attempt, Outcome};
 use crate::config::LoadConfig;
 use crate::load_report;
-use crate::wire::{Deframer, FrameError, Message};
+use crate::wire::{self, Deframer, FrameError, Message, RequestLimits};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
@@ -48,18 +49,46 @@ pub fn forwarded_headers(src: &HeaderMap) -> HeaderMap {
 /// The status to answer when a request body cannot be cut into messages.
 pub fn frame_status(err: &FrameError) -> Status {
     match err {
-        FrameError::TooLarge { .. } => Status::resource_exhausted(err.to_string()),
+        FrameError::TooLarge { .. } | FrameError::OverBudget { .. } => {
+            Status::resource_exhausted(err.to_string())
+        }
         _ => Status::invalid_argument(err.to_string()),
     }
 }
 
-/// Reads a unary request body: exactly one message, within the size limit.
-pub async fn read_unary(mut body: Body, limit: usize, method: &str) -> Result<Message, Status> {
-    let mut deframer = Deframer::new(limit);
+/// How long a unary request body may take to arrive when the server set no
+/// `request_read_timeout_ms` for the call ([`RequestLimits`]).
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a unary request body: exactly one message, within the size limit, charged to
+/// the process's and the connection's buffer budgets, and within the call's read
+/// timeout (`request_read_timeout_ms`), whether or not the caller sent a deadline.
+pub async fn read_unary(body: Body, limit: usize, method: &str) -> Result<Message, Status> {
+    let limits = RequestLimits::current();
+    let timeout = limits.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT);
+    let deframer = Deframer::with_budgets(limit, wire::process_budget(), limits.connection);
+    let received = AtomicUsize::new(0);
+    match tokio::time::timeout(timeout, read_one(body, deframer, method, &received)).await {
+        Ok(read) => read,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the {method} request did not arrive within request_read_timeout_ms ({} ms): {} bytes of it came",
+            timeout.as_millis(),
+            received.load(Ordering::Relaxed)
+        ))),
+    }
+}
+
+async fn read_one(
+    mut body: Body,
+    mut deframer: Deframer,
+    method: &str,
+    received: &AtomicUsize,
+) -> Result<Message, Status> {
     let mut messages = Vec::with_capacity(1);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Status::cancelled(format!("request body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {
+            received.fetch_add(data.len(), Ordering::Relaxed);
             deframer
                 .push(data, &mut messages)
                 .map_err(|e| frame_status(&e))?;
@@ -317,5 +346,62 @@ mod tests {
         let trailers = frame.trailers_ref().expect("trailers");
         assert_eq!(grpc_code(trailers), Some(Code::NotFound));
         assert!(trailers.get("grpc-message").is_some());
+    }
+
+    fn stalled_body(
+        first: &'static [u8],
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Status>>,
+        Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(Ok(Frame::data(Bytes::from_static(first))))
+            .expect("room");
+        (tx, channel_body(rx))
+    }
+
+    #[tokio::test]
+    async fn a_unary_body_that_never_ends_times_out_without_a_deadline() {
+        let (_tx, body) = stalled_body(&[0, 0, 0, 0, 100, 1, 2]);
+        let limits = RequestLimits {
+            connection: None,
+            read_timeout: Some(std::time::Duration::from_millis(50)),
+        };
+        let status = limits
+            .scope(read_unary(body, 1 << 20, "ModelInfer"))
+            .await
+            .expect_err("never complete");
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(
+            status
+                .message()
+                .contains("request_read_timeout_ms (50 ms): 7 bytes"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spent_connection_budget_is_resource_exhausted_naming_it() {
+        let (_tx, body) = stalled_body(&[0, 0, 0, 1, 0, 1, 2]);
+        let limits = RequestLimits {
+            connection: Some(Arc::new(wire::Budget::new(
+                "max_buffered_request_bytes_per_connection",
+                10,
+            ))),
+            read_timeout: None,
+        };
+        let status = limits
+            .scope(read_unary(body, 1 << 20, "ModelInfer"))
+            .await
+            .expect_err("over budget");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .contains("max_buffered_request_bytes_per_connection = 10 bytes"),
+            "{}",
+            status.message()
+        );
     }
 }

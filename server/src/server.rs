@@ -23,6 +23,8 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+mod conn;
+
 /// Why a gateway could not start.
 #[derive(Debug)]
 pub struct StartError(pub String);
@@ -207,14 +209,31 @@ pub async fn start_with_file(
 
     let mut servers = Vec::new();
     let (v1, v1alpha) = reflection(&["inference.GRPCInferenceService", HEALTH])?;
+    // Limits toward clients: streams per connection, header list size and PING
+    // keepalive are hyper's; connections, handshake and idle timeouts, and each call's
+    // buffer budget and read timeout are `conn`'s.
+    crate::wire::process_budget().set_limit(config.max_buffered_request_bytes);
+    let client_limits = conn::ClientLimits::new(&config);
+    let keepalive = (config.client_keepalive_interval_ms > 0)
+        .then(|| Duration::from_millis(config.client_keepalive_interval_ms));
     let front = Server::builder()
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(config.max_header_list_bytes)
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_millis(
+            config.client_keepalive_timeout_ms,
+        )))
+        .layer(conn::CallsLayer::new(&client_limits))
         .add_service(health_service.clone())
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(InferenceFront::new(Arc::clone(&gateway)))
-        .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            conn::Incoming::new(listener, client_limits),
+            signal(shutdown_rx.clone()),
+        );
     servers.push(tokio::spawn(async move {
         if let Err(e) = front.await {
             tracing::error!("inference server failed: {e}");

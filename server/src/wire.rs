@@ -6,10 +6,16 @@
 //! ([`peek_route`]): length-delimited fields are skipped by their length, so the cost is
 //! one pass over the field headers, not over the payload. A message that arrives in a
 //! single HTTP/2 DATA frame is sliced without copying; one split across frames is copied
-//! once into a buffer sized from its length prefix.
+//! into a buffer that grows with the bytes that arrive (never past the length prefix,
+//! and never sized from the prefix alone: a prefix costs nothing until its bytes come).
+//! Those buffered bytes are charged to [`Budget`]s, one for the process and one for the
+//! connection, so a flood of messages that never complete is refused, not held.
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Size of the gRPC length-prefixed message header: compressed flag + u32 length.
 pub const HEADER_LEN: usize = 5;
@@ -64,6 +70,9 @@ pub enum FrameError {
     BadFlag(u8),
     /// The body ended inside a message.
     Truncated { have: usize, want: usize },
+    /// Buffering more of an incomplete message would overdraw `budget` (the config
+    /// field that sets it), whose limit is `limit` bytes.
+    OverBudget { budget: &'static str, limit: usize },
 }
 
 impl fmt::Display for FrameError {
@@ -80,51 +89,194 @@ impl fmt::Display for FrameError {
                 f,
                 "request body ended inside a message: {have} of {want} bytes received"
             ),
+            FrameError::OverBudget { budget, limit } => write!(
+                f,
+                "the gateway's buffers for requests still arriving are full ({budget} = {limit} bytes); try again later"
+            ),
         }
     }
 }
 
+/// The process-wide budget's default: `max_buffered_request_bytes`.
+pub const DEFAULT_BUFFERED_REQUEST_BYTES: usize = 256 << 20;
+
+/// A budget of request bytes held in buffers while their messages are incomplete,
+/// shared by every [`Deframer`] that charges it: the whole process has one
+/// ([`process_budget`]), and so does each client connection. A deframer charges the
+/// capacity it allocates before it allocates it, and gives it back when the message is
+/// complete (it then belongs to the call) or when the deframer is dropped.
+#[derive(Debug)]
+pub struct Budget {
+    name: &'static str,
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes; `name` is the config field that sets it, for errors.
+    pub const fn new(name: &'static str, limit: usize) -> Self {
+        Budget {
+            name,
+            limit: AtomicUsize::new(limit),
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// The config field that sets this budget.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Bytes that may be held at once.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit; bytes already held stay charged.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> Result<(), FrameError> {
+        let limit = self.limit();
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map(|_| ())
+            .map_err(|_| FrameError::OverBudget {
+                budget: self.name,
+                limit,
+            })
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+static PROCESS_BUDGET: Budget =
+    Budget::new("max_buffered_request_bytes", DEFAULT_BUFFERED_REQUEST_BYTES);
+
+/// The process-wide budget of buffered request bytes (`max_buffered_request_bytes`;
+/// the server sets its limit when it starts). Every deframer charges it.
+pub fn process_budget() -> &'static Budget {
+    &PROCESS_BUDGET
+}
+
+/// What the server knows about the connection a request arrived on, for the code that
+/// reads the request: set around each call's future by the server
+/// ([`RequestLimits::scope`]) and read where a request body is read
+/// ([`RequestLimits::current`]), so the request path needs no extra arguments.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLimits {
+    /// The connection's budget of buffered request bytes, charged besides the process's.
+    pub connection: Option<Arc<Budget>>,
+    /// How long a unary request body may take to arrive (`request_read_timeout_ms`).
+    pub read_timeout: Option<Duration>,
+}
+
+tokio::task_local! {
+    static LIMITS: RequestLimits;
+}
+
+impl RequestLimits {
+    /// The limits of the call being served on this task; the default (no connection
+    /// budget, no read timeout) outside one, e.g. in a task the call spawned.
+    pub fn current() -> RequestLimits {
+        LIMITS.try_with(Clone::clone).unwrap_or_default()
+    }
+
+    /// Runs `future` with these limits as [`RequestLimits::current`].
+    pub fn scope<F: std::future::Future>(
+        self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        LIMITS.scope(self, future)
+    }
+}
+
+/// The first buffer of a message split across chunks holds at least this much (or the
+/// whole message, when smaller), so that tiny chunks do not reallocate at every step.
+const MIN_BUFFER: usize = 256;
+
 /// Cuts a stream of body chunks into gRPC messages, checking each length prefix against
 /// the size limit before any of the payload is buffered.
+///
+/// A message split across chunks is gathered in a buffer that grows as its bytes
+/// arrive: at most to twice what it holds (or what it holds plus the new chunk), never
+/// past the message's end. Its capacity is charged to the budgets first; a charge that
+/// does not fit fails the push with [`FrameError::OverBudget`].
 #[derive(Debug)]
 pub struct Deframer {
-    buf: BytesMut,
+    /// The incomplete message, header first.
+    buf: Vec<u8>,
+    /// Its framed length (header included), once its header is in.
+    want: Option<usize>,
     limit: usize,
+    process: &'static Budget,
+    connection: Option<Arc<Budget>>,
+    /// Bytes of `buf`'s capacity charged to the budgets.
+    charged: usize,
 }
 
 impl Deframer {
-    /// A deframer that refuses messages larger than `limit` bytes.
+    /// A deframer that refuses messages larger than `limit` bytes, charging the
+    /// process's budget and the current call's connection budget ([`RequestLimits`]).
     pub fn new(limit: usize) -> Self {
+        Deframer::with_budgets(limit, process_budget(), RequestLimits::current().connection)
+    }
+
+    /// A deframer that charges `process` and, when given, `connection`.
+    pub fn with_budgets(
+        limit: usize,
+        process: &'static Budget,
+        connection: Option<Arc<Budget>>,
+    ) -> Self {
         Deframer {
-            buf: BytesMut::new(),
+            buf: Vec::new(),
+            want: None,
             limit,
+            process,
+            connection,
+            charged: 0,
         }
     }
 
     /// Feeds one body chunk and appends every message it completes to `out`.
     pub fn push(&mut self, mut chunk: Bytes, out: &mut Vec<Message>) -> Result<(), FrameError> {
-        if self.buf.is_empty() {
-            // Fast path: whole messages inside this chunk are sliced, not copied.
-            while let Some(want) = self.complete_len(&chunk)? {
-                out.push(Message {
-                    framed: chunk.split_to(want),
-                });
+        while !chunk.is_empty() {
+            if self.buf.is_empty() {
+                // Fast path: whole messages inside this chunk are sliced, not copied.
+                while let Some(want) = self.complete_len(&chunk)? {
+                    out.push(Message {
+                        framed: chunk.split_to(want),
+                    });
+                }
+                if chunk.is_empty() {
+                    break;
+                }
+                // A message that goes on in later chunks: its header (when it is here)
+                // is checked before any of it is kept.
+                self.want = self.header_len(&chunk)?;
             }
-            if chunk.is_empty() {
-                return Ok(());
+            let target = self.want.unwrap_or(HEADER_LEN);
+            let take = (target - self.buf.len()).min(chunk.len());
+            self.append(&chunk[..take], target)?;
+            chunk.advance(take);
+            if self.want.is_none() && self.buf.len() == HEADER_LEN {
+                self.want = Some(self.check_header(&self.buf)?);
             }
-            if chunk.len() >= HEADER_LEN {
-                let want = self.check_header(&chunk)?;
-                self.buf.reserve(want);
-            }
-        }
-        self.buf.extend_from_slice(&chunk);
-        while let Some(want) = self.complete_len(&self.buf)? {
-            out.push(Message {
-                framed: self.buf.split_to(want).freeze(),
-            });
-            if let Some(next) = self.header_len(&self.buf)? {
-                self.buf.reserve(next.saturating_sub(self.buf.len()));
+            if self.want == Some(self.buf.len()) {
+                let framed = Bytes::from(std::mem::take(&mut self.buf));
+                self.want = None;
+                self.release();
+                out.push(Message { framed });
             }
         }
         Ok(())
@@ -135,11 +287,55 @@ impl Deframer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let want = self.header_len(&self.buf)?.unwrap_or(HEADER_LEN);
         Err(FrameError::Truncated {
             have: self.buf.len(),
-            want,
+            want: self.want.unwrap_or(HEADER_LEN),
         })
+    }
+
+    /// Bytes of buffer this deframer holds (and has charged to its budgets).
+    pub fn buffered(&self) -> usize {
+        self.charged
+    }
+
+    /// Appends `bytes` to the incomplete message, whose framed length is `target` (the
+    /// header's length while the header is not in yet).
+    fn append(&mut self, bytes: &[u8], target: usize) -> Result<(), FrameError> {
+        let need = self.buf.len() + bytes.len();
+        if need > self.buf.capacity() {
+            let capacity = need
+                .max(self.buf.capacity().saturating_mul(2))
+                .max(MIN_BUFFER)
+                .min(target.max(need));
+            self.charge(capacity.saturating_sub(self.charged))?;
+            self.buf.reserve_exact(capacity - self.buf.len());
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), FrameError> {
+        if let Some(connection) = &self.connection {
+            connection.take(bytes)?;
+        }
+        if let Err(e) = self.process.take(bytes) {
+            if let Some(connection) = &self.connection {
+                connection.give_back(bytes);
+            }
+            return Err(e);
+        }
+        self.charged += bytes;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if self.charged > 0 {
+            self.process.give_back(self.charged);
+            if let Some(connection) = &self.connection {
+                connection.give_back(self.charged);
+            }
+            self.charged = 0;
+        }
     }
 
     fn check_header(&self, bytes: &[u8]) -> Result<usize, FrameError> {
@@ -166,6 +362,12 @@ impl Deframer {
 
     fn complete_len(&self, bytes: &[u8]) -> Result<Option<usize>, FrameError> {
         Ok(self.header_len(bytes)?.filter(|want| bytes.len() >= *want))
+    }
+}
+
+impl Drop for Deframer {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -632,5 +834,174 @@ mod tests {
             Deframer::new(10).push(Bytes::from_static(&[9, 0, 0, 0, 0]), &mut out),
             Err(FrameError::BadFlag(9))
         ));
+    }
+
+    fn budget(name: &'static str, limit: usize) -> &'static Budget {
+        Box::leak(Box::new(Budget::new(name, limit)))
+    }
+
+    #[test]
+    fn a_huge_prefix_costs_what_arrived_not_what_it_announces() {
+        // The probe: 64 MiB announced, 190 bytes sent, never finished.
+        let mut chunk = vec![0, 4, 0, 0, 0];
+        chunk.extend_from_slice(&[7u8; 190]);
+        let process = budget("max_buffered_request_bytes", 1 << 30);
+        let mut d = Deframer::with_budgets(64 << 20, process, None);
+        let mut out = Vec::new();
+        d.push(Bytes::from(chunk), &mut out)
+            .expect("within the limit");
+        assert!(out.is_empty());
+        assert!(d.buffered() <= MIN_BUFFER, "{} bytes held", d.buffered());
+        assert_eq!(process.used(), d.buffered());
+        drop(d);
+        // Byte by byte, the buffer follows what arrived: at most twice it (or the
+        // minimum), never past the message.
+        let mut d = Deframer::with_budgets(64 << 20, process, None);
+        d.push(Bytes::from_static(&[0, 0, 0x10, 0, 0]), &mut out)
+            .expect("1 MiB announced");
+        let mut arrived = HEADER_LEN;
+        for _ in 0..100_000 {
+            d.push(Bytes::from_static(&[1]), &mut out).expect("ok");
+            arrived += 1;
+            assert!(d.buffered() <= (2 * arrived).max(MIN_BUFFER), "{arrived}");
+        }
+        drop(d);
+        assert_eq!(
+            process.used(),
+            0,
+            "dropping a deframer gives its bytes back"
+        );
+    }
+
+    #[test]
+    fn split_messages_of_any_size_and_cut_come_out_whole_and_budgets_return_to_zero() {
+        let process = budget("max_buffered_request_bytes", 1 << 30);
+        let connection = Arc::new(Budget::new(
+            "max_buffered_request_bytes_per_connection",
+            1 << 30,
+        ));
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..200 {
+            let messages: Vec<Vec<u8>> = (0..rng.usize(1..6))
+                .map(|_| {
+                    let len = match rng.u8(0..4) {
+                        0 => 0,
+                        1 => rng.usize(1..10),
+                        2 => rng.usize(10..2000),
+                        _ => rng.usize(2000..70_000),
+                    };
+                    (0..len).map(|_| rng.u8(..)).collect()
+                })
+                .collect();
+            let mut wire = Vec::new();
+            for m in &messages {
+                wire.extend_from_slice(&Message::encode(m).framed());
+            }
+            let wire = Bytes::from(wire);
+            let mut d = Deframer::with_budgets(1 << 20, process, Some(Arc::clone(&connection)));
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < wire.len() {
+                let end = (at + rng.usize(1..20_000)).min(wire.len());
+                d.push(wire.slice(at..end), &mut out).expect("well framed");
+                // Capacity follows what is held: at most twice it, or the minimum.
+                assert!(d.buffered() <= (2 * d.buf.len()).max(MIN_BUFFER));
+                at = end;
+            }
+            d.finish().expect("complete");
+            let got: Vec<Bytes> = out.iter().map(Message::payload).collect();
+            assert_eq!(got.len(), messages.len(), "round {round}");
+            for (g, m) in got.iter().zip(&messages) {
+                assert_eq!(g.as_ref(), m.as_slice(), "round {round}");
+            }
+            assert_eq!(d.buffered(), 0);
+            assert_eq!(connection.used(), 0);
+        }
+        assert_eq!(process.used(), 0);
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_the_message_and_names_the_budget() {
+        let process = budget("max_buffered_request_bytes", 10_000);
+        let connection = Arc::new(Budget::new(
+            "max_buffered_request_bytes_per_connection",
+            4_000,
+        ));
+        let start = |len: usize| {
+            let mut chunk = header(len).to_vec();
+            chunk.extend_from_slice(&vec![1u8; 3000]);
+            Bytes::from(chunk)
+        };
+        let mut out = Vec::new();
+        let mut a = Deframer::with_budgets(1 << 20, process, Some(Arc::clone(&connection)));
+        a.push(start(100_000), &mut out).expect("3 KB fit");
+        // A second message on the same connection overdraws the connection's budget.
+        let mut b = Deframer::with_budgets(1 << 20, process, Some(Arc::clone(&connection)));
+        let err = b
+            .push(start(100_000), &mut out)
+            .expect_err("over the connection's");
+        assert_eq!(
+            err,
+            FrameError::OverBudget {
+                budget: "max_buffered_request_bytes_per_connection",
+                limit: 4_000
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("max_buffered_request_bytes_per_connection"));
+        // Other connections fill the process's budget; the refusal names that one, and
+        // nothing is left charged to the connection that was refused.
+        let others: Vec<Deframer> = (0..2)
+            .map(|_| {
+                let mut d = Deframer::with_budgets(1 << 20, process, None);
+                d.push(start(100_000), &mut out).expect("fits");
+                d
+            })
+            .collect();
+        let fresh = Arc::new(Budget::new(
+            "max_buffered_request_bytes_per_connection",
+            4_000,
+        ));
+        let mut c = Deframer::with_budgets(1 << 20, process, Some(Arc::clone(&fresh)));
+        let err = c
+            .push(start(100_000), &mut out)
+            .expect_err("over the process's");
+        assert_eq!(
+            err,
+            FrameError::OverBudget {
+                budget: "max_buffered_request_bytes",
+                limit: 10_000
+            }
+        );
+        assert_eq!(fresh.used(), 0, "the connection's charge is given back");
+        drop((a, b, c, others));
+        assert_eq!((process.used(), connection.used()), (0, 0));
+        // Whole messages inside one chunk are sliced and never charged.
+        let tight = budget("max_buffered_request_bytes", 0);
+        let mut d = Deframer::with_budgets(1 << 20, tight, None);
+        let framed = Message::encode(&[5u8; 50_000]).framed();
+        d.push(framed, &mut out).expect("no buffering needed");
+    }
+
+    #[tokio::test]
+    async fn a_call_sees_the_limits_of_its_connection() {
+        let connection = Arc::new(Budget::new("c", 1000));
+        assert!(RequestLimits::current().connection.is_none());
+        let limits = RequestLimits {
+            connection: Some(Arc::clone(&connection)),
+            read_timeout: Some(Duration::from_millis(5)),
+        };
+        let seen = limits
+            .scope(async {
+                let mut d = Deframer::new(1 << 20);
+                let mut out = Vec::new();
+                d.push(Bytes::from_static(&[0, 0, 0, 1, 0, 1, 2]), &mut out)
+                    .expect("fits");
+                (connection.used(), RequestLimits::current().read_timeout)
+            })
+            .await;
+        assert_eq!(seen, (MIN_BUFFER.min(261), Some(Duration::from_millis(5))));
+        assert_eq!(connection.used(), 0, "given back when the deframer dropped");
     }
 }

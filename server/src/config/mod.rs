@@ -198,6 +198,39 @@ pub struct Config {
     pub dns: Vec<crate::config::DnsConfig>,
     /// Per-model settings, by model name.
     pub models: BTreeMap<String, ModelConfig>,
+    /// Request bytes the whole process may hold in buffers for messages that have not
+    /// fully arrived (a message split across DATA frames); a message that would go
+    /// over is refused with RESOURCE_EXHAUSTED naming this field. Default 256 MiB.
+    pub max_buffered_request_bytes: usize,
+    /// The same budget for each client connection; at least `max_message_bytes` + 5
+    /// and at most `max_buffered_request_bytes`. Default 128 MiB.
+    pub max_buffered_request_bytes_per_connection: usize,
+    /// Longest a unary request's body may take to arrive, whatever the caller's
+    /// deadline (a shorter deadline ends the read first); past it the call gets
+    /// DEADLINE_EXCEEDED naming this field. Default 30000 ms.
+    pub request_read_timeout_ms: u64,
+    /// HTTP/2 streams (calls) one client connection may have open at once, announced
+    /// as SETTINGS_MAX_CONCURRENT_STREAMS; more are refused with REFUSED_STREAM.
+    /// Default 256.
+    pub max_concurrent_streams: u32,
+    /// Largest header list (call metadata) a client may send, announced as
+    /// SETTINGS_MAX_HEADER_LIST_SIZE; a larger one gets HTTP 431. Default 16384 bytes.
+    pub max_header_list_bytes: u32,
+    /// Client connections open at once on the inference port; one over the limit is
+    /// closed as soon as it is accepted. Default 10000.
+    pub max_client_connections: usize,
+    /// A client connection that has not sent its HTTP/2 preface and first SETTINGS
+    /// frame this long after it was accepted is closed. Default 10000 ms.
+    pub client_handshake_timeout_ms: u64,
+    /// A client connection with no call open for this long is closed (0 = never).
+    /// Default 300000 ms.
+    pub client_idle_timeout_ms: u64,
+    /// HTTP/2 PING sent to a client connection that has been quiet this long, to find
+    /// dead peers (0 = never). Default 30000 ms.
+    pub client_keepalive_interval_ms: u64,
+    /// A client that does not answer that PING within this long is disconnected.
+    /// Default 10000 ms.
+    pub client_keepalive_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -228,6 +261,16 @@ impl Default for Config {
             backends: Vec::new(),
             dns: Vec::new(),
             models: BTreeMap::new(),
+            max_buffered_request_bytes: 256 << 20,
+            max_buffered_request_bytes_per_connection: 128 << 20,
+            request_read_timeout_ms: 30_000,
+            max_concurrent_streams: 256,
+            max_header_list_bytes: 16 << 10,
+            max_client_connections: 10_000,
+            client_handshake_timeout_ms: 10_000,
+            client_idle_timeout_ms: 300_000,
+            client_keepalive_interval_ms: 30_000,
+            client_keepalive_timeout_ms: 10_000,
         }
     }
 }
@@ -582,6 +625,8 @@ impl Config {
                 format!("must be between 1 and {} bytes", u32::MAX),
             ));
         }
+        self.validate_client_limits()
+            .map_err(|e| err(e.path, e.reason))?;
         if self.worker_threads == Some(0) {
             return Err(err("worker_threads".into(), "must be at least 1".into()));
         }
@@ -730,6 +775,58 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The limits toward clients: buffers, timeouts, streams, headers, connections.
+    fn validate_client_limits(&self) -> Result<(), FieldError> {
+        let one_message = self.max_message_bytes.saturating_add(5);
+        if self.max_buffered_request_bytes_per_connection < one_message {
+            return Err(FieldError::new(
+                "max_buffered_request_bytes_per_connection",
+                format!(
+                    "must be at least max_message_bytes + 5 ({one_message} bytes), so that a message of the largest size fits"
+                ),
+            ));
+        }
+        if self.max_buffered_request_bytes < self.max_buffered_request_bytes_per_connection {
+            return Err(FieldError::new(
+                "max_buffered_request_bytes",
+                format!(
+                    "must be at least max_buffered_request_bytes_per_connection ({} bytes)",
+                    self.max_buffered_request_bytes_per_connection
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("request_read_timeout_ms", self.request_read_timeout_ms),
+            (
+                "client_handshake_timeout_ms",
+                self.client_handshake_timeout_ms,
+            ),
+            (
+                "client_keepalive_timeout_ms",
+                self.client_keepalive_timeout_ms,
+            ),
+            (
+                "max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            ("max_client_connections", self.max_client_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(FieldError::new(field, "must be above 0"));
+            }
+        }
+        // Below a few hundred bytes no gRPC call fits (`:path`, `content-type`, `te`).
+        if self.max_header_list_bytes < 1024 {
+            return Err(FieldError::new(
+                "max_header_list_bytes",
+                "must be at least 1024 bytes (a gRPC call's own headers need a few hundred)",
+            ));
         }
         Ok(())
     }
@@ -888,6 +985,41 @@ mod tests {
                 "[models.simple.no_response]\nfloor_ms = 0",
                 "models.simple.no_response.floor_ms",
                 "above 0",
+            ),
+            (
+                "max_buffered_request_bytes_per_connection = 1000",
+                "max_buffered_request_bytes_per_connection",
+                "max_message_bytes + 5 (67108869 bytes)",
+            ),
+            (
+                "max_buffered_request_bytes = 100000000",
+                "max_buffered_request_bytes",
+                "at least max_buffered_request_bytes_per_connection",
+            ),
+            (
+                "request_read_timeout_ms = 0",
+                "request_read_timeout_ms",
+                "above 0",
+            ),
+            (
+                "max_concurrent_streams = 0",
+                "max_concurrent_streams",
+                "above 0",
+            ),
+            (
+                "max_client_connections = 0",
+                "max_client_connections",
+                "above 0",
+            ),
+            (
+                "client_handshake_timeout_ms = 0",
+                "client_handshake_timeout_ms",
+                "above 0",
+            ),
+            (
+                "max_header_list_bytes = 100",
+                "max_header_list_bytes",
+                "at least 1024",
             ),
         ];
         for (text, field, reason) in cases {
