@@ -35,6 +35,7 @@ pub mod endpoint;
 pub mod events;
 pub mod front;
 pub mod gauges;
+pub mod global_limit;
 pub mod health;
 pub mod http1;
 pub mod load;

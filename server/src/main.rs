@@ -80,6 +80,10 @@ struct ServeArgs {
     /// A backend's host:port; repeat for more. Added to the config file's backends.
     #[arg(long = "backend", value_name = "HOST:PORT")]
     backends: Vec<String>,
+    /// Redis for rate limits with scope = "global" (redis://host:port[/db]); replaces
+    /// the file's [redis] url.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Balancing policy for the whole pool: round_robin, weighted, least_request or
     /// gpu_aware (the default).
     #[arg(long)]
@@ -189,6 +193,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     for address in &args.backends {
         config.backends.push(BackendConfig::new(address.clone()));
+    }
+    if let Some(url) = &args.redis {
+        config.redis.url = Some(url.clone());
     }
     config.validate(&source).map_err(|e| e.to_string())?;
     if config.backends.is_empty() && config.dns.is_empty() {

@@ -34,6 +34,7 @@ use crate::bulkhead::Slot;
 use crate::config::LoadConfig;
 use crate::config::TenantConfig;
 use crate::endpoint::Endpoint;
+use crate::global_limit::GlobalLimiter;
 use crate::load_report;
 use crate::models::{ModelPolicy, Models};
 use crate::pool::{ModelRoute, Picked};
@@ -136,8 +137,10 @@ pub struct Gateway {
     pub models: Models,
     /// Tenant and priority extraction.
     pub tenants: TenantConfig,
-    /// Rate limits (a trait object, so a shared limiter can replace the local one).
+    /// Rate limits kept in this process (a trait object, so another can replace it).
     pub limiter: Option<Arc<dyn RateLimiter>>,
+    /// Rate limits shared by every replica, kept in Redis (`scope = "global"`).
+    pub global: Option<Arc<GlobalLimiter>>,
     /// Kept back from the remaining deadline passed to backends.
     pub deadline_margin: Duration,
     shutting_down: AtomicBool,
@@ -181,7 +184,17 @@ impl Gateway {
         } else {
             None
         };
+        let global = if config.rate_limit.has_global() {
+            Some(Arc::new(GlobalLimiter::new(
+                &config.rate_limit,
+                &config.redis,
+                pool.events().clone(),
+            )?))
+        } else {
+            None
+        };
         Ok(Arc::new(Gateway {
+            global,
             pool,
             max_message_bytes: config.max_message_bytes,
             load,
@@ -245,13 +258,20 @@ impl Gateway {
         Caller { tenant, priority }
     }
 
-    fn rate_limit(&self, caller: &Caller, model: &str) -> Result<(), Status> {
-        let Some(limiter) = &self.limiter else {
+    /// Local limits first, then the global ones (one Redis round trip at most).
+    async fn rate_limit(&self, caller: &Caller, model: &str) -> Result<(), Status> {
+        if self.limiter.is_none() && self.global.is_none() {
             return Ok(());
+        }
+        let key = RateKey::new(caller.tenant.clone(), model.to_owned());
+        let mut decision = match &self.limiter {
+            Some(limiter) => limiter.check(&key, Instant::now()),
+            None => Ok(()),
         };
-        limiter
-            .check(&RateKey::new(caller.tenant.clone(), model.to_owned()), Instant::now())
-            .map_err(|limited| {
+        if let (Ok(()), Some(global)) = (&decision, &self.global) {
+            decision = global.check(&key).await;
+        }
+        decision.map_err(|limited| {
                 metrics::counter!("infergate_rate_limited_total", "model" => model.to_owned(), "scope" => limited.scope.as_str())
                     .increment(1);
                 with_pushback(Status::new(limited.code(), limited.message()), limited.pushback())
@@ -355,7 +375,7 @@ impl Gateway {
         span.set_attr(attr::MODEL, route.model.as_str());
         span.set_attr(attr::TENANT, caller.tenant.as_str());
         span.set_attr(attr::POLICY, route.policy.kind().as_str());
-        self.rate_limit(&caller, &route.model)?;
+        self.rate_limit(&caller, &route.model).await?;
         // 4. deadline
         let deadline = deadline(&parts.headers, &policy, started);
         // 5. bulkhead
@@ -985,7 +1005,7 @@ impl Gateway {
         // Admission: the same rate limit and bulkhead as unary calls; the slot is held
         // for the stream's whole life.
         let caller = self.caller(headers, None);
-        self.rate_limit(&caller, &route.model).map_err(fail)?;
+        self.rate_limit(&caller, &route.model).await.map_err(fail)?;
         let policy = self.models.get(&route.model);
         policy.fit_bulkhead(&route.endpoints);
         let deadline = deadline(headers, &policy, Instant::now());

@@ -27,7 +27,7 @@
 //! limiter.check(&RateKey::new("blue", "simple"), Instant::now())?; // Err: RESOURCE_EXHAUSTED
 //! ```
 
-use crate::config::{Bucket, RateLimitConfig};
+use crate::config::{Bucket, RateLimitConfig, Scope};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -278,8 +278,8 @@ impl RateLimiter for LocalRateLimiter {
         let mut guard = self.lock();
         let st = &mut *guard;
         let cap = st.cfg.max_keys.max(1);
-        let tenant_limit = st.cfg.tenant_bucket(&key.tenant);
-        let model_limit = st.cfg.per_model;
+        // Global limits are the shared limiter's (`global_limit`); this one keeps the rest.
+        let (tenant_limit, model_limit) = st.cfg.buckets(&key.tenant, Scope::Local);
 
         let mut refused: Option<Limited> = None;
         let mut refuse = |scope: RateScope, name: &str, limit: &Bucket, bucket: &TokenBucket| {
@@ -342,6 +342,7 @@ mod tests {
         Bucket {
             rate_per_second,
             burst,
+            scope: crate::config::Scope::Local,
         }
     }
 

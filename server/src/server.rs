@@ -326,7 +326,12 @@ impl GatewayHandle {
         &self.control
     }
 
-    /// The pool (for tests and the admin API).
+    /// The request path's shared state (limits, models, pool).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// The backends and routes.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.gateway.pool
     }

@@ -1,4 +1,5 @@
-//! Settings of the token-bucket rate limits (`[rate_limit]`).
+//! Settings of the token-bucket rate limits (`[rate_limit]`) and of the Redis store that
+//! global ones are kept in (`[redis]`).
 
 use super::FieldError;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,9 @@ pub struct Bucket {
     pub rate_per_second: f64,
     /// Most tokens the bucket holds (calls allowed back to back). Default 20.
     pub burst: u32,
+    /// Where the bucket is kept: `local` (this gateway only, default) or `global`
+    /// (shared by every replica that uses the same `[redis]` store and key prefix).
+    pub scope: Scope,
 }
 
 impl Default for Bucket {
@@ -19,7 +23,88 @@ impl Default for Bucket {
         Bucket {
             rate_per_second: 10.0,
             burst: 20,
+            scope: Scope::Local,
         }
+    }
+}
+
+/// Where a rate limit is enforced.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// In this process.
+    #[default]
+    Local,
+    /// Across every replica sharing the `[redis]` store.
+    Global,
+}
+
+/// What a decision on a global limit does when Redis cannot answer in time.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    /// Limit locally, at the global rate divided by `replicas_hint` (the default).
+    #[default]
+    Local,
+    /// Let the call through.
+    Allow,
+    /// Refuse the call (UNAVAILABLE, naming the store).
+    Deny,
+}
+
+/// `[redis]`: the store that global rate limits are kept in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`; absent = no global limits. Default absent.
+    pub url: Option<String>,
+    /// Prefix of every key, so several fleets can share one Redis. Default `infergate`.
+    pub key_prefix: String,
+    /// Longest a decision waits for Redis before `on_redis_error` applies. Default 5 ms.
+    pub timeout_ms: u64,
+    /// What a decision does when Redis does not answer in time. Default `local`.
+    pub on_redis_error: OnRedisError,
+    /// How many replicas share the global limits, for the local fallback: each then
+    /// allows `rate / replicas_hint`. Default 1.
+    pub replicas_hint: u32,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            key_prefix: "infergate".into(),
+            timeout_ms: 5,
+            on_redis_error: OnRedisError::Local,
+            replicas_hint: 1,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Checks values serde cannot check; the message names the field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(url) = &self.url {
+            if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+                return Err(FieldError::new(
+                    "url",
+                    format!("`{url}` is not a redis:// URL (rediss:// needs TLS, which this build does not have)"),
+                ));
+            }
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 10_000 {
+            return Err(FieldError::new(
+                "timeout_ms",
+                "must be between 1 and 10000 ms",
+            ));
+        }
+        if self.replicas_hint == 0 {
+            return Err(FieldError::new("replicas_hint", "must be at least 1"));
+        }
+        if self.key_prefix.is_empty() {
+            return Err(FieldError::new("key_prefix", "must not be empty"));
+        }
+        Ok(())
     }
 }
 
@@ -98,5 +183,46 @@ impl RateLimitConfig {
             .get(tenant)
             .or(self.per_tenant.as_ref())
             .copied()
+    }
+
+    /// The tenant's and the model's buckets kept in `scope`.
+    pub fn buckets(&self, tenant: &str, scope: Scope) -> (Option<Bucket>, Option<Bucket>) {
+        let here = |b: &Bucket| b.scope == scope;
+        (
+            self.tenant_bucket(tenant).filter(here),
+            self.per_model.filter(here),
+        )
+    }
+
+    /// Whether any limit is global.
+    pub fn has_global(&self) -> bool {
+        self.per_tenant
+            .iter()
+            .chain(self.per_model.iter())
+            .chain(self.tenants.values())
+            .any(|b| b.scope == Scope::Global)
+    }
+
+    /// The global limits as local ones at `1 / replicas` of their rate and burst (the
+    /// fallback while Redis is away); the local ones are left out (they are enforced
+    /// anyway).
+    pub fn global_as_local(&self, replicas: u32) -> RateLimitConfig {
+        let share = |b: &Bucket| {
+            (b.scope == Scope::Global).then(|| Bucket {
+                rate_per_second: b.rate_per_second / f64::from(replicas.max(1)),
+                burst: (b.burst / replicas.max(1)).max(1),
+                scope: Scope::Local,
+            })
+        };
+        RateLimitConfig {
+            per_tenant: self.per_tenant.as_ref().and_then(share),
+            per_model: self.per_model.as_ref().and_then(share),
+            tenants: self
+                .tenants
+                .iter()
+                .filter_map(|(t, b)| share(b).map(|b| (t.clone(), b)))
+                .collect(),
+            max_keys: self.max_keys,
+        }
     }
 }

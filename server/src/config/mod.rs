@@ -9,7 +9,7 @@ mod load;
 mod net;
 mod resilience;
 
-pub use limits::{Bucket, RateLimitConfig};
+pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
 pub(crate) use net::MAX_QUERY_TIMEOUT;
 pub use net::{ConnectionConfig, DnsConfig, MIN_INTERVAL_MS};
@@ -182,6 +182,8 @@ pub struct Config {
     pub tenants: TenantConfig,
     /// Token-bucket rate limits per tenant and per model.
     pub rate_limit: crate::config::RateLimitConfig,
+    /// The Redis store of global rate limits (`scope = "global"`).
+    pub redis: RedisConfig,
     /// Retries for every model (a model's own `retry` table replaces it).
     pub retry: crate::config::RetryConfig,
     /// Hedging for every model (off by default; a model's `hedge` table replaces it).
@@ -254,6 +256,7 @@ impl Default for Config {
             no_response: crate::config::NoResponseConfig::default(),
             tenants: TenantConfig::default(),
             rate_limit: crate::config::RateLimitConfig::default(),
+            redis: RedisConfig::default(),
             retry: crate::config::RetryConfig::default(),
             hedge: crate::config::HedgeConfig::default(),
             deadline_margin_ms: 5,
@@ -685,6 +688,14 @@ impl Config {
         sub("outlier", self.outlier.validate())?;
         sub("breaker", self.breaker.validate())?;
         sub("rate_limit", self.rate_limit.validate())?;
+        sub("redis", self.redis.validate())?;
+        if self.rate_limit.has_global() && self.redis.url.is_none() {
+            return Err(err(
+                "redis.url".into(),
+                "a rate limit has scope = \"global\": name the Redis that holds it (or --redis URL)"
+                    .into(),
+            ));
+        }
         sub("retry", self.retry.validate())?;
         sub("hedge", self.hedge.validate())?;
         sub("no_response", self.no_response.validate())?;
