@@ -3,9 +3,8 @@
 //! per-model removal, growing ejection of a flapping backend, the fail-fast message,
 //! bulkhead isolation between models, retries that save calls, and deadlines.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use infergate::config::{Config, ModelConfig};
 use infergate::sim::{SimConfig, SimHandle};
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;

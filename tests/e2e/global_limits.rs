@@ -2,9 +2,8 @@
 //! package; `.ci/run` installs it) that each test starts on a free loopback port with
 //! `--save ''` and stops by its PID.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use infergate::config::{Bucket, Config, RateLimitConfig, Scope};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};

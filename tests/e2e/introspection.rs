@@ -4,9 +4,8 @@
 //! and grpc.health.v1 Check and Watch on the inference and admin ports, following the
 //! pool's state.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use prost::Message as _;
 use std::collections::{BTreeSet, HashMap};

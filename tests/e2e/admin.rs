@@ -2,9 +2,8 @@
 //! eject and readmit, add a backend, change a model's limits, a refused reload, the
 //! event stream reporting each change, and the token check.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use infergate_proto::admin::admin_client::AdminClient;
 use infergate_proto::admin::*;

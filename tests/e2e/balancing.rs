@@ -3,9 +3,8 @@
 //! the load-report paths per test. With gpu_aware the busy one must get visibly less
 //! traffic; without any report the policy falls back to least-request.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use infergate::config::{Config, PolicyKind};
 use infergate::load::Source;
 use infergate::sim::{SimConfig, SimHandle};

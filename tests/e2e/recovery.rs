@@ -2,9 +2,8 @@
 //! another backend after a delay; the first answer wins and the other is cancelled) and
 //! degradation to a fallback model, marked in a response header.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use infergate::config::ModelConfig;
 use infergate::sim::SimConfig;
 use std::time::Duration;

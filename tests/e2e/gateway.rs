@@ -2,9 +2,8 @@
 //! with generated gRPC clients. Every RPC of the front door, unary and streaming, the
 //! pass-through of metadata, and every error a caller can provoke.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use infergate_proto::inference::*;
 use std::time::Duration;
