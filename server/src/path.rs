@@ -362,7 +362,7 @@ impl Gateway {
             return Err(Status::invalid_argument(format!(
                 "model '{}' is decoupled (it may answer a request with many responses or none): \
                  ModelInfer cannot carry that; use ModelStreamInfer",
-                key.model
+                wire::shown(&key.model)
             )));
         }
         let policy = self.models.get(&route.model);
@@ -423,7 +423,7 @@ impl Gateway {
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "deadline of {} ms exceeded before a backend answered (model {})",
                         d.saturating_duration_since(started).as_millis(),
-                        key.model
+                        wire::shown(&key.model)
                     ))),
                 }
             }

@@ -66,7 +66,8 @@ impl fmt::Display for RouteError {
             RouteError::NoBackends => f.write_str("no backends are registered with the gateway"),
             RouteError::UnknownModel { model, backends } => write!(
                 f,
-                "unknown model '{model}': none of the {backends} backends in the pool serves it"
+                "unknown model '{}': none of the {backends} backends in the pool serves it",
+                crate::wire::shown(model)
             ),
             RouteError::NoneEligible { model, summary } => {
                 write!(f, "model {model}: no backend can take the call ({summary})")

@@ -2,7 +2,6 @@
 //! with generated gRPC clients. Every RPC of the front door, unary and streaming, the
 //! pass-through of metadata, and every error a caller can provoke.
 
-
 use crate::common::*;
 use futures_util::StreamExt;
 use infergate_proto::inference::*;
@@ -495,5 +494,26 @@ async fn graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones() {
             Code::Unavailable | Code::Unknown | Code::Cancelled
         ),
         "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kb_model_name_gets_not_found_with_the_name_cut_short() {
+    let backend = sim("long-name", |_| {});
+    let gw = gateway(config(&[backend.addr()])).await;
+    let mut c = client(gw.addr()).await;
+    let mut request = simple_request("long", 1);
+    request.model_name = "m".repeat(100_000);
+    let status = c.model_infer(request).await.expect_err("unknown model");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(
+        status.message().len() < 1_000,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(
+        status.message().contains("(100000 bytes)"),
+        "{}",
+        status.message()
     );
 }
