@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod attempt;
+pub mod auth;
 pub mod balance;
 pub mod breaker;
 pub mod bulkhead;

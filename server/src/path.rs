@@ -30,6 +30,7 @@
 //! in-stream, leaving the stream usable.
 
 use crate::attempt::{Attempt, Outcome};
+use crate::auth::ApiKeys;
 use crate::bulkhead::Slot;
 use crate::config::LoadConfig;
 use crate::config::TenantConfig;
@@ -137,6 +138,8 @@ pub struct Gateway {
     pub models: Models,
     /// Tenant and priority extraction.
     pub tenants: TenantConfig,
+    /// API keys, compared as digests; what credentials stay at the gateway.
+    pub keys: ApiKeys,
     /// Rate limits kept in this process (a trait object, so another can replace it).
     pub limiter: Option<Arc<dyn RateLimiter>>,
     /// Rate limits shared by every replica, kept in Redis (`scope = "global"`).
@@ -194,6 +197,7 @@ impl Gateway {
             None
         };
         Ok(Arc::new(Gateway {
+            keys: ApiKeys::new(&config.tenants)?,
             global,
             pool,
             max_message_bytes: config.max_message_bytes,
@@ -225,27 +229,18 @@ impl Gateway {
         Ok(())
     }
 
-    /// The tenant (API key first, then the tenant header, else `anonymous`) and the
-    /// priority (header, or Triton's `priority` parameter: 1 is its highest level, so
-    /// it maps to a high priority here; 0, its default, stays 0).
-    fn caller(&self, headers: &HeaderMap, payload: Option<&[u8]>) -> Caller {
+    /// The tenant (`auth`: from the API key; the tenant header only where no keys are
+    /// configured or `trust_header` says so; else `anonymous`), or UNAUTHENTICATED; and
+    /// the priority (header, or Triton's `priority` parameter: 1 is its highest level,
+    /// so it maps to a high priority here; 0, its default, stays 0).
+    fn caller(&self, headers: &HeaderMap, payload: Option<&[u8]>) -> Result<Caller, Status> {
         let header = |name: &str| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
-        let api_key = header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| header("x-api-key"));
-        let tenant = api_key
-            .and_then(|k| self.tenants.api_keys.get(k).cloned())
-            .or_else(|| {
-                header(&self.tenants.header)
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "anonymous".to_owned());
+        let tenant = self.keys.tenant(headers)?;
         let priority = header(&self.tenants.priority_header)
             .and_then(|p| p.parse::<i32>().ok())
             .or_else(|| {
@@ -255,7 +250,7 @@ impl Gateway {
                     .map(|p| 1_000_000 - p.min(1_000_000) as i32)
             })
             .unwrap_or(0);
-        Caller { tenant, priority }
+        Ok(Caller { tenant, priority })
     }
 
     /// Local limits first, then the global ones (one Redis round trip at most).
@@ -371,7 +366,7 @@ impl Gateway {
         let caller = self.caller(
             &parts.headers,
             (rpc == Forwarded::ModelInfer).then_some(payload.as_ref()),
-        );
+        )?;
         span.set_attr(attr::MODEL, route.model.as_str());
         span.set_attr(attr::TENANT, caller.tenant.as_str());
         span.set_attr(attr::POLICY, route.policy.kind().as_str());
@@ -410,6 +405,7 @@ impl Gateway {
             message: &message,
             deadline,
             span,
+            tenant: &caller.tenant,
         };
         let result = match deadline {
             Some(d) => {
@@ -705,6 +701,7 @@ impl Gateway {
         let endpoint = Arc::clone(attempt.endpoint());
         let began = attempt.began();
         let mut headers = proxy::forwarded_headers(call.headers);
+        self.keys.outgoing(&mut headers, call.tenant);
         if let Some(span) = attempt.span() {
             span.inject(&mut headers);
         }
@@ -1004,7 +1001,7 @@ impl Gateway {
         label.clone_from(&route.model);
         // Admission: the same rate limit and bulkhead as unary calls; the slot is held
         // for the stream's whole life.
-        let caller = self.caller(headers, None);
+        let caller = self.caller(headers, None).map_err(fail)?;
         self.rate_limit(&caller, &route.model).await.map_err(fail)?;
         let policy = self.models.get(&route.model);
         policy.fit_bulkhead(&route.endpoints);
@@ -1037,6 +1034,7 @@ impl Gateway {
             );
             let endpoint = Arc::clone(attempt.endpoint());
             let mut headers = proxy::forwarded_headers(headers);
+            self.keys.outgoing(&mut headers, &caller.tenant);
             if let Some(s) = attempt.span() {
                 s.inject(&mut headers);
             }
@@ -1100,6 +1098,8 @@ struct Call<'a> {
     message: &'a Message,
     deadline: Option<Instant>,
     span: &'a CallSpan,
+    /// The tenant the gateway resolved (sent on in `infergate-tenant`).
+    tenant: &'a str,
 }
 
 /// Hands a backend's response back inside an [`ObservedBody`], which ends the attempt

@@ -2,7 +2,6 @@
 //! eject and readmit, add a backend, change a model's limits, a refused reload, the
 //! event stream reporting each change, and the token check.
 
-
 use crate::common::*;
 use futures_util::StreamExt;
 use infergate_proto::admin::admin_client::AdminClient;

@@ -3,7 +3,6 @@
 //! the load-report paths per test. With gpu_aware the busy one must get visibly less
 //! traffic; without any report the policy falls back to least-request.
 
-
 use crate::common::*;
 use infergate::config::{Config, PolicyKind};
 use infergate::load::Source;

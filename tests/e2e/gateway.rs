@@ -517,3 +517,66 @@ async fn a_100_kb_model_name_gets_not_found_with_the_name_cut_short() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_api_keys_decide_the_tenant_and_stay_at_the_gateway() {
+    let backend = sim("keys", |_| {});
+    let mut cfg = config(&[backend.addr()]);
+    cfg.tenants.api_keys.insert("key-a".into(), "team-a".into());
+    cfg.rate_limit.per_tenant = Some(infergate::config::Bucket {
+        rate_per_second: 0.1,
+        burst: 5,
+        scope: infergate::config::Scope::Local,
+    });
+    let gw = gateway(cfg).await;
+    let mut c = client(gw.addr()).await;
+    let call = |key: Option<&str>, tenant: Option<&str>, id: &str| {
+        let mut request = tonic::Request::new(simple_request(id, 1));
+        if let Some(k) = key {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {k}").parse().expect("ascii"),
+            );
+        }
+        if let Some(t) = tenant {
+            request
+                .metadata_mut()
+                .insert("x-infergate-tenant", t.parse().expect("ascii"));
+        }
+        request
+    };
+    // An unknown key is refused, and not echoed.
+    let refused = c
+        .model_infer(call(Some("nope"), None, "unknown"))
+        .await
+        .expect_err("unknown key");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(!refused.message().contains("nope"));
+    // Six calls that only claim team-a in the header spend anonymous's budget.
+    let mut limited = 0;
+    for i in 0..6 {
+        if let Err(s) = c
+            .model_infer(call(None, Some("team-a"), &format!("spoof-{i}")))
+            .await
+        {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 1, "anonymous has its own burst of 5");
+    // The real key-a caller still has all of team-a's.
+    for i in 0..5 {
+        c.model_infer(call(Some("key-a"), None, &format!("real-{i}")))
+            .await
+            .expect("team-a's budget is untouched");
+    }
+    // What the backend saw: no credentials, the tenant the gateway resolved.
+    let seen = |k: &str| backend.control().last_request_metadata(k);
+    assert_eq!(
+        seen("authorization"),
+        None,
+        "credentials stay at the gateway"
+    );
+    assert_eq!(seen("infergate-tenant").as_deref(), Some("team-a"));
+    assert_eq!(seen("x-infergate-tenant"), None);
+}

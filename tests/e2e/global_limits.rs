@@ -2,7 +2,6 @@
 //! package; `.ci/run` installs it) that each test starts on a free loopback port with
 //! `--save ''` and stops by its PID.
 
-
 use crate::common::*;
 use infergate::config::{Bucket, Config, RateLimitConfig, Scope};
 use std::process::{Child, Command, Stdio};

@@ -4,7 +4,6 @@
 //! and grpc.health.v1 Check and Watch on the inference and admin ports, following the
 //! pool's state.
 
-
 use crate::common::*;
 use futures_util::StreamExt;
 use prost::Message as _;

@@ -2,7 +2,6 @@
 //! another backend after a delay; the first answer wins and the other is cancelled) and
 //! degradation to a fallback model, marked in a response header.
 
-
 use crate::common::*;
 use infergate::config::ModelConfig;
 use infergate::sim::SimConfig;

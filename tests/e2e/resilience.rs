@@ -3,7 +3,6 @@
 //! per-model removal, growing ejection of a flapping backend, the fail-fast message,
 //! bulkhead isolation between models, retries that save calls, and deadlines.
 
-
 use crate::common::*;
 use infergate::config::{Config, ModelConfig};
 use infergate::sim::{SimConfig, SimHandle};

@@ -488,8 +488,17 @@ pub struct TenantConfig {
     /// Metadata key naming the tenant. Default `x-infergate-tenant`.
     pub header: String,
     /// API keys (sent as `authorization: Bearer KEY` or `x-api-key: KEY`) and the
-    /// tenant each belongs to; an API key wins over the header. Default: none.
+    /// tenant each belongs to. A key may be written as `sha256:HEX` (the SHA-256 of the
+    /// key, in hex), so the file need hold no secret. Once any key is configured, an
+    /// unknown key is refused (UNAUTHENTICATED) and the tenant header is ignored
+    /// unless `trust_header`. Default: none.
     pub api_keys: BTreeMap<String, String>,
+    /// Refuse calls that carry no API key (UNAUTHENTICATED). Default false: they run
+    /// as tenant `anonymous`, with that tenant's limits.
+    pub require_api_key: bool,
+    /// With API keys configured, still take the tenant from the tenant header when the
+    /// call carries no key (for deployments behind a proxy that sets it). Default false.
+    pub trust_header: bool,
     /// Metadata key carrying a call's priority (an integer; higher first). Default
     /// `x-infergate-priority`. Triton's `priority` request parameter counts too.
     pub priority_header: String,
@@ -498,6 +507,8 @@ pub struct TenantConfig {
 impl Default for TenantConfig {
     fn default() -> Self {
         TenantConfig {
+            require_api_key: false,
+            trust_header: false,
             header: "x-infergate-tenant".into(),
             api_keys: BTreeMap::new(),
             priority_header: "x-infergate-priority".into(),
