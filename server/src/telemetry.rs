@@ -123,6 +123,11 @@ pub fn describe() {
     // Backends: their state is rendered at scrape time by `gauges::render_pool` (with
     // its own HELP lines); the counters below are recorded as events happen.
     describe_counter!(
+        "infergate_admin_auth_failures_total",
+        Unit::Count,
+        "Admin calls refused for a missing or wrong token, by reason (no_token, wrong_token)."
+    );
+    describe_counter!(
         "infergate_backend_ejections_total",
         Unit::Count,
         "Ejections of a backend, by reason (consecutive_failures, success_rate, \
