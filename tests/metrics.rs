@@ -351,6 +351,27 @@ async fn metrics_count_a_known_sequence_of_calls() {
         10.0,
         "no other call was counted\n{text}"
     );
+    // The stream: one response passed back, no gap to measure, none left open.
+    let on_simple = [("model", "simple")];
+    assert_eq!(
+        sum(&samples, "infergate_stream_responses_total", &on_simple),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "infergate_stream_inter_response_seconds_count",
+            &on_simple
+        ),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum(&samples, "infergate_streams_in_flight", &on_simple),
+        0.0,
+        "{text}"
+    );
     assert!(
         !text.contains("no_such_model_for_metrics"),
         "a client-chosen model name became a label value\n{text}"

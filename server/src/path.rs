@@ -961,6 +961,9 @@ impl Gateway {
                             metrics::histogram!("infergate_stream_first_response_seconds", "model" => label.clone())
                                 .record(started.elapsed().as_secs_f64());
                         }
+                        if let (Some(data), Some(up)) = (frame.data_ref(), upstream.as_mut()) {
+                            up.metrics.data(data);
+                        }
                         tx.send(Ok(frame)).await.ok()?;
                     }
                     Some(Err(status)) => {
@@ -1069,6 +1072,7 @@ impl Gateway {
                             return Ok(Upstream {
                                 tx: Some(up_tx),
                                 body: response.into_body(),
+                                metrics: StreamMetrics::new(&route.model, endpoint.address()),
                                 attempt,
                                 _slot: slot,
                             })
@@ -1244,7 +1248,57 @@ struct Upstream {
     tx: Option<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>,
     body: Body,
     attempt: Attempt,
+    metrics: StreamMetrics,
     _slot: Option<Slot>,
+}
+
+/// What LLM operators read off a pinned stream, per model and backend: responses
+/// (so responses per second), the gap between consecutive responses (inter-token
+/// latency for a decoupled model) and streams in flight. Handles are resolved once
+/// when the stream is pinned, so a response costs a few atomic updates.
+struct StreamMetrics {
+    responses: metrics::Counter,
+    gaps: metrics::Histogram,
+    in_flight: metrics::Gauge,
+    counter: proxy::MessageCounter,
+    last: Option<Instant>,
+}
+
+impl StreamMetrics {
+    fn new(model: &str, backend: &str) -> StreamMetrics {
+        let labels = [("model", model.to_owned()), ("backend", backend.to_owned())];
+        let in_flight = metrics::gauge!("infergate_streams_in_flight", &labels);
+        in_flight.increment(1.0);
+        StreamMetrics {
+            responses: metrics::counter!("infergate_stream_responses_total", &labels),
+            gaps: metrics::histogram!("infergate_stream_inter_response_seconds", &labels),
+            in_flight,
+            counter: proxy::MessageCounter::default(),
+            last: None,
+        }
+    }
+
+    /// One DATA frame from the backend.
+    fn data(&mut self, data: &[u8]) {
+        let ended = self.counter.push(data);
+        if ended == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.gaps
+                .record(now.saturating_duration_since(last).as_secs_f64());
+        }
+        // Several responses in one frame came together: no gap between them counts.
+        self.last = Some(now);
+        self.responses.increment(u64::from(ended));
+    }
+}
+
+impl Drop for StreamMetrics {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+    }
 }
 
 async fn next_frame(upstream: &mut Option<Upstream>) -> Option<Result<Frame<Bytes>, Status>> {

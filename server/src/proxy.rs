@@ -270,6 +270,55 @@ impl Drop for ObservedBody {
     }
 }
 
+/// Counts the gRPC messages in a stream of DATA frames without copying them: it reads
+/// each 5-byte message header as it goes by and skips the announced length, so a
+/// message split over frames counts once and several messages in one frame count
+/// each.
+#[derive(Debug, Default)]
+pub struct MessageCounter {
+    /// Bytes of the current message's body still to come.
+    remaining: u64,
+    header: [u8; 5],
+    have: usize,
+}
+
+impl MessageCounter {
+    /// Feeds one DATA frame; returns how many messages ended in it.
+    pub fn push(&mut self, mut data: &[u8]) -> u32 {
+        let mut ended = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = (self.remaining as usize).min(data.len());
+                self.remaining -= take as u64;
+                data = &data[take..];
+                if self.remaining == 0 {
+                    ended += 1;
+                }
+                continue;
+            }
+            let take = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
+            self.have += take;
+            data = &data[take..];
+            if self.have == 5 {
+                self.have = 0;
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                if len == 0 {
+                    ended += 1;
+                } else {
+                    self.remaining = u64::from(len);
+                }
+            }
+        }
+        ended
+    }
+}
+
 /// A body of gateway-made frames fed from a channel (used for streams).
 pub fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>>) -> Body {
     Body::new(http_body_util::StreamBody::new(
@@ -326,6 +375,25 @@ pub fn transport_status(address: &str, err: &(dyn std::error::Error + 'static)) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_are_counted_across_and_within_frames() {
+        let message = |len: usize| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&(len as u32).to_be_bytes());
+            m.extend(std::iter::repeat_n(7u8, len));
+            m
+        };
+        let mut c = MessageCounter::default();
+        // Two messages in one frame.
+        let two: Vec<u8> = [message(3), message(0)].concat();
+        assert_eq!(c.push(&two), 2);
+        // One message split over three frames, the header itself split too.
+        let big = message(10);
+        assert_eq!(c.push(&big[..2]), 0);
+        assert_eq!(c.push(&big[2..8]), 0);
+        assert_eq!(c.push(&big[8..]), 1);
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_behind() {

@@ -93,6 +93,20 @@ pub fn describe() {
         Unit::Seconds,
         "Time from a ModelStreamInfer stream's start to its first response from the backend, by model."
     );
+    describe_histogram!(
+        "infergate_stream_inter_response_seconds",
+        Unit::Seconds,
+        "ModelStreamInfer: time between consecutive responses of a stream (inter-token latency of a decoupled model), by model and backend."
+    );
+    describe_counter!(
+        "infergate_stream_responses_total",
+        Unit::Count,
+        "ModelStreamInfer: responses passed back from backends, by model and backend (rate() is responses per second)."
+    );
+    describe_gauge!(
+        "infergate_streams_in_flight",
+        "ModelStreamInfer streams pinned to a backend and open, by model and backend."
+    );
     describe_counter!(
         "infergate_backend_attempts_total",
         Unit::Count,
