@@ -24,6 +24,9 @@ use tonic::Code;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide recorder once; later calls return the same handle. None if
 /// another recorder was installed first.
 pub fn install() -> Option<PrometheusHandle> {
@@ -239,6 +242,20 @@ pub async fn serve_with_hook(
     shutdown: watch::Receiver<bool>,
     hook: Option<ScrapeHook>,
 ) {
+    // The recorder keeps every histogram sample until an upkeep folds it into the
+    // buckets; a scrape runs one, but a gateway nobody scrapes must too, or its memory
+    // grows with every call (the 30-minute soak caught 1.6 MB a minute at 300 calls/s).
+    let upkeep = handle.clone();
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = every.tick() => upkeep.run_upkeep(),
+                _ = stop.changed() => return,
+            }
+        }
+    });
     let handler: crate::http1::Handler = Arc::new(move |method, path, _query| {
         if path != "/metrics" {
             return crate::http1::Reply::text(404, "only /metrics is served here\n");
