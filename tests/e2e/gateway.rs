@@ -6,6 +6,7 @@ use crate::common::*;
 use futures_util::StreamExt;
 use infergate_proto::inference::*;
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::Code;
 
 async fn pool_of_three() -> (
@@ -579,4 +580,55 @@ async fn configured_api_keys_decide_the_tenant_and_stay_at_the_gateway() {
     );
     assert_eq!(seen("infergate-tenant").as_deref(), Some("team-a"));
     assert_eq!(seen("x-infergate-tenant"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_of_different_unknown_models_do_not_wait_for_each_other() {
+    // One real backend and one that accepts connections and never answers, so every
+    // probe of an unknown name waits out probe_timeout_ms (500 ms) on it.
+    let real = sim("probe-real", |_| {});
+    let silent_target = sim("probe-silent", |_| {});
+    let silent = FreezableProxy::start(silent_target.addr()).await;
+    silent.freeze(true);
+    let mut cfg = config(&[real.addr(), silent.addr()]);
+    cfg.backends[0].models = vec!["simple".into()];
+    cfg.backends[1].models = vec!["simple".into()];
+    cfg.discovery.probe_timeout_ms = 500;
+    let gw = gateway(cfg).await;
+    let c = client(gw.addr()).await;
+    let began = Instant::now();
+    let lookups: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let mut request = simple_request(&format!("u-{i}"), 1);
+                request.model_name = format!("no_such_model_{i}");
+                let t = Instant::now();
+                let status = c.model_infer(request).await.expect_err("unknown model");
+                assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+                t.elapsed()
+            })
+        })
+        .collect();
+    // A call for a known model during the burst is not held up by the probes.
+    let t = Instant::now();
+    c.clone()
+        .model_metadata(ModelMetadataRequest {
+            name: "simple".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("metadata of a known model");
+    let known = t.elapsed();
+    let mut slowest = Duration::ZERO;
+    for lookup in lookups {
+        slowest = slowest.max(lookup.await.expect("lookup"));
+    }
+    println!(
+        "20 unknown names: slowest {slowest:?}, all within {:?}; known model meanwhile {known:?}",
+        began.elapsed()
+    );
+    // One after another they would take 20 × 500 ms; 16 at once, two rounds.
+    assert!(slowest < Duration::from_millis(2500), "{slowest:?}");
+    assert!(known < Duration::from_millis(400), "{known:?}");
 }
