@@ -33,6 +33,7 @@ const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
 const END_HEADERS: u8 = 4;
 const ACK: u8 = 1;
 const CANCEL: u32 = 8;
@@ -153,18 +154,27 @@ impl Raw {
         Raw { r, w }
     }
 
-    /// Reads until the server's SETTINGS frame, acknowledges it, and returns it.
+    /// Reads until the server's SETTINGS frame, acknowledges it, and returns it; then
+    /// waits for the WINDOW_UPDATE that opens the connection's window past 64 KiB (the
+    /// gateway sends one at once), so that what the test sends next is within it.
     async fn server_settings(&mut self) -> Frame {
-        loop {
+        let settings = loop {
             let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut self.r))
                 .await
                 .expect("server settings in time")
                 .expect("connection open");
             if f.kind == SETTINGS && f.flags & ACK == 0 {
                 self.send(&frame(SETTINGS, ACK, 0, &[])).await;
-                return f;
+                break f;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(f)) = tokio::time::timeout_at(deadline, read_frame(&mut self.r)).await {
+            if f.kind == WINDOW_UPDATE && f.stream == 0 {
+                break;
             }
         }
+        settings
     }
 
     async fn send(&mut self, bytes: &[u8]) {
@@ -230,14 +240,24 @@ async fn normal_call(addr: std::net::SocketAddr) -> Duration {
 /// DATA frame with a 64 MiB length prefix and 190 bytes, never ended. Returns the
 /// connection and the frames the server answered with meanwhile.
 async fn huge_prefix_flood(addr: std::net::SocketAddr, streams: u32) -> (Raw, Vec<Frame>) {
+    huge_prefix_flood_on(addr, streams, MODEL_INFER, 64 << 20).await
+}
+
+async fn huge_prefix_flood_on(
+    addr: std::net::SocketAddr,
+    streams: u32,
+    path: &str,
+    announced: usize,
+) -> (Raw, Vec<Frame>) {
     let mut raw = Raw::connect(addr).await;
     raw.server_settings().await;
-    let mut body = vec![0, 4, 0, 0, 0];
+    let mut body = infergate::wire::header(announced).to_vec();
     body.extend_from_slice(&[0x0a; 190]);
+    let headers = request_block(path);
     let mut batch = Vec::new();
     for i in 0..streams {
         let id = 2 * i + 1;
-        batch.extend(open_call(id));
+        batch.extend(frame(HEADERS, END_HEADERS, id, &headers));
         batch.extend(frame(DATA, 0, id, &body));
     }
     raw.send(&batch).await;
@@ -304,11 +324,79 @@ async fn a_flood_of_huge_length_prefixes_costs_what_was_sent_not_what_was_announ
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpcs_the_gateway_answers_itself_refuse_huge_prefixes_before_tonic_reserves_them() {
+    let _serial = serial().await;
+    let sim = sim("s", |_| {});
+    let mut cfg = config(&[sim.addr()]);
+    cfg.max_concurrent_streams = 1000;
+    let gw = gateway(cfg).await;
+    let ch = channel(gw.addr()).await;
+    const STREAMS: u32 = 500;
+    for path in [
+        "/inference.GRPCInferenceService/ModelReady",
+        "/grpc.health.v1.Health/Check",
+        "/inference.GRPCInferenceService/ServerLive",
+    ] {
+        let (_tx, call) = stalled_call_to(&ch, gw.addr(), path, 64 << 20, 190, None).await;
+        let status = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("refused in time")
+            .expect("task")
+            .expect("a status");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{path}: {status:?}");
+        assert!(status.message().contains("67108864 bytes"), "{status:?}");
+
+        let (rss0, data0) = (status_kib("VmRSS"), status_kib("VmData"));
+        let (mut raw, mut frames) = huge_prefix_flood_on(gw.addr(), STREAMS, path, 64 << 20).await;
+        let ended = |frames: &[Frame]| {
+            frames
+                .iter()
+                .filter(|f| f.kind == HEADERS && f.flags & 1 != 0)
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ended(&frames) < STREAMS as usize && Instant::now() < deadline {
+            let (more, closed) = raw.frames_for(Duration::from_millis(200)).await;
+            assert!(!closed);
+            frames.extend(more);
+        }
+        let (rss1, data1) = (status_kib("VmRSS"), status_kib("VmData"));
+        println!(
+            "{path}: {} of {STREAMS} answered; VmRSS +{} KiB, VmData +{} KiB",
+            ended(&frames),
+            rss1.saturating_sub(rss0),
+            data1.saturating_sub(data0)
+        );
+        assert_eq!(ended(&frames), STREAMS as usize, "{path}");
+        assert!(
+            data1.saturating_sub(data0) < 512 * 1024,
+            "{path}: VmData +{} KiB",
+            data1 - data0
+        );
+    }
+    normal_call(gw.addr()).await;
+}
+
 /// A ModelInfer body that starts a message of `announced` bytes, sends `sent` of them,
 /// and then stalls; answered as soon as the gateway refuses it.
 async fn stalled_call(
     channel: &tonic::transport::Channel,
     addr: std::net::SocketAddr,
+    announced: usize,
+    sent: usize,
+    grpc_timeout: Option<&'static str>,
+) -> (
+    tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, tonic::Status>>,
+    tokio::task::JoinHandle<Option<tonic::Status>>,
+) {
+    stalled_call_to(channel, addr, MODEL_INFER, announced, sent, grpc_timeout).await
+}
+
+async fn stalled_call_to(
+    channel: &tonic::transport::Channel,
+    addr: std::net::SocketAddr,
+    path: &str,
     announced: usize,
     sent: usize,
     grpc_timeout: Option<&'static str>,
@@ -328,7 +416,7 @@ async fn stalled_call(
     ));
     let mut request = http::Request::new(body);
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = format!("http://{addr}{MODEL_INFER}").parse().expect("uri");
+    *request.uri_mut() = format!("http://{addr}{path}").parse().expect("uri");
     let headers = request.headers_mut();
     headers.insert("content-type", "application/grpc".parse().expect("value"));
     headers.insert("te", "trailers".parse().expect("value"));
@@ -527,14 +615,16 @@ async fn silent_and_preface_only_sockets_are_closed_by_the_handshake_timeout() {
     let mut cfg = config(&[sim.addr()]);
     cfg.client_handshake_timeout_ms = 300;
     let gw = gateway(cfg).await;
+    let began = Instant::now();
     let mut silent = TcpStream::connect(gw.addr()).await.expect("connect");
     let mut preface_only = TcpStream::connect(gw.addr()).await.expect("connect");
     preface_only.write_all(PREFACE).await.expect("preface");
     for (what, socket) in [("silent", &mut silent), ("preface only", &mut preface_only)] {
-        let took = closed_within(socket, Duration::from_secs(5))
+        closed_within(socket, Duration::from_secs(5))
             .await
             .unwrap_or_else(|| panic!("a {what} socket is still open after 5 s"));
-        println!("{what} socket closed after {took:?}");
+        let took = began.elapsed();
+        println!("{what} socket closed {took:?} after it connected");
         assert!(took < Duration::from_secs(2), "{what}: {took:?}");
     }
     normal_call(gw.addr()).await;
@@ -730,8 +820,14 @@ async fn probe_a_running_gateway_with_huge_prefixes() {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .map(|v| v.trim().to_owned())
     };
+    // Another path (a health check, say) and prefix can be probed too.
+    let path = std::env::var("INFERGATE_PROBE_PATH").unwrap_or_else(|_| MODEL_INFER.into());
+    let announced = std::env::var("INFERGATE_PROBE_PREFIX")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64 << 20);
     println!("before: VmRSS {:?}", rss());
-    let (raw, frames) = huge_prefix_flood(addr, streams).await;
+    let (raw, frames) = huge_prefix_flood_on(addr, streams, &path, announced).await;
     let refused = frames
         .iter()
         .filter(|f| f.kind == RST_STREAM && f.code() == Some(REFUSED_STREAM))

@@ -299,6 +299,11 @@ impl Deframer {
         self.charged
     }
 
+    /// Bytes of the incomplete message received so far (header included).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Appends `bytes` to the incomplete message, whose framed length is `target` (the
     /// header's length while the header is not in yet).
     fn append(&mut self, bytes: &[u8], target: usize) -> Result<(), FrameError> {

@@ -11,6 +11,11 @@
 //! timeout passes, which ends hyper's connection and closes the socket (without a
 //! GOAWAY). Which calls are open on a connection is counted by [`CallsLayer`], which
 //! also sets each call's [`RequestLimits`] (the connection's budget, the read timeout).
+//!
+//! The RPCs the gateway answers itself (health, reflection, liveness, readiness,
+//! metadata, the repository index) go through tonic's codec, which reserves a message's
+//! announced length as soon as it reads the prefix; [`CallsLayer`] refuses their
+//! messages over [`LOCAL_MESSAGE_LIMIT`] before tonic sees the prefix.
 
 use crate::config::Config;
 use crate::wire::{Budget, RequestLimits};
@@ -32,6 +37,11 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// The client's connection preface (24 bytes) and the header of its first frame, which
 /// must be SETTINGS: what a connection must have sent within the handshake timeout.
 const HANDSHAKE_BYTES: usize = 24 + 9;
+
+/// Largest request message of an RPC the gateway answers itself (all of them carry a
+/// name or two): tonic reserves the length a prefix announces before any of it
+/// arrives, so a larger one is refused first, with RESOURCE_EXHAUSTED.
+pub const LOCAL_MESSAGE_LIMIT: usize = 64 << 10;
 
 /// Pause after an accept error that is not about one connection (out of file
 /// descriptors, say), so the loop does not spin while nothing can be accepted.
@@ -471,6 +481,16 @@ where
             limits.connection = Some(Arc::clone(&conn.state.budget));
             conn.state.open_call()
         });
+        if crate::path::Forwarded::from_path(request.uri().path()).is_none() {
+            request = request.map(|body| {
+                tonic::body::Body::new(SmallMessages {
+                    inner: body,
+                    header: [0; 5],
+                    have: 0,
+                    skip: 0,
+                })
+            });
+        }
         let call = limits.scope(self.inner.call(request));
         Box::pin(async move {
             let response = call.await?;
@@ -505,5 +525,105 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body whose gRPC messages may not announce more than
+/// [`LOCAL_MESSAGE_LIMIT`] bytes: the chunk with a larger prefix is replaced by a
+/// RESOURCE_EXHAUSTED error, so the codec behind never reserves that much.
+struct SmallMessages {
+    inner: tonic::body::Body,
+    /// The prefix being read, and how much of it is in.
+    header: [u8; 5],
+    have: usize,
+    /// Payload bytes of the current message still to pass.
+    skip: usize,
+}
+
+impl SmallMessages {
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), tonic::Status> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                let h = self.header;
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                if len > LOCAL_MESSAGE_LIMIT {
+                    return Err(tonic::Status::resource_exhausted(format!(
+                        "message of {len} bytes exceeds the gateway's limit of {LOCAL_MESSAGE_LIMIT} bytes for the RPCs it answers itself"
+                    )));
+                }
+                self.skip = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl http_body::Body for SmallMessages {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+            if let Err(status) = data.map_or(Ok(()), |data| self.scan(data)) {
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_messages_over_the_limit_are_refused_at_their_prefix() {
+        let mut body = SmallMessages {
+            inner: tonic::body::Body::empty(),
+            header: [0; 5],
+            have: 0,
+            skip: 0,
+        };
+        // Small messages, cut anywhere, pass.
+        let mut two = crate::wire::Message::encode(&[1u8; 100]).framed().to_vec();
+        two.extend_from_slice(&crate::wire::Message::encode(&[2u8; 3]).framed());
+        for cut in [1, 3, 5, 6, 104, 105, 107] {
+            let mut b = SmallMessages {
+                inner: tonic::body::Body::empty(),
+                header: [0; 5],
+                have: 0,
+                skip: 0,
+            };
+            b.scan(&two[..cut]).expect("small");
+            b.scan(&two[cut..]).expect("small");
+        }
+        // A prefix over the limit, even split, is refused.
+        body.scan(&[0, 0, 1]).expect("not whole yet");
+        let err = body.scan(&[0, 1]).expect_err("65537 bytes");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("65537 bytes"), "{}", err.message());
     }
 }
