@@ -376,6 +376,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("no_response", "When an attempt that has received nothing counts as a backend's failure."),
     ("tenants", "Who a call belongs to: the tenant header, API keys, the priority header."),
     ("rate_limit", "Token-bucket rate limits per tenant and per model."),
+    ("redis", "The Redis that holds rate limits with scope = \"global\" (shared by every replica)."),
     ("retry", "Retries for every model (a model's own [models.NAME.retry] replaces it)."),
     ("hedge", "Hedging for every model (off by default; [models.NAME.hedge] replaces it)."),
     ("admin", "The admin API (infergate.admin.v1.Admin on admin_listen)."),
@@ -400,6 +401,7 @@ fn example_config(defaults: &Config) -> Config {
     c.tenants
         .api_keys
         .insert("key-of-team-a".into(), "team-a".into());
+    c.redis.url = Some("redis://127.0.0.1:6379/0".into());
     c.retry.per_try_timeout_ms = Some(1000);
     c.hedge.delay_ms = Some(20);
     c.hedge.delay_percentile = Some(0.95);
