@@ -80,7 +80,11 @@ pub async fn index(
         .into_inner()
         .models
         .into_iter()
-        .filter(|m| m.state.is_empty() || m.state.eq_ignore_ascii_case("READY"))
+        // Triton says `READY`; MLServer says `State.READY` (its enum's Python name).
+        .filter(|m| {
+            let state = m.state.rsplit('.').next().unwrap_or_default();
+            m.state.is_empty() || state.eq_ignore_ascii_case("READY")
+        })
         .map(|m| m.name)
         .collect())
 }

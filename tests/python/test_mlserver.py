@@ -296,13 +296,8 @@ def test_health_on_both_ports_although_mlserver_has_no_grpc_health(gateway, mlse
     assert _health(gateway.admin, "") == SERVING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=grpc.RpcError,
-    reason="the model's route is learned from the first call's ModelReady probe (MLServer's "
-    "RepositoryIndex says state 'State.READY', which discovery does not take for READY), and "
-    "a route learned after start reaches grpc.health.v1 only when a backend's health changes",
-)
+# MLServer's RepositoryIndex says state 'State.READY'; discovery reads it as READY, so
+# the model is known at start and its health entry published with the others.
 def test_health_by_model_name(gateway):
     assert _health(gateway.addr, MODEL) == SERVING
 
