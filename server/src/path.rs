@@ -961,10 +961,22 @@ impl Gateway {
                             metrics::histogram!("infergate_stream_first_response_seconds", "model" => label.clone())
                                 .record(started.elapsed().as_secs_f64());
                         }
-                        if let (Some(data), Some(up)) = (frame.data_ref(), upstream.as_mut()) {
-                            up.metrics.data(data);
+                        let Some(up) = upstream.as_mut() else { continue };
+                        let data = match frame.into_data() {
+                            Ok(data) => data,
+                            Err(other) => {
+                                tx.send(Ok(other)).await.ok()?;
+                                continue;
+                            }
+                        };
+                        up.metrics.data(&data);
+                        let shaped = match up.shape.pass(data, self.max_message_bytes) {
+                            Ok(shaped) => shaped,
+                            Err(e) => return finish(tx, proxy::frame_status(&e)).await,
+                        };
+                        for bytes in shaped {
+                            tx.send(Ok(Frame::data(bytes))).await.ok()?;
                         }
-                        tx.send(Ok(frame)).await.ok()?;
                     }
                     Some(Err(status)) => {
                         if let Some(up) = upstream.take() {
@@ -1073,6 +1085,7 @@ impl Gateway {
                                 tx: Some(up_tx),
                                 body: response.into_body(),
                                 metrics: StreamMetrics::new(&route.model, endpoint.address()),
+                                shape: Shape::Deciding(Vec::new()),
                                 attempt,
                                 _slot: slot,
                             })
@@ -1249,7 +1262,116 @@ struct Upstream {
     body: Body,
     attempt: Attempt,
     metrics: StreamMetrics,
+    shape: Shape,
     _slot: Option<Slot>,
+}
+
+/// What the backend streams back. Triton sends `ModelStreamInferResponse` messages,
+/// passed through frame by frame untouched. MLServer (and other KServe servers) send
+/// bare `ModelInferResponse` messages on `ModelStreamInfer`, which stock clients cannot
+/// decode; those are wrapped as `ModelStreamInferResponse.infer_response` (field 2).
+/// The first message decides: a `ModelStreamInferResponse` has only fields 1 and 2 at
+/// its top level, a `ModelInferResponse` answer nearly always has `id` (3) or
+/// `outputs` (5) and the rest.
+enum Shape {
+    /// Frames held until the first message is whole.
+    Deciding(Vec<Bytes>),
+    /// Stream responses: frames pass untouched.
+    Stream,
+    /// Bare responses: cut into messages and wrapped.
+    Bare(Deframer),
+}
+
+impl Shape {
+    /// The bytes to send on for one DATA frame from the backend.
+    fn pass(&mut self, data: Bytes, limit: usize) -> Result<Vec<Bytes>, wire::FrameError> {
+        match self {
+            Shape::Stream => Ok(vec![data]),
+            Shape::Bare(deframer) => {
+                let mut messages = Vec::new();
+                deframer.push(data, &mut messages)?;
+                Ok(messages.iter().map(wrap_bare_response).collect())
+            }
+            Shape::Deciding(held) => {
+                held.push(data);
+                let Some(first) = first_message(held) else {
+                    return Ok(Vec::new());
+                };
+                if first.compressed || !is_bare_infer_response(&first.payload) {
+                    let held = std::mem::take(held);
+                    *self = Shape::Stream;
+                    return Ok(held);
+                }
+                let mut deframer = Deframer::new(limit);
+                let mut messages = Vec::new();
+                for chunk in std::mem::take(held) {
+                    deframer.push(chunk, &mut messages)?;
+                }
+                *self = Shape::Bare(deframer);
+                Ok(messages.iter().map(wrap_bare_response).collect())
+            }
+        }
+    }
+}
+
+/// The first whole message of `held`, if it has arrived (its payload copied: one
+/// response, once per stream).
+struct FirstMessage {
+    compressed: bool,
+    payload: Vec<u8>,
+}
+
+fn first_message(held: &[Bytes]) -> Option<FirstMessage> {
+    let total: usize = held.iter().map(Bytes::len).sum();
+    if total < wire::HEADER_LEN {
+        return None;
+    }
+    let joined: Vec<u8> = held.iter().flat_map(|c| c.iter().copied()).collect();
+    let len = u32::from_be_bytes([joined[1], joined[2], joined[3], joined[4]]) as usize;
+    let body = joined.get(wire::HEADER_LEN..wire::HEADER_LEN + len)?;
+    Some(FirstMessage {
+        compressed: joined[0] != 0,
+        payload: body.to_vec(),
+    })
+}
+
+/// Whether `payload` is a bare `ModelInferResponse`: a top-level field other than 1
+/// and 2 (which a `ModelStreamInferResponse` alone has).
+fn is_bare_infer_response(mut payload: &[u8]) -> bool {
+    while !payload.is_empty() {
+        let Ok(tag) = prost::encoding::decode_varint(&mut payload) else {
+            return false;
+        };
+        let field = tag >> 3;
+        if field != 1 && field != 2 {
+            return true;
+        }
+        let skipped = match tag & 7 {
+            0 => prost::encoding::decode_varint(&mut payload).is_ok(),
+            2 => match prost::encoding::decode_varint(&mut payload) {
+                Ok(len) if (len as usize) <= payload.len() => {
+                    payload = &payload[len as usize..];
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if !skipped {
+            return false;
+        }
+    }
+    false
+}
+
+/// A bare `ModelInferResponse` as `ModelStreamInferResponse { infer_response }`.
+fn wrap_bare_response(message: &Message) -> Bytes {
+    let payload = message.payload();
+    let mut wrapped = Vec::with_capacity(payload.len() + 11);
+    wrapped.push(0x12); // field 2, length-delimited
+    prost::encoding::encode_varint(payload.len() as u64, &mut wrapped);
+    wrapped.extend_from_slice(&payload);
+    Message::encode(&wrapped).framed()
 }
 
 /// What LLM operators read off a pinned stream, per model and backend: responses
@@ -1358,4 +1480,60 @@ async fn send(
         .call(request)
         .await
         .map_err(|e| proxy::transport_status(endpoint.address(), &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infergate_proto::inference::model_infer_response::InferOutputTensor;
+
+    fn framed(payload: &[u8]) -> Bytes {
+        Message::encode(payload).framed()
+    }
+
+    #[test]
+    fn bare_infer_responses_are_wrapped_and_stream_responses_pass() {
+        let bare = ModelInferResponse {
+            model_name: "iris".into(),
+            id: "r-1".into(),
+            outputs: vec![InferOutputTensor {
+                name: "predict".into(),
+                datatype: "INT64".into(),
+                shape: vec![1],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let bare_bytes = prost::Message::encode_to_vec(&bare);
+        let stream = ModelStreamInferResponse {
+            error_message: String::new(),
+            infer_response: Some(bare.clone()),
+        };
+        let stream_bytes = prost::Message::encode_to_vec(&stream);
+        assert!(is_bare_infer_response(&bare_bytes));
+        assert!(!is_bare_infer_response(&stream_bytes));
+
+        // Triton-shaped: the frames come back as they went, even split mid-header.
+        let whole = framed(&stream_bytes);
+        let mut shape = Shape::Deciding(Vec::new());
+        assert!(shape
+            .pass(whole.slice(..3), 1 << 20)
+            .expect("ok")
+            .is_empty());
+        let out = shape.pass(whole.slice(3..), 1 << 20).expect("ok");
+        assert_eq!(out.concat(), whole.to_vec());
+        assert!(matches!(shape, Shape::Stream));
+
+        // MLServer-shaped: each message becomes a ModelStreamInferResponse.
+        let mut shape = Shape::Deciding(Vec::new());
+        let two = [framed(&bare_bytes), framed(&bare_bytes)].concat();
+        let out = shape.pass(Bytes::from(two), 1 << 20).expect("ok");
+        assert_eq!(out.len(), 2);
+        for message in out {
+            let decoded =
+                <ModelStreamInferResponse as prost::Message>::decode(&message[wire::HEADER_LEN..])
+                    .expect("a stream response");
+            assert_eq!(decoded, stream);
+        }
+    }
 }

@@ -311,19 +311,21 @@ def _stream_request():
     return request
 
 
-def test_stream_answers_are_forwarded_as_mlserver_sends_them(gateway, mlserver):
-    """The gateway's choice today: MLServer's ModelStreamInfer answers (plain
-    ModelInferResponse) reach the client unchanged, as every forwarded message does."""
+def test_stream_answers_are_wrapped_as_stream_responses(gateway, mlserver):
+    """MLServer answers ModelStreamInfer with plain ModelInferResponse messages, which
+    stock clients cannot decode; the gateway wraps each one as
+    ModelStreamInferResponse.infer_response and changes nothing else."""
     through = _stream_raw(gateway.addr, _stream_request())
     alone = _stream_raw(mlserver.addr, _stream_request())
-    assert len(through) == 1
-    assert through == alone
-    plain = service_pb2.ModelInferResponse.FromString(through[0])
-    assert plain.model_name == MODEL and plain.id == "s1"
-    assert [o.name for o in plain.outputs] == ["predict"]
-    # Not Triton's ModelStreamInferResponse: field 2 (model_version "v1") is no message.
+    assert len(through) == 1 and len(alone) == 1
+    # MLServer on its own: a bare ModelInferResponse, no ModelStreamInferResponse.
     with pytest.raises(Exception):
-        service_pb2.ModelStreamInferResponse.FromString(through[0])
+        service_pb2.ModelStreamInferResponse.FromString(alone[0])
+    wrapped = service_pb2.ModelStreamInferResponse.FromString(through[0])
+    assert wrapped.error_message == ""
+    assert wrapped.infer_response == service_pb2.ModelInferResponse.FromString(alone[0])
+    assert wrapped.infer_response.model_name == MODEL and wrapped.infer_response.id == "s1"
+    assert [o.name for o in wrapped.infer_response.outputs] == ["predict"]
 
 
 STREAM_CLIENT = """
@@ -344,11 +346,6 @@ print("predict:", result.as_numpy("predict").ravel().tolist()); sys.stdout.flush
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MLServer answers ModelStreamInfer with plain ModelInferResponse and the gateway "
-    "forwards it unchanged; tritonclient cannot decode it and its stream never delivers",
-)
 def test_tritonclient_stream_through_the_gateway(gateway):
     # In a child process: tritonclient's reader thread dies on the undecodable message
     # and its stop_stream() then never returns.
