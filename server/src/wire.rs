@@ -645,21 +645,26 @@ pub fn header(len: usize) -> [u8; HEADER_LEN] {
     [0, l[0], l[1], l[2], l[3]]
 }
 
-/// Parses a `grpc-timeout` value ("100m", "5S", "250000u"...).
+/// Parses a `grpc-timeout` value ("100m", "5S", "250000u"...): 1 to 8 ASCII digits and
+/// a unit, as the gRPC spec writes it; anything else is None (never a panic: the value
+/// is whatever a caller sent).
 pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
+    let (&unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n: u64 = digits.parse().ok()?;
+    // At most 8 digits: no overflow, even in hours.
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
 }
@@ -815,6 +820,20 @@ mod tests {
         assert_eq!(parse_grpc_timeout("123456789m"), None, "more than 8 digits");
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("+5m"), None, "digits only");
+        assert_eq!(parse_grpc_timeout("-5m"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        // Found by fuzz/grpc_timeout: a value whose last character is not ASCII made
+        // `split_at` panic inside it (bytes 31 6a ff ff ..., read as UTF-8 lossily).
+        let crash =
+            String::from_utf8_lossy(&[0x31, 0x6a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(parse_grpc_timeout(&crash), None);
+        assert_eq!(parse_grpc_timeout("1é"), None);
+        assert_eq!(parse_grpc_timeout("é"), None);
         for d in [
             Duration::from_micros(1500),
             Duration::from_secs(150),
