@@ -188,6 +188,22 @@ pub fn render_pool(pool: &Pool, out: &mut String) {
         failures.add(b(), endpoint.failures_total() as f64);
     }
     metrics::gauge!("infergate_pool_panic").set(flag(pool.in_panic()));
+    // Per model: backends that could take its call now (the test the pick makes).
+    let mut ready_backends = Family::new(
+        "infergate_model_ready_backends",
+        "gauge",
+        "Backends that can take a call for the model now: ready, not ejected or draining, circuits closed, the model ready there.",
+    );
+    let panic = pool.in_panic();
+    for route in pool.models() {
+        let usable = route
+            .endpoints
+            .iter()
+            .filter(|e| e.availability(&route.model, now, panic).is_ok())
+            .count();
+        ready_backends.add(vec![("model", route.model.clone())], usable as f64);
+    }
+    ready_backends.render(out);
     for family in [
         ready,
         in_flight,

@@ -3,7 +3,7 @@
 
 Reads rendered kustomize output (one file per overlay) and checks that what the manifests
 say agrees with what the binary does, as written in the source: default ports and
-shutdown grace (server/src/config.rs), the config fields that exist (the config structs),
+shutdown grace (server/src/config/mod.rs), the config fields that exist (the config structs),
 the admin token variable (server/src/server.rs), the CLI's health check
 (client/src/cli), the metric names (docs/METRICS.md, server/src), and the Dockerfile.
 
@@ -63,41 +63,41 @@ class Source:
         return set(re.findall(r"^\s*pub (\w+)\s*:", text[m.end():i], re.M))
 
     def default_port(self, field: str) -> int:
-        text = self.read("server/src/config.rs")
+        text = self.read("server/src/config/mod.rs")
         m = re.search(field + r": SocketAddr::from\(\(\[[\d, ]+\], (\d+)\)\)", text)
         if not m:
-            raise LookupError(f"default of {field} not found in server/src/config.rs")
+            raise LookupError(f"default of {field} not found in server/src/config/mod.rs")
         return int(m.group(1))
 
     def default_int(self, field: str) -> int:
-        text = self.read("server/src/config.rs")
+        text = self.read("server/src/config/mod.rs")
         body = text[text.index("impl Default for Config"):]
         m = re.search(r"\b" + field + r": ([\d_]+),", body)
         if not m:
-            raise LookupError(f"default of {field} not found in server/src/config.rs")
+            raise LookupError(f"default of {field} not found in server/src/config/mod.rs")
         return int(m.group(1).replace("_", ""))
 
 
 # Config tables -> (file, struct). `[]` marks an array of tables, `*` a map of tables.
 TABLES = {
-    "": ("server/src/config.rs", "Config"),
-    "admin": ("server/src/config.rs", "AdminConfig"),
-    "balancer": ("server/src/config.rs", "BalancerConfig"),
-    "health": ("server/src/config.rs", "HealthConfig"),
-    "discovery": ("server/src/config.rs", "DiscoveryConfig"),
-    "tenants": ("server/src/config.rs", "TenantConfig"),
-    "backends[]": ("server/src/config.rs", "BackendConfig"),
-    "models*": ("server/src/config.rs", "ModelConfig"),
-    "models*.bulkhead": ("server/src/bulkhead.rs", "BulkheadConfig"),
-    "models*.retry": ("server/src/retry.rs", "RetryConfig"),
-    "models*.hedge": ("server/src/retry.rs", "HedgeConfig"),
-    "dns[]": ("server/src/dns.rs", "DnsConfig"),
-    "load": ("server/src/load_report.rs", "LoadConfig"),
-    "outlier": ("server/src/outlier.rs", "OutlierConfig"),
-    "breaker": ("server/src/breaker.rs", "BreakerConfig"),
-    "retry": ("server/src/retry.rs", "RetryConfig"),
-    "hedge": ("server/src/retry.rs", "HedgeConfig"),
-    "rate_limit": ("server/src/ratelimit.rs", "RateLimitConfig"),
+    "": ("server/src/config/mod.rs", "Config"),
+    "admin": ("server/src/config/mod.rs", "AdminConfig"),
+    "balancer": ("server/src/config/mod.rs", "BalancerConfig"),
+    "health": ("server/src/config/mod.rs", "HealthConfig"),
+    "discovery": ("server/src/config/mod.rs", "DiscoveryConfig"),
+    "tenants": ("server/src/config/mod.rs", "TenantConfig"),
+    "backends[]": ("server/src/config/mod.rs", "BackendConfig"),
+    "models*": ("server/src/config/mod.rs", "ModelConfig"),
+    "models*.bulkhead": ("server/src/config/resilience.rs", "BulkheadConfig"),
+    "models*.retry": ("server/src/config/resilience.rs", "RetryConfig"),
+    "models*.hedge": ("server/src/config/resilience.rs", "HedgeConfig"),
+    "dns[]": ("server/src/config/net.rs", "DnsConfig"),
+    "load": ("server/src/config/load.rs", "LoadConfig"),
+    "outlier": ("server/src/config/resilience.rs", "OutlierConfig"),
+    "breaker": ("server/src/config/resilience.rs", "BreakerConfig"),
+    "retry": ("server/src/config/resilience.rs", "RetryConfig"),
+    "hedge": ("server/src/config/resilience.rs", "HedgeConfig"),
+    "rate_limit": ("server/src/config/limits.rs", "RateLimitConfig"),
 }
 
 
@@ -240,7 +240,7 @@ def check_overlay(src: Source, r: Render, ports: dict, grace_default_ms: int) ->
         value = cfg.get(field, f"127.0.0.1:{ports[field]}")
         host, _, port = value.rpartition(":")
         check(f"{n}: {field} = {value} listens on all interfaces", host in ("0.0.0.0", "[::]"))
-        check(f"{n}: {field} port is the default {ports[field]} (server/src/config.rs)", int(port) == ports[field])
+        check(f"{n}: {field} port is the default {ports[field]} (server/src/config/mod.rs)", int(port) == ports[field])
         check(f"{n}: containerPort {port_name} = {ports[field]}", by_name.get(port_name) == ports[field],
               f"got {by_name.get(port_name)}")
     facts["ports"] = ports
@@ -461,10 +461,10 @@ def main() -> int:
     src = Source(pathlib.Path(args.root).resolve())
 
     ports = {f: src.default_port(f) for f in ("listen", "metrics_listen", "admin_listen")}
-    check("server/src/config.rs default ports are 8001/8002/8003",
+    check("server/src/config/mod.rs default ports are 8001/8002/8003",
           ports == {"listen": 8001, "metrics_listen": 8002, "admin_listen": 8003}, str(ports))
     grace = src.default_int("shutdown_grace_ms")
-    check(f"server/src/config.rs default shutdown_grace_ms is {grace}", grace > 0)
+    check(f"server/src/config/mod.rs default shutdown_grace_ms is {grace}", grace > 0)
     control = src.read("server/src/control.rs")
     check("the gateway watches its config file's modification time (control.rs watch_reloads)",
           "fn watch_reloads" in control and "modified()" in control and "watch_config" in control)
