@@ -179,7 +179,8 @@ impl fmt::Display for Rejected {
                 pushback,
             } => write!(
                 f,
-                "model {model}: tenant {tenant} holds its bulkhead queue share ({waiting} waiting, tenant_share {share} of max_queue {max_queue}); retry in {} ms",
+                "model {model}: tenant {} holds its bulkhead queue share ({waiting} waiting, tenant_share {share} of max_queue {max_queue}); retry in {} ms",
+                crate::wire::shown(tenant),
                 ceil_ms(*pushback)
             ),
             Rejected::QueueTimeout {

@@ -381,6 +381,23 @@ impl Control {
                 "max_message_bytes",
                 next.max_message_bytes != current.max_message_bytes,
             ),
+            ("backend_connection", next.backend_connection != current.backend_connection),
+            ("redis", next.redis != current.redis),
+            (
+                "client limits (max_buffered_request_bytes, max_concurrent_streams, \
+                 max_header_list_bytes, max_client_connections, client_*_ms, request_read_timeout_ms)",
+                next.max_buffered_request_bytes != current.max_buffered_request_bytes
+                    || next.max_buffered_request_bytes_per_connection
+                        != current.max_buffered_request_bytes_per_connection
+                    || next.request_read_timeout_ms != current.request_read_timeout_ms
+                    || next.max_concurrent_streams != current.max_concurrent_streams
+                    || next.max_header_list_bytes != current.max_header_list_bytes
+                    || next.max_client_connections != current.max_client_connections
+                    || next.client_handshake_timeout_ms != current.client_handshake_timeout_ms
+                    || next.client_idle_timeout_ms != current.client_idle_timeout_ms
+                    || next.client_keepalive_interval_ms != current.client_keepalive_interval_ms
+                    || next.client_keepalive_timeout_ms != current.client_keepalive_timeout_ms,
+            ),
         ] {
             if differs {
                 needs_restart.push(what.to_owned());

@@ -873,7 +873,9 @@ impl Gateway {
         let span = trace::request_span(&request);
         let (parts, body) = request.into_parts();
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
+        // The pump runs on its own task: it takes the connection's request budget along.
+        let limits = wire::RequestLimits::current();
+        tokio::spawn(limits.scope(async move {
             let started = Instant::now();
             let mut record = CallRecord::start(Forwarded::ModelStreamInfer, started);
             let code = self
@@ -882,7 +884,7 @@ impl Gateway {
             span.set_attr(attr::MODEL, record.label.as_str());
             span.end(code.unwrap_or(Code::Cancelled));
             record.end(code);
-        });
+        }));
         proxy::grpc_response(proxy::channel_body(rx))
     }
 

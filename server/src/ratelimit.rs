@@ -117,7 +117,7 @@ impl fmt::Display for Limited {
             f,
             "{} {}: rate limit {}/s (burst {}) exceeded; retry in {} ms",
             self.scope.as_str(),
-            self.key,
+            crate::wire::shown(&self.key),
             self.rate,
             self.burst,
             self.retry_after.as_nanos().div_ceil(1_000_000)

@@ -140,6 +140,16 @@ pub fn describe() {
     // Backends: their state is rendered at scrape time by `gauges::render_pool` (with
     // its own HELP lines); the counters below are recorded as events happen.
     describe_counter!(
+        "infergate_client_connections_refused_total",
+        Unit::Count,
+        "Client connections closed at once because max_client_connections were open."
+    );
+    describe_counter!(
+        "infergate_client_connections_closed_total",
+        Unit::Count,
+        "Client connections the gateway closed, by reason (handshake timeout, idle)."
+    );
+    describe_counter!(
         "infergate_admin_auth_failures_total",
         Unit::Count,
         "Admin calls refused for a missing or wrong token, by reason (no_token, wrong_token)."
