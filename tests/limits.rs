@@ -24,6 +24,23 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// One sim and a gateway in front of it with `tweak` applied to the test config, run
+/// alone (these tests read the process's memory and sockets).
+async fn limited(
+    tweak: impl FnOnce(&mut infergate::config::Config),
+) -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    infergate::sim::SimHandle,
+    infergate::server::GatewayHandle,
+) {
+    let serial = serial().await;
+    let sim = sim("s", |_| {});
+    let mut cfg = config(&[sim.addr()]);
+    tweak(&mut cfg);
+    let gw = gateway(cfg).await;
+    (serial, sim, gw)
+}
+
 // --- raw HTTP/2 ------------------------------------------------------------------------
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -326,11 +343,10 @@ async fn a_flood_of_huge_length_prefixes_costs_what_was_sent_not_what_was_announ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpcs_the_gateway_answers_itself_refuse_huge_prefixes_before_tonic_reserves_them() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.max_concurrent_streams = 1000;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.max_concurrent_streams = 1000;
+    })
+    .await;
     let ch = channel(gw.addr()).await;
     const STREAMS: u32 = 500;
     for path in [
@@ -339,11 +355,7 @@ async fn rpcs_the_gateway_answers_itself_refuse_huge_prefixes_before_tonic_reser
         "/inference.GRPCInferenceService/ServerLive",
     ] {
         let (_tx, call) = stalled_call_to(&ch, gw.addr(), path, 64 << 20, 190, None).await;
-        let status = tokio::time::timeout(Duration::from_secs(5), call)
-            .await
-            .expect("refused in time")
-            .expect("task")
-            .expect("a status");
+        let status = answered(call).await;
         assert_eq!(status.code(), Code::ResourceExhausted, "{path}: {status:?}");
         assert!(status.message().contains("67108864 bytes"), "{status:?}");
 
@@ -376,6 +388,15 @@ async fn rpcs_the_gateway_answers_itself_refuse_huge_prefixes_before_tonic_reser
         );
     }
     normal_call(gw.addr()).await;
+}
+
+/// The status a stalled call ends with, within 5 s.
+async fn answered(call: tokio::task::JoinHandle<Option<tonic::Status>>) -> tonic::Status {
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("answered in time")
+        .expect("task")
+        .expect("a status")
 }
 
 /// A ModelInfer body that starts a message of `announced` bytes, sends `sent` of them,
@@ -454,11 +475,7 @@ async fn buffered_bytes_over_a_budget_are_refused_with_resource_exhausted_naming
         .await;
     }
     let (_tx, refused) = stalled_call(&a, gw.addr(), MIB, MIB - 1000, None).await;
-    let status = tokio::time::timeout(Duration::from_secs(5), refused)
-        .await
-        .expect("refused in time")
-        .expect("task")
-        .expect("a status");
+    let status = answered(refused).await;
     println!("third call on one connection: {status:?}");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
@@ -475,11 +492,7 @@ async fn buffered_bytes_over_a_budget_are_refused_with_resource_exhausted_naming
     })
     .await;
     let (_tx, refused) = stalled_call(&b, gw.addr(), MIB, MIB - 1000, None).await;
-    let status = tokio::time::timeout(Duration::from_secs(5), refused)
-        .await
-        .expect("refused in time")
-        .expect("task")
-        .expect("a status");
+    let status = answered(refused).await;
     println!("over the process's budget: {status:?}");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
@@ -499,19 +512,14 @@ async fn buffered_bytes_over_a_budget_are_refused_with_resource_exhausted_naming
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_body_that_never_ends_is_cut_by_the_read_timeout_without_a_deadline() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.request_read_timeout_ms = 300;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.request_read_timeout_ms = 300;
+    })
+    .await;
     let ch = channel(gw.addr()).await;
     let began = Instant::now();
     let (_tx, call) = stalled_call(&ch, gw.addr(), 1000, 10, None).await;
-    let status = tokio::time::timeout(Duration::from_secs(5), call)
-        .await
-        .expect("answered in time")
-        .expect("task")
-        .expect("a status");
+    let status = answered(call).await;
     let took = began.elapsed();
     println!("stalled body without a deadline: {status:?} after {took:?}");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -525,22 +533,17 @@ async fn a_unary_body_that_never_ends_is_cut_by_the_read_timeout_without_a_deadl
     assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3));
     // A caller's longer deadline does not lift it.
     let (_tx, call) = stalled_call(&ch, gw.addr(), 1000, 10, Some("60S")).await;
-    let status = tokio::time::timeout(Duration::from_secs(5), call)
-        .await
-        .expect("answered in time")
-        .expect("task")
-        .expect("a status");
+    let status = answered(call).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_streams_is_announced_and_streams_over_it_are_refused() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.max_concurrent_streams = 8;
-    cfg.max_header_list_bytes = 4096;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.max_concurrent_streams = 8;
+        cfg.max_header_list_bytes = 4096;
+    })
+    .await;
     let mut raw = Raw::connect(gw.addr()).await;
     let settings = raw.server_settings().await;
     assert_eq!(settings.setting(SETTINGS_MAX_CONCURRENT_STREAMS), Some(8));
@@ -565,11 +568,10 @@ async fn max_concurrent_streams_is_announced_and_streams_over_it_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_list_over_the_limit_is_refused_and_the_gateway_serves_on() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.max_header_list_bytes = 8192;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.max_header_list_bytes = 8192;
+    })
+    .await;
     let mut client = client(gw.addr()).await;
     let mut request = tonic::Request::new(simple_request("big-headers", 1));
     let big: tonic::metadata::MetadataValue<_> = "v".repeat(12_000).parse().expect("value");
@@ -610,11 +612,10 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_preface_only_sockets_are_closed_by_the_handshake_timeout() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.client_handshake_timeout_ms = 300;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.client_handshake_timeout_ms = 300;
+    })
+    .await;
     let began = Instant::now();
     let mut silent = TcpStream::connect(gw.addr()).await.expect("connect");
     let mut preface_only = TcpStream::connect(gw.addr()).await.expect("connect");
@@ -632,11 +633,10 @@ async fn silent_and_preface_only_sockets_are_closed_by_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_no_call_open_is_closed_by_the_idle_timeout() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.client_idle_timeout_ms = 500;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.client_idle_timeout_ms = 500;
+    })
+    .await;
     // A handshake and then nothing: closed once idle for 500 ms.
     let mut idle = Raw::connect(gw.addr()).await;
     idle.server_settings().await;
@@ -695,11 +695,10 @@ async fn a_thousand_idle_connections_leave_a_normal_call_prompt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_at_once() {
-    let _serial = serial().await;
-    let sim = sim("s", |_| {});
-    let mut cfg = config(&[sim.addr()]);
-    cfg.max_client_connections = 20;
-    let gw = gateway(cfg).await;
+    let (_serial, _sim, gw) = limited(|cfg| {
+        cfg.max_client_connections = 20;
+    })
+    .await;
     let mut held = Vec::new();
     for _ in 0..20 {
         let mut raw = Raw::connect(gw.addr()).await;
