@@ -86,17 +86,13 @@ impl ApiKeys {
         }
     }
 
-    /// The tenant of `key`, comparing its digest with every configured one.
+    /// The tenant of `key`, comparing its digest with every configured one (no early
+    /// exit).
     fn lookup(&self, key: &str) -> Option<&str> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut found = None;
         for (candidate, tenant) in &self.keys {
-            // No early exit, and no data-dependent branch inside the comparison.
-            let diff = candidate
-                .iter()
-                .zip(digest.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 {
+            if same_digest(candidate, &digest) {
                 found = Some(tenant.as_str());
             }
         }
@@ -114,6 +110,20 @@ impl ApiKeys {
             headers.insert(TENANT_HEADER_OUT, v);
         }
     }
+}
+
+/// Two digests compared without a data-dependent branch.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Whether two secrets are equal, compared as SHA-256 digests, so neither the length
+/// nor where a guess first differs shows in the time taken.
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    same_digest(&Sha256::digest(a).into(), &Sha256::digest(b).into())
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
