@@ -161,11 +161,6 @@ impl ModelPolicy {
             let _ = bulkhead.set_limits(auto_bulkhead(size));
         }
     }
-
-    /// Whether its bulkhead is the default one, sized from the pool.
-    pub fn bulkhead_is_default(&self) -> bool {
-        self.auto_bulkhead.is_some()
-    }
 }
 
 /// The live per-model settings.
