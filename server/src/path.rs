@@ -1218,23 +1218,23 @@ thread_local! {
     static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
 }
 
-/// The deadline the caller asked for (`grpc-timeout`), if any.
-fn caller_deadline(headers: &HeaderMap, started: Instant) -> Option<Instant> {
+/// The time the caller asked for (`grpc-timeout`), if any.
+fn asked_timeout(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(wire::parse_grpc_timeout)
-        .map(|d| started + d)
+}
+
+/// The deadline the caller asked for, if any.
+fn caller_deadline(headers: &HeaderMap, started: Instant) -> Option<Instant> {
+    asked_timeout(headers).map(|d| started + d)
 }
 
 /// The call's deadline: the caller's `grpc-timeout`, else the model's default, never
 /// beyond the model's maximum.
 fn deadline(headers: &HeaderMap, policy: &ModelPolicy, started: Instant) -> Option<Instant> {
-    let asked = headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(wire::parse_grpc_timeout)
-        .or(policy.deadline_default);
+    let asked = asked_timeout(headers).or(policy.deadline_default);
     let limit = match (asked, policy.deadline_max) {
         (Some(a), Some(m)) => Some(a.min(m)),
         (a, m) => a.or(m),
