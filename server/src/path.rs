@@ -53,7 +53,7 @@ use http_body_util::BodyExt;
 use infergate_proto::inference::{ModelInferResponse, ModelStreamInferResponse};
 use std::cell::RefCell;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;

@@ -189,7 +189,7 @@ impl ObservedBody {
 
     fn finish(&mut self, outcome: Outcome, code: Option<Code>) {
         if self.on_end.is_some() {
-            metrics::histogram!("infergate_response_bytes").record(self.bytes as f64);
+            crate::telemetry::response_bytes(self.bytes);
         }
         if let Some(attempt) = self.attempt.take() {
             attempt.finish(outcome, None);

@@ -217,26 +217,145 @@ pub fn describe() {
 
 /// A call has started (in-flight gauge).
 pub fn call_started(method: &'static str) {
-    metrics::gauge!("infergate_requests_in_flight", "method" => method).increment(1.0);
+    match handles() {
+        Some(h) => h.in_flight(method).increment(1.0),
+        None => metrics::gauge!("infergate_requests_in_flight", "method" => method).increment(1.0),
+    }
 }
 
 /// A call has ended; `code` None means the caller went away first.
 pub fn call_ended(method: &'static str, model: &str, code: Option<Code>, elapsed: Duration) {
-    let code = code.map(crate::codes::name).unwrap_or("CANCELLED");
-    metrics::gauge!("infergate_requests_in_flight", "method" => method).decrement(1.0);
-    metrics::counter!(
-        "infergate_requests_total",
-        "model" => model.to_owned(),
-        "method" => method,
-        "code" => code
-    )
-    .increment(1);
-    metrics::histogram!(
-        "infergate_request_duration_seconds",
-        "model" => model.to_owned(),
-        "method" => method
-    )
-    .record(elapsed.as_secs_f64());
+    let code = code.unwrap_or(Code::Cancelled);
+    let Some(h) = handles() else {
+        let name = crate::codes::name(code);
+        metrics::gauge!("infergate_requests_in_flight", "method" => method).decrement(1.0);
+        metrics::counter!("infergate_requests_total", "model" => model.to_owned(), "method" => method, "code" => name)
+            .increment(1);
+        metrics::histogram!("infergate_request_duration_seconds", "model" => model.to_owned(), "method" => method)
+            .record(elapsed.as_secs_f64());
+        return;
+    };
+    h.in_flight(method).decrement(1.0);
+    let call = h.call(method, model);
+    call.total(code).increment(1);
+    call.duration.record(elapsed.as_secs_f64());
+}
+
+/// The size of a request message, by method.
+pub fn request_bytes(method: &'static str, bytes: usize) {
+    match handles() {
+        Some(h) => h.request_bytes(method).record(bytes as f64),
+        None => {
+            metrics::histogram!("infergate_request_bytes", "method" => method).record(bytes as f64)
+        }
+    }
+}
+
+/// The size of a forwarded response, as it streamed to the caller.
+pub fn response_bytes(bytes: u64) {
+    match handles() {
+        Some(h) => h.response_bytes.record(bytes as f64),
+        None => metrics::histogram!("infergate_response_bytes").record(bytes as f64),
+    }
+}
+
+/// Metric handles of the per-call series, resolved once and then reused: a `metrics`
+/// macro builds its key (label strings included) and looks it up in the registry on
+/// every use, which on the request path cost more than the counting itself. Only kept
+/// once this module's recorder is installed, so a handle is never a no-op left over from
+/// before. The series stay bounded as the labels do (models the pool knows, or `unknown`).
+struct Handles {
+    by_method: dashmap::DashMap<&'static str, MethodHandles>,
+    calls: dashmap::DashMap<String, Vec<(&'static str, Arc<CallHandles>)>>,
+    response_bytes: metrics::Histogram,
+}
+
+#[derive(Clone)]
+struct MethodHandles {
+    in_flight: metrics::Gauge,
+    request_bytes: metrics::Histogram,
+}
+
+/// One (model, method) pair's handles; a code's counter is made on its first use.
+struct CallHandles {
+    model: String,
+    method: &'static str,
+    duration: metrics::Histogram,
+    totals: [OnceLock<metrics::Counter>; 17],
+}
+
+impl CallHandles {
+    fn total(&self, code: Code) -> &metrics::Counter {
+        let i = (code as usize).min(self.totals.len() - 1);
+        self.totals[i].get_or_init(|| {
+            metrics::counter!(
+                "infergate_requests_total",
+                "model" => self.model.clone(),
+                "method" => self.method,
+                "code" => crate::codes::name(code)
+            )
+        })
+    }
+}
+
+fn handles() -> Option<&'static Handles> {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLE.get()?.as_ref()?;
+    Some(HANDLES.get_or_init(|| Handles {
+        by_method: dashmap::DashMap::new(),
+        calls: dashmap::DashMap::new(),
+        response_bytes: metrics::histogram!("infergate_response_bytes"),
+    }))
+}
+
+impl Handles {
+    fn method(&self, method: &'static str) -> MethodHandles {
+        if let Some(h) = self.by_method.get(method) {
+            return h.clone();
+        }
+        self.by_method
+            .entry(method)
+            .or_insert_with(|| MethodHandles {
+                in_flight: metrics::gauge!("infergate_requests_in_flight", "method" => method),
+                request_bytes: metrics::histogram!("infergate_request_bytes", "method" => method),
+            })
+            .clone()
+    }
+
+    fn in_flight(&self, method: &'static str) -> metrics::Gauge {
+        self.method(method).in_flight
+    }
+
+    fn request_bytes(&self, method: &'static str) -> metrics::Histogram {
+        self.method(method).request_bytes
+    }
+
+    fn call(&self, method: &'static str, model: &str) -> Arc<CallHandles> {
+        let found = |list: &Vec<(&'static str, Arc<CallHandles>)>| {
+            list.iter()
+                .find(|(m, _)| *m == method)
+                .map(|(_, h)| Arc::clone(h))
+        };
+        if let Some(h) = self.calls.get(model).and_then(|list| found(&list)) {
+            return h;
+        }
+        let mut list = self.calls.entry(model.to_owned()).or_default();
+        if let Some(h) = found(&list) {
+            return h;
+        }
+        let h = Arc::new(CallHandles {
+            model: model.to_owned(),
+            method,
+            duration: metrics::histogram!(
+                "infergate_request_duration_seconds",
+                "model" => model.to_owned(),
+                "method" => method
+            ),
+            totals: Default::default(),
+        });
+        list.push((method, Arc::clone(&h)));
+        h
+    }
 }
 
 /// Work run on every scrape: it appends Prometheus text (whole metric families, with
