@@ -146,6 +146,9 @@ pub struct Attempt {
     span: Option<CallSpan>,
     policy: Latencies,
     bound: Option<Duration>,
+    /// The failure this call already got from another backend, if any: the same answer
+    /// twice is the request's doing, not this backend's.
+    repeat_of: Option<Code>,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -186,7 +189,15 @@ impl Attempt {
             span: Some(span),
             policy,
             bound,
+            repeat_of: None,
         }
+    }
+
+    /// Another backend already answered this same request with `code` (a failure): if
+    /// this one answers the same, the request caused it and neither backend is blamed
+    /// for the repeat.
+    pub fn repeats(&mut self, code: Option<Code>) {
+        self.repeat_of = code.filter(|c| *c != Code::Ok);
     }
 
     /// The backend.
@@ -237,7 +248,10 @@ impl Attempt {
             Outcome::NoResponse | Outcome::Deadline => Some(Code::DeadlineExceeded),
             Outcome::Cancelled => Some(Code::Cancelled),
         });
-        let verdict = verdict(outcome, elapsed, self.answered.is_some(), self.bound);
+        let verdict = match outcome {
+            Outcome::Answered(code) if self.repeat_of == Some(code) => Verdict::Neutral,
+            _ => verdict(outcome, elapsed, self.answered.is_some(), self.bound),
+        };
         let breaker_code = match verdict {
             Verdict::Success => Some(Code::Ok),
             Verdict::Failure { outlier, breaker } => {

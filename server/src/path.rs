@@ -327,8 +327,7 @@ impl Gateway {
             let message = proxy::read_unary(body, self.max_message_bytes, rpc.name()).await?;
             // 3. route
             let key = self.peek(rpc, &message)?;
-            metrics::histogram!("infergate_request_bytes", "method" => rpc.name())
-                .record(message.wire_len() as f64);
+            telemetry::request_bytes(rpc.name(), message.wire_len());
             if key.model.is_empty() && rpc == Forwarded::ModelStatistics {
                 return Ok((message, key, None));
             }
@@ -406,6 +405,7 @@ impl Gateway {
             deadline,
             span,
             tenant: &caller.tenant,
+            failed_with: AtomicI32::new(-1),
         };
         let result = match deadline {
             Some(d) => {
@@ -698,6 +698,7 @@ impl Gateway {
             Some(Arc::clone(policy)),
             bound,
         );
+        attempt.repeats(call.failed_with());
         let endpoint = Arc::clone(attempt.endpoint());
         let began = attempt.began();
         let mut headers = proxy::forwarded_headers(call.headers);
@@ -783,7 +784,11 @@ impl Gateway {
             // another backend may still be tried. One that is not retried is handed
             // back as it came, and its attempt ends as the response is wrapped.
             let code = status.code();
-            if policy.retryable.contains(code) {
+            // A retryable answer that a second backend repeats is handed back as it
+            // came: the request caused it, so it goes to no third backend and counts
+            // against neither (the attempt is neutral, see `Attempt::repeats`).
+            if policy.retryable.contains(code) && call.failed_with() != Some(code) {
+                call.failed_with.store(code as i32, Ordering::Relaxed);
                 attempt.finish(Outcome::Answered(code), Some(&status));
                 return Err(AttemptFailed {
                     failure: Failure::Status(code),
@@ -1119,6 +1124,18 @@ struct Call<'a> {
     span: &'a CallSpan,
     /// The tenant the gateway resolved (sent on in `infergate-tenant`).
     tenant: &'a str,
+    /// The code a backend answered an earlier attempt with, when that was a failure
+    /// (-1: none yet). The same failure from a second backend is the request's.
+    failed_with: AtomicI32,
+}
+
+impl Call<'_> {
+    fn failed_with(&self) -> Option<Code> {
+        match self.failed_with.load(Ordering::Relaxed) {
+            -1 => None,
+            n => Some(Code::from_i32(n)),
+        }
+    }
 }
 
 /// Hands a backend's response back inside an [`ObservedBody`], which ends the attempt

@@ -603,3 +603,34 @@ async fn a_flood_of_bad_calls_takes_no_backend_out() {
         assert_eq!(e.failures_total(), 0, "{addr}: no failure is the backend's");
     }
 }
+
+/// Issue 13: the same failure from a second backend is the request's. Three backends
+/// that all answer UNAVAILABLE: the call goes to two of them, not three, comes back as
+/// the backends answered it, and only the first backend's answer counts as a failure.
+#[tokio::test]
+async fn a_failure_repeated_by_a_second_backend_is_the_requests() {
+    let sims = [sim("a", |_| {}), sim("b", |_| {}), sim("c", |_| {})];
+    for s in &sims {
+        s.control().set_error_rate(1.0);
+    }
+    let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
+    let gw = gateway(default_config(&addrs)).await;
+    let mut c = client(gw.addr()).await;
+    let status = c
+        .model_infer(simple_request("twice", 1))
+        .await
+        .expect_err("every backend fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let started: u64 = sims.iter().map(|s| s.control().started()).sum();
+    assert_eq!(started, 2, "tried on two backends, not three");
+    let failures: u64 = addrs
+        .iter()
+        .map(|a| {
+            gw.pool()
+                .endpoint(&a.to_string())
+                .expect("endpoint")
+                .failures_total()
+        })
+        .sum();
+    assert_eq!(failures, 1, "the repeat counts against no backend");
+}
