@@ -43,6 +43,7 @@ use crate::pool::{Pool, RouteError};
 use crate::proxy::{self, ObservedBody};
 use crate::ratelimit::{RateKey, RateLimiter};
 use crate::retry::{self, Failure};
+use crate::sequence::Sequences;
 use crate::telemetry;
 use crate::trace::{self, attr, CallSpan};
 use crate::wire::{self, Deframer, Message, RouteKey};
@@ -146,6 +147,8 @@ pub struct Gateway {
     pub global: Option<Arc<GlobalLimiter>>,
     /// Kept back from the remaining deadline passed to backends.
     pub deadline_margin: Duration,
+    /// Stateful sequences pinned to their backends.
+    pub sequences: Sequences,
     shutting_down: AtomicBool,
 }
 
@@ -206,6 +209,7 @@ impl Gateway {
             tenants: config.tenants.clone(),
             limiter,
             deadline_margin: Duration::from_millis(config.deadline_margin_ms),
+            sequences: Sequences::new(&config.sequences),
             shutting_down: AtomicBool::new(false),
         }))
     }
@@ -406,6 +410,7 @@ impl Gateway {
             deadline,
             span,
             tenant: &caller.tenant,
+            sequence: key.sequence.as_ref().filter(|_| fallback.is_none()),
         };
         let result = match deadline {
             Some(d) => {
@@ -553,6 +558,9 @@ impl Gateway {
         mut policy: Arc<ModelPolicy>,
         mut fallback: Option<String>,
     ) -> Result<(http::Response<Body>, Attempt), Status> {
+        if let Some(seq) = call.sequence {
+            return self.sequenced(call, &route, &policy, seq).await;
+        }
         let original = policy.clone();
         original.budget.record_request(Instant::now());
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
@@ -628,6 +636,81 @@ impl Gateway {
                 None => return Err(failed.status),
             }
         }
+    }
+
+    /// A call of a stateful sequence: one attempt, on the backend `sequence` pins it
+    /// to, never retried elsewhere or hedged. An attempt that did not reach the backend
+    /// or got no answer leaves the sequence's state unknown, so the sequence is lost.
+    async fn sequenced(
+        &self,
+        call: &Call<'_>,
+        route: &ModelRoute,
+        policy: &Arc<ModelPolicy>,
+        seq: &wire::SequenceKey,
+    ) -> Result<(http::Response<Body>, Attempt), Status> {
+        let picked = self.pick_sequenced(route, policy, seq)?;
+        call.span.add_event("sequence pinned");
+        let endpoint = Arc::clone(&picked.endpoint);
+        match self.attempt(call, route, policy, picked, 1, None).await {
+            Ok(ok) => Ok(ok),
+            Err(AttemptFailed { failure, status }) => {
+                Err(self.sequence_failed(route, policy, seq, &endpoint, &failure, status))
+            }
+        }
+    }
+
+    /// The pick of a sequenced call: the sequence's backend, with its circuit permits.
+    fn pick_sequenced(
+        &self,
+        route: &ModelRoute,
+        policy: &ModelPolicy,
+        seq: &wire::SequenceKey,
+    ) -> Result<Picked, Status> {
+        let (now, panic, model) = (Instant::now(), self.pool.in_panic(), route.model.as_str());
+        let usable = |e: &Endpoint| e.availability(model, now, panic);
+        let chosen = self.sequences.choose(
+            model,
+            seq,
+            &route.endpoints,
+            &usable,
+            policy.sequence_idle,
+            now,
+        );
+        let endpoint = chosen.map_err(|refused| match refused {
+            crate::sequence::Refused::NoneEligible => route_status(RouteError::NoneEligible {
+                model: route.model.clone(),
+                summary: format!("the first request of sequence {}", seq.id),
+            }),
+            refused => refused.status(),
+        })?;
+        Pool::take_permits(&endpoint, model, now).ok_or_else(|| {
+            Status::unavailable(format!(
+                "sequence {} is pinned to backend {}, whose circuit admits no call now; try again",
+                seq.id,
+                endpoint.address()
+            ))
+        })
+    }
+
+    /// The status of a sequenced attempt that failed: one that did not reach the
+    /// backend or got no answer leaves the sequence's state unknown, so it is lost.
+    fn sequence_failed(
+        &self,
+        route: &ModelRoute,
+        policy: &ModelPolicy,
+        seq: &wire::SequenceKey,
+        endpoint: &Arc<Endpoint>,
+        failure: &Failure,
+        status: Status,
+    ) -> Status {
+        if !matches!(failure, Failure::Connect | Failure::NoResponse) {
+            return status;
+        }
+        let why = format!("failed the call ({})", status.message());
+        let (now, idle) = (Instant::now(), policy.sequence_idle);
+        self.sequences
+            .lost_on(&route.model, seq, endpoint, why, now, idle)
+            .status()
     }
 
     /// A first attempt raced by a hedge sent `delay` later to another backend; the
@@ -743,9 +826,10 @@ impl Gateway {
                 Bytes::from(extra),
             ])
         };
-        // 8. per-try timeout, and the no-response bound
+        // 8. per-try timeout, and the no-response bound (a sequenced call is sent once)
         let sent = send(&endpoint, call.rpc, headers, body);
-        let response = match self.give_up_at(policy, attempt_no, began, bound, call.deadline) {
+        let cut = bound.filter(|_| call.sequence.is_none());
+        let response = match self.give_up_at(policy, attempt_no, began, cut, call.deadline) {
             Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -1034,9 +1118,12 @@ impl Gateway {
         let mut attempt_no = 0u32;
         loop {
             attempt_no += 1;
-            let picked = match self.pool.pick_for_attempt(&route, &tried) {
-                Ok(p) => p,
-                Err(e) => return Err(fail(route_status(e))),
+            let picked = match &key.sequence {
+                Some(seq) => self.pick_sequenced(&route, &policy, seq).map_err(fail)?,
+                None => self
+                    .pool
+                    .pick_for_attempt(&route, &tried)
+                    .map_err(|e| fail(route_status(e)))?,
             };
             tried.push(Arc::clone(&picked.endpoint));
             let bound = policy.no_response.get(Instant::now());
@@ -1063,7 +1150,8 @@ impl Gateway {
             ));
             let sent = send(&endpoint, Forwarded::ModelStreamInfer, headers, body);
             let began = attempt.began();
-            let response = match self.give_up_at(&policy, attempt_no, began, bound, deadline) {
+            let cut = bound.filter(|_| key.sequence.is_none());
+            let response = match self.give_up_at(&policy, attempt_no, began, cut, deadline) {
                 Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
                     Ok(r) => r.map_err(|s| (Outcome::Transport, Failure::Connect, s)),
                     Err(_) => Err((
@@ -1102,6 +1190,11 @@ impl Gateway {
             };
             let (outcome, failure, status) = failed;
             attempt.finish(outcome, Some(&status));
+            if let Some(seq) = &key.sequence {
+                let status =
+                    self.sequence_failed(&route, &policy, seq, &endpoint, &failure, status);
+                return Err(fail(status));
+            }
             match self.retry_after(&policy, &failure, attempt_no, deadline) {
                 Some(backoff) => tokio::time::sleep(backoff).await,
                 None => return Err(fail(status)),
@@ -1119,6 +1212,8 @@ struct Call<'a> {
     span: &'a CallSpan,
     /// The tenant the gateway resolved (sent on in `infergate-tenant`).
     tenant: &'a str,
+    /// The stateful sequence the call belongs to: sent once, to its pinned backend.
+    sequence: Option<&'a wire::SequenceKey>,
 }
 
 /// Hands a backend's response back inside an [`ObservedBody`], which ends the attempt
