@@ -638,9 +638,10 @@ impl Gateway {
         }
     }
 
-    /// A call of a stateful sequence: one attempt, on the backend `sequence` pins it
-    /// to, never retried elsewhere or hedged. An attempt that did not reach the backend
-    /// or got no answer leaves the sequence's state unknown, so the sequence is lost.
+    /// A call of a stateful sequence: on the backend `sequence` pins it to, never hedged
+    /// and never retried elsewhere, except a first request (`sequence_start`), which
+    /// holds no state yet. An attempt that did not reach the backend or got no answer
+    /// leaves the sequence's state unknown, so the sequence is lost.
     async fn sequenced(
         &self,
         call: &Call<'_>,
@@ -648,13 +649,29 @@ impl Gateway {
         policy: &Arc<ModelPolicy>,
         seq: &wire::SequenceKey,
     ) -> Result<(http::Response<Body>, Attempt), Status> {
-        let picked = self.pick_sequenced(route, policy, seq)?;
-        call.span.add_event("sequence pinned");
-        let endpoint = Arc::clone(&picked.endpoint);
-        match self.attempt(call, route, policy, picked, 1, None).await {
-            Ok(ok) => Ok(ok),
-            Err(AttemptFailed { failure, status }) => {
-                Err(self.sequence_failed(route, policy, seq, &endpoint, &failure, status))
+        policy.budget.record_request(Instant::now());
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        loop {
+            let picked = self.pick_sequenced(route, policy, seq, &tried)?;
+            call.span.add_event("sequence pinned");
+            let endpoint = Arc::clone(&picked.endpoint);
+            tried.push(Arc::clone(&endpoint));
+            let attempt_no = tried.len() as u32;
+            let AttemptFailed { failure, status } = match self
+                .attempt(call, route, policy, picked, attempt_no, None)
+                .await
+            {
+                Ok(ok) => return Ok(ok),
+                Err(failed) => failed,
+            };
+            if !seq.start {
+                return Err(self.sequence_failed(route, policy, seq, &endpoint, &failure, status));
+            }
+            // A first request holds no state yet: like any call, it may be retried on
+            // the next backend in the sequence's rendezvous order, which it re-pins to.
+            match self.retry_after(policy, &failure, attempt_no, call.deadline) {
+                Some(backoff) => tokio::time::sleep(backoff).await,
+                None => return Err(status),
             }
         }
     }
@@ -665,9 +682,14 @@ impl Gateway {
         route: &ModelRoute,
         policy: &ModelPolicy,
         seq: &wire::SequenceKey,
+        tried: &[Arc<Endpoint>],
     ) -> Result<Picked, Status> {
         let (now, panic, model) = (Instant::now(), self.pool.in_panic(), route.model.as_str());
-        let usable = |e: &Endpoint| e.availability(model, now, panic);
+        // Backends a first request failed on already count as not ready for it.
+        let usable = |e: &Endpoint| match tried.iter().any(|t| std::ptr::eq(t.as_ref(), e)) {
+            true => Err(crate::endpoint::Unavailable::NotReady),
+            false => e.availability(model, now, panic),
+        };
         let chosen = self.sequences.choose(
             model,
             seq,
@@ -1119,7 +1141,9 @@ impl Gateway {
         loop {
             attempt_no += 1;
             let picked = match &key.sequence {
-                Some(seq) => self.pick_sequenced(&route, &policy, seq).map_err(fail)?,
+                Some(seq) => self
+                    .pick_sequenced(&route, &policy, seq, &tried)
+                    .map_err(fail)?,
                 None => self
                     .pool
                     .pick_for_attempt(&route, &tried)
@@ -1190,7 +1214,7 @@ impl Gateway {
             };
             let (outcome, failure, status) = failed;
             attempt.finish(outcome, Some(&status));
-            if let Some(seq) = &key.sequence {
+            if let Some(seq) = key.sequence.as_ref().filter(|s| !s.start) {
                 let status =
                     self.sequence_failed(&route, &policy, seq, &endpoint, &failure, status);
                 return Err(fail(status));
