@@ -14,6 +14,8 @@
 //!    hedging races a second attempt after a delay when the model asks for it;
 //! 7. pick: the model's policy over eligible endpoints, taking circuit permits
 //!    (`balance`, `breaker`); no backend → the model's fallback, or UNAVAILABLE naming why;
+//!    a call of a stateful sequence goes to the backend its sequence is pinned to
+//!    (`sequence`), once: no retry elsewhere, no hedge, no fallback;
 //! 8. per-try timeout around the attempt;
 //!    An attempt that has received nothing within the model's no-response bound is
 //!    given up and re-sent elsewhere when a retry may follow (`attempt`);
