@@ -1038,6 +1038,10 @@ impl Gateway {
                         }
                         for message in messages.drain(..) {
                             if let Some(up) = upstream.as_mut() {
+                                if let Some(refused) = self.stream_sequence(up, &message) {
+                                    tx.send(Ok(refused)).await.ok()?;
+                                    continue;
+                                }
                                 if let Some(up_tx) = &up.tx {
                                     // A closed channel means the backend ended; its
                                     // trailers arrive on the other branch.
@@ -1203,6 +1207,10 @@ impl Gateway {
                                 metrics: StreamMetrics::new(&route.model, endpoint.address()),
                                 shape: Shape::Deciding(Vec::new()),
                                 attempt,
+                                sequenced: key
+                                    .sequence
+                                    .as_ref()
+                                    .map(|_| (route.model.clone(), policy.sequence_idle)),
                                 _slot: slot,
                             })
                         }
@@ -1226,6 +1234,22 @@ impl Gateway {
                 None => return Err(fail(status)),
             }
         }
+    }
+}
+
+impl Gateway {
+    /// A later message on a stream opened by a sequenced one: its sequence must be (or
+    /// becomes) pinned to the stream's backend; else the in-stream error to answer.
+    fn stream_sequence(&self, up: &Upstream, message: &Message) -> Option<Frame<Bytes>> {
+        let (model, idle) = up.sequenced.as_ref()?;
+        let key = wire::peek_route(&message.payload(), true).ok()?;
+        let seq = key.sequence.as_ref()?;
+        let endpoint = up.attempt.endpoint();
+        let refused = self
+            .sequences
+            .on_stream(model, seq, endpoint, *idle, Instant::now())
+            .err()?;
+        Some(in_stream_error(&key, &refused.status()))
     }
 }
 
@@ -1386,6 +1410,9 @@ struct Upstream {
     attempt: Attempt,
     metrics: StreamMetrics,
     shape: Shape,
+    /// A stream opened by a sequenced message: its model and idle time, so that later
+    /// messages keep their sequences pinned here (`sequence::Sequences::on_stream`).
+    sequenced: Option<(String, Duration)>,
     _slot: Option<Slot>,
 }
 

@@ -105,6 +105,18 @@ pub enum Refused {
         /// Why it cannot take the call.
         why: &'static str,
     },
+    /// A stream open on one backend carries a request of a sequence pinned to
+    /// another: FAILED_PRECONDITION.
+    OtherStream {
+        /// The sequence.
+        id: SequenceId,
+        /// The model.
+        model: String,
+        /// The backend it is pinned to.
+        pinned: String,
+        /// The backend the stream is open on.
+        stream: String,
+    },
     /// No backend of the model can take a sequence's first request.
     NoneEligible,
 }
@@ -132,6 +144,16 @@ impl Refused {
             } => tonic::Status::unavailable(format!(
                 "sequence {id} of model '{}' is pinned to backend {backend}, which cannot \
                  take a call now ({why}); the sequence stays there: try again",
+                crate::wire::shown(model)
+            )),
+            Refused::OtherStream {
+                id,
+                model,
+                pinned,
+                stream,
+            } => tonic::Status::failed_precondition(format!(
+                "sequence {id} of model '{}' is pinned to backend {pinned}, but this stream \
+                 is open on backend {stream}: send it on a stream of its own",
                 crate::wire::shown(model)
             )),
             Refused::NoneEligible => {
@@ -296,6 +318,57 @@ impl Sequences {
             self.insert(&mut table, key, &chosen, idle, now);
         }
         Ok(chosen)
+    }
+
+    /// A request of sequence `seq` on a stream already open on `endpoint` (a stream
+    /// stays on its backend): a start, or a sequence not pinned yet, is pinned there; a
+    /// sequence pinned elsewhere, or lost, is refused.
+    pub fn on_stream(
+        &self,
+        model: &str,
+        seq: &SequenceKey,
+        endpoint: &Arc<Endpoint>,
+        idle: Duration,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let key = (model.to_owned(), seq.id.clone());
+        let Ok(mut table) = self.table.lock() else {
+            return Ok(());
+        };
+        if table.get(&key).is_some_and(|p| p.expired(now)) {
+            table.remove(&key);
+        }
+        if let (false, Some(pin)) = (seq.start, table.get_mut(&key)) {
+            let refused = if let Some(why) = &pin.lost {
+                Some(Refused::Lost {
+                    id: seq.id.clone(),
+                    model: model.to_owned(),
+                    backend: pin.endpoint.address().to_owned(),
+                    why: why.clone(),
+                })
+            } else if !Arc::ptr_eq(&pin.endpoint, endpoint) {
+                Some(Refused::OtherStream {
+                    id: seq.id.clone(),
+                    model: model.to_owned(),
+                    pinned: pin.endpoint.address().to_owned(),
+                    stream: endpoint.address().to_owned(),
+                })
+            } else {
+                pin.last = now;
+                pin.idle = idle;
+                None
+            };
+            if seq.end {
+                table.remove(&key);
+            }
+            return refused.map_or(Ok(()), Err);
+        }
+        if seq.end {
+            table.remove(&key);
+        } else {
+            self.insert(&mut table, key, endpoint, idle, now);
+        }
+        Ok(())
     }
 
     /// Marks the sequence lost on `backend` after an attempt there failed in a way that
@@ -569,6 +642,44 @@ mod tests {
         let mut pinned: Vec<SequenceId> = seqs.active(now).into_iter().map(|p| p.id).collect();
         pinned.sort();
         assert_eq!(pinned, [SequenceId::Int(2), SequenceId::Int(4)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_keeps_its_sequences_and_refuses_ones_pinned_elsewhere() {
+        let seqs = table(100);
+        let eps = endpoints(2);
+        let ok = |_: &Endpoint| Ok(());
+        let now = Instant::now();
+        // Sequence 1 pinned by a unary start; the stream is open on the other backend.
+        let home = seqs.choose("m", &key(1, true, false), &eps, &ok, IDLE, now);
+        let home = home.map(|e| e.address().to_owned()).unwrap_or_default();
+        let stream = eps.iter().find(|e| e.address() != home).cloned();
+        let Some(stream) = stream else {
+            panic!("two backends");
+        };
+        let refused = seqs.on_stream("m", &key(1, false, false), &stream, IDLE, now);
+        let status = refused.err().map(|r| r.status());
+        assert_eq!(
+            status.as_ref().map(|s| s.code()),
+            Some(tonic::Code::FailedPrecondition)
+        );
+        let message = status.map(|s| s.message().to_owned()).unwrap_or_default();
+        assert!(
+            message.contains(&home) && message.contains(stream.address()),
+            "{message}"
+        );
+        // A new sequence on the stream is pinned to the stream's backend and ends there.
+        assert!(seqs
+            .on_stream("m", &key(2, true, false), &stream, IDLE, now)
+            .is_ok());
+        let pinned = seqs.active(now);
+        assert!(pinned
+            .iter()
+            .any(|p| p.id == SequenceId::Int(2) && p.backend == stream.address()));
+        assert!(seqs
+            .on_stream("m", &key(2, false, true), &stream, IDLE, now)
+            .is_ok());
+        assert_eq!(seqs.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -165,7 +165,23 @@ async fn interleaved_sequences_through_two_replicas_sum_right_on_one_backend_eac
         sum += v;
         assert_eq!(decode_i32(&out.raw_output_contents[0]), [sum]);
     }
+    // A second sequence started later on the same stream is pinned to the stream's
+    // backend (a stream stays on its backend), so a unary request of it through the
+    // same gateway follows it there.
+    let other = Id::Int(4_000_000_000);
+    tx.send(acc(&other, 2, true, false)).await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a response in time")
+        .expect("a response")
+        .expect("no stream error");
+    assert_eq!(got.error_message, "");
     drop(tx);
+    let resp = clients[0]
+        .model_infer(acc(&other, 3, false, true))
+        .await
+        .expect("pinned to the stream's backend");
+    assert_eq!(answer(resp).0, 5);
     let resp = clients[1]
         .model_infer(acc(&id, 100, false, true))
         .await
