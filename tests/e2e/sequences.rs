@@ -7,7 +7,7 @@ use crate::common::*;
 use futures_util::StreamExt;
 use infergate::sim::SimHandle;
 use infergate_proto::admin::admin_client::AdminClient;
-use infergate_proto::admin::ListSequencesRequest;
+use infergate_proto::admin::{DrainBackendRequest, ListSequencesRequest};
 use infergate_proto::inference::infer_parameter::ParameterChoice;
 use infergate_proto::inference::model_infer_request::InferInputTensor;
 use infergate_proto::inference::*;
@@ -74,6 +74,21 @@ fn answer(resp: tonic::Response<ModelInferResponse>) -> (i32, String) {
         .and_then(|v| v.first().copied())
         .unwrap_or(i32::MIN);
     (sum, name)
+}
+
+/// The gateway's Prometheus text (`GET /metrics`, HTTP/1.0, read to the end).
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("metrics in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn sims(n: usize, idle_ms: u64) -> Vec<SimHandle> {
@@ -273,6 +288,12 @@ async fn the_idle_timeout_frees_the_pin() {
         .find(|s| s.control().name() == home)
         .map(|s| s.addr().to_string());
     assert_eq!(Some(pinned.address.clone()), home_addr);
+    let gauge = format!(
+        "infergate_sequences_pinned{{model=\"accumulate\",backend=\"{}\"}} 1",
+        pinned.address
+    );
+    let metrics = scrape(gw.metrics_addr()).await;
+    assert!(metrics.contains(&gauge), "{gauge} not in:\n{metrics}");
     // Polled with a deadline: the pin ends once the sequence is idle for 300 ms.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -290,6 +311,11 @@ async fn the_idle_timeout_frees_the_pin() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let metrics = scrape(gw.metrics_addr()).await;
+    assert!(
+        !metrics.contains("infergate_sequences_pinned{"),
+        "{metrics}"
+    );
     // The backend dropped the state too: a request without a start is refused, naming
     // the sequence; a start begins again.
     let err = c
@@ -300,4 +326,68 @@ async fn the_idle_timeout_frees_the_pin() {
     assert!(err.message().contains("'idle'"), "{}", err.message());
     let (sum, _) = answer(c.model_infer(acc(&id, 2, true, true)).await.expect("start"));
     assert_eq!(sum, 2);
+}
+
+#[tokio::test]
+async fn a_drained_pinned_backend_fails_the_sequence_until_it_starts_again() {
+    let sims = sims(3, 5000);
+    let gw = gateway(config(&addrs(&sims))).await;
+    let mut c = client(gw.addr()).await;
+    let mut adm = AdminClient::new(channel(gw.admin_addr()).await);
+    let id = Id::Text("drained".into());
+    let (_, home) = answer(
+        c.model_infer(acc(&id, 1, true, false))
+            .await
+            .expect("start"),
+    );
+    let address = sims
+        .iter()
+        .find(|s| s.control().name() == home)
+        .map(|s| s.addr().to_string())
+        .unwrap_or_default();
+    adm.drain_backend(DrainBackendRequest {
+        address: address.clone(),
+        timeout_ms: 1000,
+        undrain: false,
+    })
+    .await
+    .expect("drain");
+    let err = c
+        .model_infer(acc(&id, 1, false, false))
+        .await
+        .expect_err("drained mid-sequence");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let message = err.message();
+    assert!(message.contains("'drained'"), "{message}");
+    assert!(
+        message.contains(&address) && message.contains("draining"),
+        "{message}"
+    );
+    // Back in rotation, the backend still holds the state, but the sequence stays
+    // refused: its requests in between were not served, so its sum would be wrong.
+    adm.drain_backend(DrainBackendRequest {
+        address: address.clone(),
+        timeout_ms: 0,
+        undrain: true,
+    })
+    .await
+    .expect("undrain");
+    let listed = adm
+        .list_sequences(ListSequencesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.total, 1);
+    assert!(listed.backends[0].sequences[0].lost.contains("draining"));
+    let again = c.model_infer(acc(&id, 1, false, false)).await;
+    assert_eq!(
+        again.err().map(|e| e.code()),
+        Some(Code::FailedPrecondition)
+    );
+    let (sum, _) = answer(
+        c.model_infer(acc(&id, 7, true, true))
+            .await
+            .expect("restart"),
+    );
+    assert_eq!(sum, 7);
 }
