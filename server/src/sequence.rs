@@ -226,7 +226,8 @@ impl Sequences {
 
     /// The backend for a request of sequence `seq` of `model`, among the route's
     /// `endpoints`; `usable` is the pool's eligibility check. Pins, refreshes or ends
-    /// the pin as the request says.
+    /// the pin as the request says. The table's lock is held for map operations only:
+    /// the rendezvous hashes (one per backend) are computed outside it.
     pub fn choose(
         &self,
         model: &str,
@@ -237,87 +238,109 @@ impl Sequences {
         now: Instant,
     ) -> Result<Arc<Endpoint>, Refused> {
         let key = (model.to_owned(), seq.id.clone());
-        let Ok(mut table) = self.table.lock() else {
-            return Err(Refused::NoneEligible);
-        };
-        if table.get(&key).is_some_and(|p| p.expired(now)) {
-            table.remove(&key);
+        if let Some(pinned) = self.pinned(&key, seq, endpoints, usable, idle, now) {
+            return pinned;
         }
-        let chosen = match (seq.start, table.get_mut(&key)) {
-            (false, Some(pin)) => {
-                let lost = |why: String| Refused::Lost {
-                    id: seq.id.clone(),
-                    model: model.to_owned(),
-                    backend: pin.endpoint.address().to_owned(),
-                    why,
-                };
-                if let Some(why) = &pin.lost {
-                    let refused = lost(why.clone());
-                    if seq.end {
-                        table.remove(&key);
-                    }
-                    return Err(refused);
-                }
-                if !endpoints.iter().any(|e| Arc::ptr_eq(e, &pin.endpoint)) {
-                    let why = "was removed from the pool (or no longer serves the model)";
-                    return Err(self.lose(&mut table, key, seq, why.to_owned(), model));
-                }
-                match usable(&pin.endpoint) {
-                    Ok(()) => {}
-                    Err(why) => match loss(why) {
-                        Some(words) => {
-                            return Err(self.lose(&mut table, key, seq, words.to_owned(), model))
-                        }
-                        None => {
-                            return Err(Refused::Busy {
-                                id: seq.id.clone(),
-                                model: model.to_owned(),
-                                backend: pin.endpoint.address().to_owned(),
-                                why: why.describe(),
-                            })
-                        }
-                    },
-                }
-                pin.last = now;
-                pin.idle = idle;
-                Arc::clone(&pin.endpoint)
-            }
-            (true, _) => rendezvous_order(self.seed, model, &seq.id, endpoints)
+        let order = rendezvous_order(self.seed, model, &seq.id, endpoints);
+        let chosen = if seq.start {
+            order
                 .into_iter()
                 .find(|e| usable(e).is_ok())
-                .ok_or(Refused::NoneEligible)?,
-            (false, None) => {
-                // Unpinned here: the backend every replica agrees on, or a clear refusal.
-                let first = rendezvous_order(self.seed, model, &seq.id, endpoints)
-                    .into_iter()
-                    .next()
-                    .ok_or(Refused::NoneEligible)?;
-                if let Err(why) = usable(&first) {
-                    let refused = match loss(why) {
-                        Some(words) => Refused::Lost {
-                            id: seq.id.clone(),
-                            model: model.to_owned(),
-                            backend: first.address().to_owned(),
-                            why: format!("{words} (chosen by rendezvous: not pinned here)"),
-                        },
-                        None => Refused::Busy {
-                            id: seq.id.clone(),
-                            model: model.to_owned(),
-                            backend: first.address().to_owned(),
-                            why: why.describe(),
-                        },
-                    };
-                    return Err(refused);
-                }
-                first
+                .ok_or(Refused::NoneEligible)?
+        } else {
+            // Unpinned here: the backend every replica agrees on, or a clear refusal.
+            let first = order.into_iter().next().ok_or(Refused::NoneEligible)?;
+            if let Err(why) = usable(&first) {
+                return Err(match loss(why) {
+                    Some(words) => Refused::Lost {
+                        id: seq.id.clone(),
+                        model: model.to_owned(),
+                        backend: first.address().to_owned(),
+                        why: format!("{words} (chosen by rendezvous: not pinned here)"),
+                    },
+                    None => Refused::Busy {
+                        id: seq.id.clone(),
+                        model: model.to_owned(),
+                        backend: first.address().to_owned(),
+                        why: why.describe(),
+                    },
+                });
             }
+            first
+        };
+        let Ok(mut table) = self.table.lock() else {
+            return Ok(chosen);
         };
         if seq.end {
             table.remove(&key);
-        } else if !table.contains_key(&key) || seq.start {
+        } else {
             self.insert(&mut table, key, &chosen, idle, now);
         }
         Ok(chosen)
+    }
+
+    /// A request that is not a start, of a sequence pinned here: its backend, refreshed
+    /// (or ended), or the refusal. None when the sequence has no live pin.
+    fn pinned(
+        &self,
+        key: &Key,
+        seq: &SequenceKey,
+        endpoints: &[Arc<Endpoint>],
+        usable: &dyn Fn(&Endpoint) -> Result<(), Unavailable>,
+        idle: Duration,
+        now: Instant,
+    ) -> Option<Result<Arc<Endpoint>, Refused>> {
+        let model = key.0.as_str();
+        let Ok(mut table) = self.table.lock() else {
+            return Some(Err(Refused::NoneEligible));
+        };
+        if table.get(key).is_some_and(|p| p.expired(now)) {
+            table.remove(key);
+        }
+        if seq.start {
+            return None;
+        }
+        let pin = table.get_mut(key)?;
+        if let Some(why) = &pin.lost {
+            let refused = Refused::Lost {
+                id: seq.id.clone(),
+                model: model.to_owned(),
+                backend: pin.endpoint.address().to_owned(),
+                why: why.clone(),
+            };
+            if seq.end {
+                table.remove(key);
+            }
+            return Some(Err(refused));
+        }
+        if !endpoints.iter().any(|e| Arc::ptr_eq(e, &pin.endpoint)) {
+            let why = "was removed from the pool (or no longer serves the model)";
+            return Some(Err(self.lose(
+                &mut table,
+                key.clone(),
+                seq,
+                why.to_owned(),
+                model,
+            )));
+        }
+        if let Err(why) = usable(&pin.endpoint) {
+            return Some(Err(match loss(why) {
+                Some(words) => self.lose(&mut table, key.clone(), seq, words.to_owned(), model),
+                None => Refused::Busy {
+                    id: seq.id.clone(),
+                    model: model.to_owned(),
+                    backend: pin.endpoint.address().to_owned(),
+                    why: why.describe(),
+                },
+            }));
+        }
+        pin.last = now;
+        pin.idle = idle;
+        let endpoint = Arc::clone(&pin.endpoint);
+        if seq.end {
+            table.remove(key);
+        }
+        Some(Ok(endpoint))
     }
 
     /// A request of sequence `seq` on a stream already open on `endpoint` (a stream
