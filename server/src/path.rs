@@ -393,7 +393,12 @@ impl Gateway {
         });
         let (slot, route, policy, fallback) = match admitted {
             Ok(slot) => (slot, route, policy, None),
-            Err(rejected) if policy.fallback_when_full && policy.fallback.is_some() => {
+            // A sequence's state is on its model's backend: it never falls back.
+            Err(rejected)
+                if policy.fallback_when_full
+                    && policy.fallback.is_some()
+                    && key.sequence.is_none() =>
+            {
                 let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
                 let slot = self
                     .bulkhead(&policy, &caller, deadline)
@@ -412,7 +417,7 @@ impl Gateway {
             deadline,
             span,
             tenant: &caller.tenant,
-            sequence: key.sequence.as_ref().filter(|_| fallback.is_none()),
+            sequence: key.sequence.as_ref(),
         };
         let result = match deadline {
             Some(d) => {
