@@ -21,7 +21,7 @@ use infergate_client::{
 };
 
 /// The models every simulator serves by default.
-const MODELS: [&str; 3] = ["identity_fp32", "simple", "tiny_llm"];
+const MODELS: [&str; 4] = ["accumulate", "identity_fp32", "simple", "tiny_llm"];
 
 /// An upper bound on anything a test waits for; never a synchronisation device.
 const LIMIT: Duration = Duration::from_secs(20);

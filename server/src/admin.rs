@@ -9,6 +9,7 @@
 use crate::config::PolicyKind;
 use crate::control::{Control, ControlError};
 use crate::endpoint::Endpoint;
+use crate::wire::SequenceId;
 use infergate_proto::admin::admin_server::{Admin, AdminServer};
 use infergate_proto::admin::*;
 use std::pin::Pin;
@@ -391,6 +392,47 @@ impl Admin for AdminService {
             }
         }
     }
+
+    async fn list_sequences(
+        &self,
+        request: Request<ListSequencesRequest>,
+    ) -> Result<Response<ListSequencesResponse>, Status> {
+        let model = request.into_inner().model;
+        Ok(Response::new(sequences(&self.control, &model)))
+    }
+}
+
+/// The pinned sequences, grouped by backend (by address, then model and id).
+fn sequences(control: &Control, only_model: &str) -> ListSequencesResponse {
+    let pins = control.gateway().sequences.active(Instant::now());
+    let mut backends: Vec<BackendSequences> = Vec::new();
+    let mut total = 0u64;
+    for pin in pins
+        .into_iter()
+        .filter(|p| only_model.is_empty() || p.model == only_model)
+    {
+        if backends.last().is_none_or(|b| b.address != pin.backend) {
+            backends.push(BackendSequences {
+                address: pin.backend.clone(),
+                sequences: Vec::new(),
+            });
+        }
+        let (sequence_id, string_id) = match &pin.id {
+            SequenceId::Int(v) => (v.to_string(), false),
+            SequenceId::Text(t) => (t.clone(), true),
+        };
+        total += 1;
+        if let Some(b) = backends.last_mut() {
+            b.sequences.push(PinnedSequence {
+                model: pin.model,
+                sequence_id,
+                string_id,
+                idle_ms: u64::try_from(pin.idle_for.as_millis()).unwrap_or(u64::MAX),
+                lost: pin.lost.unwrap_or_default(),
+            });
+        }
+    }
+    ListSequencesResponse { backends, total }
 }
 
 fn model(control: &Control, name: &str) -> Model {

@@ -384,6 +384,11 @@ impl Control {
             ("backend_connection", next.backend_connection != current.backend_connection),
             ("redis", next.redis != current.redis),
             (
+                "sequences.max_pinned, sequences.hash_seed",
+                next.sequences.max_pinned != current.sequences.max_pinned
+                    || next.sequences.hash_seed != current.sequences.hash_seed,
+            ),
+            (
                 "client limits (max_buffered_request_bytes, max_concurrent_streams, \
                  max_header_list_bytes, max_client_connections, client_*_ms, request_read_timeout_ms)",
                 next.max_buffered_request_bytes != current.max_buffered_request_bytes

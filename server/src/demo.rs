@@ -81,7 +81,9 @@ impl Demo {
                 sim.addr()
             ));
         }
-        out.push_str("models: simple, identity_fp32, tiny_llm (decoupled, streaming)\n");
+        out.push_str(
+            "models: simple, identity_fp32, tiny_llm (decoupled, streaming), accumulate (stateful: sequence_id)\n",
+        );
         out.push_str(&format!(
             "try:  cargo run --release --bin infergate-cli -- --addr {} infer --model simple\n",
             self.gateway.addr()

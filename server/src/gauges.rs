@@ -9,6 +9,7 @@ use crate::endpoint::Health;
 use crate::models::Models;
 use crate::path::Gateway;
 use crate::pool::Pool;
+use crate::sequence::Sequences;
 use crate::telemetry::ScrapeHook;
 use std::sync::Arc;
 
@@ -282,11 +283,30 @@ pub fn render_models(models: &Models, out: &mut String) {
     }
 }
 
-/// The scrape hook of a gateway: [`render_pool`] and [`render_models`].
+/// `infergate_sequences_pinned`: the sequences pinned now, per model and backend.
+pub fn render_sequences(sequences: &Sequences, out: &mut String) {
+    let mut pinned = Family::new(
+        "infergate_sequences_pinned",
+        "gauge",
+        "Stateful sequences pinned to a backend now (lost ones included until they end).",
+    );
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for pin in sequences.active(tokio::time::Instant::now()) {
+        *counts.entry((pin.model, pin.backend)).or_default() += 1;
+    }
+    for ((model, backend), n) in counts {
+        pinned.add(vec![("model", model), ("backend", backend)], n as f64);
+    }
+    pinned.render(out);
+}
+
+/// The scrape hook of a gateway: [`render_pool`], [`render_models`] and
+/// [`render_sequences`].
 pub fn gateway_scrape_hook(gateway: &Arc<Gateway>) -> ScrapeHook {
     let gateway = Arc::clone(gateway);
     Arc::new(move |out: &mut String| {
         render_pool(&gateway.pool, out);
         render_models(&gateway.models, out);
+        render_sequences(&gateway.sequences, out);
     })
 }

@@ -49,6 +49,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod ratio;
 pub mod retry;
+pub mod sequence;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

@@ -379,6 +379,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("redis", "The Redis that holds rate limits with scope = \"global\" (shared by every replica)."),
     ("retry", "Retries for every model (a model's own [models.NAME.retry] replaces it)."),
     ("hedge", "Hedging for every model (off by default; [models.NAME.hedge] replaces it)."),
+    ("sequences", "Stateful sequences (Triton's sequence_id): pinned to one backend by rendezvous hashing."),
     ("admin", "The admin API (infergate.admin.v1.Admin on admin_listen)."),
     ("backends", "The backends, one [[backends]] table each (example)."),
     ("dns", "DNS names whose A/AAAA records are backends, e.g. a Kubernetes headless service (example)."),
@@ -436,6 +437,7 @@ fn example_config(defaults: &Config) -> Config {
             fallback_when_full: false,
             triton_timeout_parameter: false,
             no_response: Some(defaults.no_response.clone()),
+            sequence_idle_ms: Some(1000),
         },
     );
     c

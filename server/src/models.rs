@@ -52,6 +52,8 @@ pub struct ModelPolicy {
     pub fallback_when_full: bool,
     /// Pass the deadline as Triton's `timeout` parameter too.
     pub triton_timeout: bool,
+    /// How long a sequence stays pinned without a request (`sequence`).
+    pub sequence_idle: Duration,
 }
 
 impl ModelPolicy {
@@ -90,6 +92,10 @@ impl ModelPolicy {
             fallback: cfg.and_then(|c| c.fallback.clone()),
             fallback_when_full: cfg.is_some_and(|c| c.fallback_when_full),
             triton_timeout: cfg.is_some_and(|c| c.triton_timeout_parameter),
+            sequence_idle: Duration::from_millis(
+                cfg.and_then(|c| c.sequence_idle_ms)
+                    .unwrap_or(defaults.sequences.idle_ms),
+            ),
         }
     }
 }

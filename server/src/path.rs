@@ -14,6 +14,8 @@
 //!    hedging races a second attempt after a delay when the model asks for it;
 //! 7. pick: the model's policy over eligible endpoints, taking circuit permits
 //!    (`balance`, `breaker`); no backend → the model's fallback, or UNAVAILABLE naming why;
+//!    a call of a stateful sequence goes to the backend its sequence is pinned to
+//!    (`sequence`), once: no retry elsewhere, no hedge, no fallback;
 //! 8. per-try timeout around the attempt;
 //!    An attempt that has received nothing within the model's no-response bound is
 //!    given up and re-sent elsewhere when a retry may follow (`attempt`);
@@ -43,6 +45,7 @@ use crate::pool::{Pool, RouteError};
 use crate::proxy::{self, ObservedBody};
 use crate::ratelimit::{RateKey, RateLimiter};
 use crate::retry::{self, Failure};
+use crate::sequence::Sequences;
 use crate::telemetry;
 use crate::trace::{self, attr, CallSpan};
 use crate::wire::{self, Deframer, Message, RouteKey};
@@ -146,6 +149,8 @@ pub struct Gateway {
     pub global: Option<Arc<GlobalLimiter>>,
     /// Kept back from the remaining deadline passed to backends.
     pub deadline_margin: Duration,
+    /// Stateful sequences pinned to their backends.
+    pub sequences: Sequences,
     shutting_down: AtomicBool,
 }
 
@@ -206,6 +211,7 @@ impl Gateway {
             tenants: config.tenants.clone(),
             limiter,
             deadline_margin: Duration::from_millis(config.deadline_margin_ms),
+            sequences: Sequences::new(&config.sequences),
             shutting_down: AtomicBool::new(false),
         }))
     }
@@ -386,7 +392,12 @@ impl Gateway {
         });
         let (slot, route, policy, fallback) = match admitted {
             Ok(slot) => (slot, route, policy, None),
-            Err(rejected) if policy.fallback_when_full && policy.fallback.is_some() => {
+            // A sequence's state is on its model's backend: it never falls back.
+            Err(rejected)
+                if policy.fallback_when_full
+                    && policy.fallback.is_some()
+                    && key.sequence.is_none() =>
+            {
                 let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
                 let slot = self
                     .bulkhead(&policy, &caller, deadline)
@@ -406,6 +417,7 @@ impl Gateway {
             span,
             tenant: &caller.tenant,
             failed_with: AtomicI32::new(-1),
+            sequence: key.sequence.as_ref(),
         };
         let result = match deadline {
             Some(d) => {
@@ -553,6 +565,9 @@ impl Gateway {
         mut policy: Arc<ModelPolicy>,
         mut fallback: Option<String>,
     ) -> Result<(http::Response<Body>, Attempt), Status> {
+        if let Some(seq) = call.sequence {
+            return self.sequenced(call, &route, &policy, seq).await;
+        }
         let original = policy.clone();
         original.budget.record_request(Instant::now());
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
@@ -628,6 +643,103 @@ impl Gateway {
                 None => return Err(failed.status),
             }
         }
+    }
+
+    /// A call of a stateful sequence: on the backend `sequence` pins it to, never hedged
+    /// and never retried elsewhere, except a first request (`sequence_start`), which
+    /// holds no state yet. An attempt that did not reach the backend or got no answer
+    /// leaves the sequence's state unknown, so the sequence is lost.
+    async fn sequenced(
+        &self,
+        call: &Call<'_>,
+        route: &ModelRoute,
+        policy: &Arc<ModelPolicy>,
+        seq: &wire::SequenceKey,
+    ) -> Result<(http::Response<Body>, Attempt), Status> {
+        policy.budget.record_request(Instant::now());
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        loop {
+            let picked = self.pick_sequenced(route, policy, seq, &tried)?;
+            call.span.add_event("sequence pinned");
+            let endpoint = Arc::clone(&picked.endpoint);
+            tried.push(Arc::clone(&endpoint));
+            let attempt_no = tried.len() as u32;
+            let AttemptFailed { failure, status } = match self
+                .attempt(call, route, policy, picked, attempt_no, None)
+                .await
+            {
+                Ok(ok) => return Ok(ok),
+                Err(failed) => failed,
+            };
+            if !seq.start {
+                return Err(self.sequence_failed(route, policy, seq, &endpoint, &failure, status));
+            }
+            // A first request holds no state yet: like any call, it may be retried on
+            // the next backend in the sequence's rendezvous order, which it re-pins to.
+            match self.retry_after(policy, &failure, attempt_no, call.deadline) {
+                Some(backoff) => tokio::time::sleep(backoff).await,
+                None => return Err(status),
+            }
+        }
+    }
+
+    /// The pick of a sequenced call: the sequence's backend, with its circuit permits.
+    fn pick_sequenced(
+        &self,
+        route: &ModelRoute,
+        policy: &ModelPolicy,
+        seq: &wire::SequenceKey,
+        tried: &[Arc<Endpoint>],
+    ) -> Result<Picked, Status> {
+        let (now, panic, model) = (Instant::now(), self.pool.in_panic(), route.model.as_str());
+        // Backends a first request failed on already count as not ready for it.
+        let usable = |e: &Endpoint| match tried.iter().any(|t| std::ptr::eq(t.as_ref(), e)) {
+            true => Err(crate::endpoint::Unavailable::NotReady),
+            false => e.availability(model, now, panic),
+        };
+        let chosen = self.sequences.choose(
+            model,
+            seq,
+            &route.endpoints,
+            &usable,
+            policy.sequence_idle,
+            now,
+        );
+        let endpoint = chosen.map_err(|refused| match refused {
+            crate::sequence::Refused::NoneEligible => route_status(RouteError::NoneEligible {
+                model: route.model.clone(),
+                summary: format!("the first request of sequence {}", seq.id),
+            }),
+            refused => refused.status(),
+        })?;
+        Pool::take_permits(&endpoint, model, now).ok_or_else(|| {
+            Status::unavailable(format!(
+                "sequence {} is pinned to backend {}, whose circuit admits no call now; try again",
+                seq.id,
+                endpoint.address()
+            ))
+        })
+    }
+
+    /// The status of a sequenced attempt that failed: one that did not reach the
+    /// backend or got no answer leaves the sequence's state unknown, so it is lost.
+    fn sequence_failed(
+        &self,
+        route: &ModelRoute,
+        policy: &ModelPolicy,
+        seq: &wire::SequenceKey,
+        endpoint: &Arc<Endpoint>,
+        failure: &Failure,
+        status: Status,
+    ) -> Status {
+        if !matches!(failure, Failure::Connect | Failure::NoResponse) {
+            return status;
+        }
+        let why = format!("failed the call ({})", status.message());
+        let (now, idle) = (Instant::now(), policy.sequence_idle);
+        self.sequences
+            .lost_on(&route.model, seq, endpoint, why, now, idle)
+            .status()
     }
 
     /// A first attempt raced by a hedge sent `delay` later to another backend; the
@@ -744,9 +856,10 @@ impl Gateway {
                 Bytes::from(extra),
             ])
         };
-        // 8. per-try timeout, and the no-response bound
+        // 8. per-try timeout, and the no-response bound (a sequenced call is sent once)
         let sent = send(&endpoint, call.rpc, headers, body);
-        let response = match self.give_up_at(policy, attempt_no, began, bound, call.deadline) {
+        let cut = bound.filter(|_| call.sequence.is_none());
+        let response = match self.give_up_at(policy, attempt_no, began, cut, call.deadline) {
             Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -935,6 +1048,10 @@ impl Gateway {
                         }
                         for message in messages.drain(..) {
                             if let Some(up) = upstream.as_mut() {
+                                if let Some(refused) = self.stream_sequence(up, &message) {
+                                    tx.send(Ok(refused)).await.ok()?;
+                                    continue;
+                                }
                                 if let Some(up_tx) = &up.tx {
                                     // A closed channel means the backend ended; its
                                     // trailers arrive on the other branch.
@@ -1039,9 +1156,14 @@ impl Gateway {
         let mut attempt_no = 0u32;
         loop {
             attempt_no += 1;
-            let picked = match self.pool.pick_for_attempt(&route, &tried) {
-                Ok(p) => p,
-                Err(e) => return Err(fail(route_status(e))),
+            let picked = match &key.sequence {
+                Some(seq) => self
+                    .pick_sequenced(&route, &policy, seq, &tried)
+                    .map_err(fail)?,
+                None => self
+                    .pool
+                    .pick_for_attempt(&route, &tried)
+                    .map_err(|e| fail(route_status(e)))?,
             };
             tried.push(Arc::clone(&picked.endpoint));
             let bound = policy.no_response.get(Instant::now());
@@ -1068,7 +1190,8 @@ impl Gateway {
             ));
             let sent = send(&endpoint, Forwarded::ModelStreamInfer, headers, body);
             let began = attempt.began();
-            let response = match self.give_up_at(&policy, attempt_no, began, bound, deadline) {
+            let cut = bound.filter(|_| key.sequence.is_none());
+            let response = match self.give_up_at(&policy, attempt_no, began, cut, deadline) {
                 Some((at, why)) => match tokio::time::timeout_at(at, sent).await {
                     Ok(r) => r.map_err(|s| (Outcome::Transport, Failure::Connect, s)),
                     Err(_) => Err((
@@ -1094,6 +1217,10 @@ impl Gateway {
                                 metrics: StreamMetrics::new(&route.model, endpoint.address()),
                                 shape: Shape::Deciding(Vec::new()),
                                 attempt,
+                                sequenced: key
+                                    .sequence
+                                    .as_ref()
+                                    .map(|_| (route.model.clone(), policy.sequence_idle)),
                                 _slot: slot,
                             })
                         }
@@ -1107,11 +1234,32 @@ impl Gateway {
             };
             let (outcome, failure, status) = failed;
             attempt.finish(outcome, Some(&status));
+            if let Some(seq) = key.sequence.as_ref().filter(|s| !s.start) {
+                let status =
+                    self.sequence_failed(&route, &policy, seq, &endpoint, &failure, status);
+                return Err(fail(status));
+            }
             match self.retry_after(&policy, &failure, attempt_no, deadline) {
                 Some(backoff) => tokio::time::sleep(backoff).await,
                 None => return Err(fail(status)),
             }
         }
+    }
+}
+
+impl Gateway {
+    /// A later message on a stream opened by a sequenced one: its sequence must be (or
+    /// becomes) pinned to the stream's backend; else the in-stream error to answer.
+    fn stream_sequence(&self, up: &Upstream, message: &Message) -> Option<Frame<Bytes>> {
+        let (model, idle) = up.sequenced.as_ref()?;
+        let key = wire::peek_route(&message.payload(), true).ok()?;
+        let seq = key.sequence.as_ref()?;
+        let endpoint = up.attempt.endpoint();
+        let refused = self
+            .sequences
+            .on_stream(model, seq, endpoint, *idle, Instant::now())
+            .err()?;
+        Some(in_stream_error(&key, &refused.status()))
     }
 }
 
@@ -1127,6 +1275,8 @@ struct Call<'a> {
     /// The code a backend answered an earlier attempt with, when that was a failure
     /// (-1: none yet). The same failure from a second backend is the request's.
     failed_with: AtomicI32,
+    /// The stateful sequence the call belongs to: sent once, to its pinned backend.
+    sequence: Option<&'a wire::SequenceKey>,
 }
 
 impl Call<'_> {
@@ -1282,6 +1432,9 @@ struct Upstream {
     attempt: Attempt,
     metrics: StreamMetrics,
     shape: Shape,
+    /// A stream opened by a sequenced message: its model and idle time, so that later
+    /// messages keep their sequences pinned here (`sequence::Sequences::on_stream`).
+    sequenced: Option<(String, Duration)>,
     _slot: Option<Slot>,
 }
 

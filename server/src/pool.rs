@@ -600,33 +600,30 @@ impl Pool {
                 .pick_now(&route.endpoints, &fresh)
                 .or_else(|| route.policy.pick_now(&route.endpoints, &usable));
             let Some(endpoint) = endpoint else { break };
-            // A half-open circuit admits only its probes: the permit decides.
-            let permit = match endpoint.breaker().acquire_guard(now) {
-                Some(p) => Some(p),
-                None => {
-                    refused.push(endpoint);
-                    continue;
-                }
-            };
-            let model_permit = match endpoint.model_breaker(model) {
-                Some(b) => match b.acquire_guard(now) {
-                    Some(p) => Some(p),
-                    None => {
-                        refused.push(endpoint);
-                        continue;
-                    }
-                },
-                _ => None,
-            };
-            return Ok(Picked {
-                endpoint,
-                permit,
-                model_permit,
-            });
+            match Pool::take_permits(&endpoint, model, now) {
+                Some(picked) => return Ok(picked),
+                None => refused.push(endpoint),
+            }
         }
         Err(RouteError::NoneEligible {
             model: route.model.clone(),
             summary: self.summarize(&route.endpoints, model),
+        })
+    }
+
+    /// `endpoint` for one attempt on `model`, with its circuit permits; None when a
+    /// circuit refuses (a half-open circuit admits only its probes: the permit decides).
+    /// Also the pick of a call whose backend is fixed already (a pinned sequence).
+    pub fn take_permits(endpoint: &Arc<Endpoint>, model: &str, now: Instant) -> Option<Picked> {
+        let permit = Some(endpoint.breaker().acquire_guard(now)?);
+        let model_permit = match endpoint.model_breaker(model) {
+            Some(b) => Some(b.acquire_guard(now)?),
+            None => None,
+        };
+        Some(Picked {
+            endpoint: Arc::clone(endpoint),
+            permit,
+            model_permit,
         })
     }
 

@@ -213,6 +213,16 @@ pub fn describe() {
         Unit::Count,
         "Calls sent to a fallback model, by the model called and the fallback used."
     );
+    describe_counter!(
+        "infergate_sequences_lost_total",
+        Unit::Count,
+        "Stateful sequences refused because the backend they were pinned to lost them, by model and backend."
+    );
+    describe_counter!(
+        "infergate_sequences_unpinned_total",
+        Unit::Count,
+        "Stateful sequences routed by the rendezvous hash alone because the pin table was full, by model."
+    );
 }
 
 /// A call has started (in-flight gauge).

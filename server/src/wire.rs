@@ -399,6 +399,39 @@ pub struct RouteKey {
     pub version: String,
     /// `id` (ModelInferRequest only); echoed in errors so callers can match them.
     pub id: String,
+    /// Triton's sequence parameters (ModelInferRequest only), when it carries a
+    /// `sequence_id`.
+    pub sequence: Option<SequenceKey>,
+}
+
+/// A sequence id as Triton takes it: an unsigned integer or a string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SequenceId {
+    /// `sequence_id` given as int64 or uint64.
+    Int(u64),
+    /// `sequence_id` given as a string.
+    Text(String),
+}
+
+impl fmt::Display for SequenceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SequenceId::Int(v) => write!(f, "{v}"),
+            SequenceId::Text(s) => write!(f, "'{}'", shown(s)),
+        }
+    }
+}
+
+/// The sequence parameters of one request: `sequence_id`, `sequence_start`,
+/// `sequence_end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceKey {
+    /// The sequence.
+    pub id: SequenceId,
+    /// `sequence_start`: the first request of the sequence.
+    pub start: bool,
+    /// `sequence_end`: the last request of the sequence.
+    pub end: bool,
 }
 
 /// Why a payload is not a well-formed protobuf message.
@@ -415,9 +448,14 @@ impl fmt::Display for PeekError {
 /// payload, walking every top-level field so that a malformed message is caught here
 /// rather than by the backend. Those field numbers are the same in `ModelInferRequest`,
 /// `ModelMetadataRequest`, `ModelConfigRequest` and `ModelStatisticsRequest`.
+///
+/// With `with_id`, the `parameters` entries `sequence_id` (int64, uint64 or string; 0
+/// and "" mean none, as in Triton), `sequence_start` and `sequence_end` (bools) are read
+/// into [`RouteKey::sequence`]; tensors are still only skipped.
 pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekError> {
     let mut key = RouteKey::default();
     let mut counts = [0usize; 3];
+    let mut seq = SequenceParams::default();
     while payload.has_remaining() {
         let tag = read_varint(&mut payload)
             .ok_or_else(|| PeekError("malformed protobuf: truncated field tag".into()))?;
@@ -472,6 +510,9 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
                         })?;
                         *count += 1;
                     }
+                    if field == 4 {
+                        seq.read(value)?;
+                    }
                 }
                 let slot = match field {
                     1 => Some(&mut key.model),
@@ -495,7 +536,150 @@ pub fn peek_route(mut payload: &[u8], with_id: bool) -> Result<RouteKey, PeekErr
             }
         }
     }
+    key.sequence = seq.id.map(|id| SequenceKey {
+        id,
+        start: seq.start,
+        end: seq.end,
+    });
     Ok(key)
+}
+
+/// Sequence parameters met so far while peeking (the last entry of a key wins, as in a
+/// protobuf map).
+#[derive(Default)]
+struct SequenceParams {
+    id: Option<SequenceId>,
+    start: bool,
+    end: bool,
+}
+
+impl SequenceParams {
+    /// Reads one `parameters` map entry (already checked to be well formed); entries
+    /// other than the three sequence keys are skipped.
+    fn read(&mut self, entry: &[u8]) -> Result<(), PeekError> {
+        let Some((name, value)) = map_entry(entry) else {
+            return Ok(());
+        };
+        let which = match name {
+            b"sequence_id" => 0,
+            b"sequence_start" => 1,
+            b"sequence_end" => 2,
+            _ => return Ok(()),
+        };
+        let bad = |what: &str| {
+            let name = String::from_utf8_lossy(name);
+            PeekError(format!("parameter '{name}' must be {what}"))
+        };
+        let param = infer_parameter(value);
+        match which {
+            0 => {
+                self.id = match param {
+                    Some(Param::Int(0)) => None,
+                    Some(Param::Int(v)) => Some(SequenceId::Int(v)),
+                    Some(Param::Text(b"")) => None,
+                    Some(Param::Text(t)) => Some(SequenceId::Text(
+                        std::str::from_utf8(t)
+                            .map_err(|_| bad("UTF-8 text"))?
+                            .to_owned(),
+                    )),
+                    None => None,
+                    Some(_) => return Err(bad("an int64, a uint64 or a string")),
+                }
+            }
+            _ => {
+                let flag = match param {
+                    Some(Param::Bool(b)) => b,
+                    None => false,
+                    Some(_) => return Err(bad("a bool")),
+                };
+                if which == 1 {
+                    self.start = flag;
+                } else {
+                    self.end = flag;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key and value bytes of one map entry (fields 1 and 2), if both are present.
+fn map_entry(mut entry: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut key, mut value) = (None, None);
+    while !entry.is_empty() {
+        let tag = read_varint(&mut entry)?;
+        match tag & 7 {
+            0 => {
+                read_varint(&mut entry)?;
+                continue;
+            }
+            1 => {
+                entry = entry.get(8..)?;
+                continue;
+            }
+            5 => {
+                entry = entry.get(4..)?;
+                continue;
+            }
+            2 => {}
+            _ => return None,
+        }
+        let len = usize::try_from(read_varint(&mut entry)?).ok()?;
+        let bytes = entry.get(..len)?;
+        entry = &entry[len..];
+        match tag >> 3 {
+            1 => key = Some(bytes),
+            2 => value = Some(bytes),
+            _ => {}
+        }
+    }
+    Some((key?, value.unwrap_or_default()))
+}
+
+/// One `InferParameter`'s value, as far as the gateway reads it.
+enum Param<'a> {
+    Bool(bool),
+    Int(u64),
+    Text(&'a [u8]),
+    Other,
+}
+
+/// `InferParameter`: 1 bool, 2 int64, 3 string, 4 double, 5 uint64 (the last one set
+/// wins, as in a oneof). None when unset.
+fn infer_parameter(mut param: &[u8]) -> Option<Param<'_>> {
+    let mut out = None;
+    while !param.is_empty() {
+        let tag = read_varint(&mut param)?;
+        out = Some(match (tag >> 3, tag & 7) {
+            (1, 0) => Param::Bool(read_varint(&mut param)? != 0),
+            (2, 0) | (5, 0) => Param::Int(read_varint(&mut param)?),
+            (3, 2) => {
+                let len = usize::try_from(read_varint(&mut param)?).ok()?;
+                let t = param.get(..len)?;
+                param = &param[len..];
+                Param::Text(t)
+            }
+            (_, 0) => {
+                read_varint(&mut param)?;
+                Param::Other
+            }
+            (_, 1) => {
+                param = param.get(8..)?;
+                Param::Other
+            }
+            (_, 5) => {
+                param = param.get(4..)?;
+                Param::Other
+            }
+            (_, 2) => {
+                let len = usize::try_from(read_varint(&mut param)?).ok()?;
+                param = param.get(len..)?;
+                Param::Other
+            }
+            _ => return None,
+        });
+    }
+    out
 }
 
 /// Reads an integer request parameter (`parameters` map, field 4 of
@@ -697,7 +881,8 @@ fn read_varint(buf: &mut &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infergate_proto::inference::ModelInferRequest;
+    use infergate_proto::inference::infer_parameter::ParameterChoice;
+    use infergate_proto::inference::{InferParameter, ModelInferRequest};
     use prost::Message as _;
 
     fn request() -> Vec<u8> {
@@ -717,6 +902,69 @@ mod tests {
         assert_eq!(key.model, "simple");
         assert_eq!(key.version, "1");
         assert_eq!(key.id, "req-7");
+    }
+
+    fn with_params(params: &[(&str, ParameterChoice)]) -> Vec<u8> {
+        let mut req = ModelInferRequest {
+            model_name: "accumulate".into(),
+            raw_input_contents: vec![vec![1u8; 64]],
+            ..Default::default()
+        };
+        for (name, choice) in params {
+            req.parameters.insert(
+                (*name).into(),
+                InferParameter {
+                    parameter_choice: Some(choice.clone()),
+                },
+            );
+        }
+        req.encode_to_vec()
+    }
+
+    #[test]
+    fn peeks_the_sequence_parameters() {
+        use ParameterChoice::{BoolParam, Int64Param, StringParam, Uint64Param};
+        let peek = |params: &[(&str, ParameterChoice)]| {
+            peek_route(&with_params(params), true).map(|k| k.sequence)
+        };
+        let seq = |id, start, end| Ok(Some(SequenceKey { id, start, end }));
+        assert_eq!(
+            peek(&[
+                ("sequence_id", Int64Param(42)),
+                ("sequence_start", BoolParam(true)),
+                ("priority", Int64Param(1)),
+            ]),
+            seq(SequenceId::Int(42), true, false)
+        );
+        assert_eq!(
+            peek(&[
+                ("sequence_id", StringParam("user-7".into())),
+                ("sequence_end", BoolParam(true)),
+            ]),
+            seq(SequenceId::Text("user-7".into()), false, true)
+        );
+        assert_eq!(
+            peek(&[("sequence_id", Uint64Param(u64::MAX))]),
+            seq(SequenceId::Int(u64::MAX), false, false)
+        );
+        // No id, a zero id, an empty id: not a sequence, as in Triton.
+        assert_eq!(peek(&[("sequence_start", BoolParam(true))]), Ok(None));
+        assert_eq!(peek(&[("sequence_id", Int64Param(0))]), Ok(None));
+        assert_eq!(
+            peek(&[("sequence_id", StringParam(String::new()))]),
+            Ok(None)
+        );
+        // The wrong type is refused with the parameter named.
+        let bad = peek(&[("sequence_id", ParameterChoice::DoubleParam(1.5))]);
+        assert!(bad.is_err_and(|e| e.0.contains("sequence_id")));
+        let bad = peek(&[
+            ("sequence_id", Int64Param(1)),
+            ("sequence_end", Int64Param(1)),
+        ]);
+        assert!(bad.is_err_and(|e| e.0.contains("sequence_end")));
+        // Requests that are not ModelInferRequest carry no sequence.
+        let key = peek_route(&with_params(&[("sequence_id", Int64Param(3))]), false);
+        assert_eq!(key.map(|k| k.sequence), Ok(None));
     }
 
     #[test]

@@ -114,7 +114,7 @@ async fn every_unary_rpc_answers_through_the_gateway() {
         .into_inner();
     let mut names: Vec<_> = index.models.iter().map(|m| m.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["identity_fp32", "simple", "tiny_llm"]);
+    assert_eq!(names, ["accumulate", "identity_fp32", "simple", "tiny_llm"]);
 }
 
 #[tokio::test]

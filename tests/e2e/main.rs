@@ -18,3 +18,4 @@ mod global_limits;
 mod introspection;
 mod recovery;
 mod resilience;
+mod sequences;

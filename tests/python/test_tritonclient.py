@@ -36,7 +36,7 @@ STREAM_TIMEOUT_S = 30.0  # deadline of the whole ModelStreamInfer call
 RESPONSE_TIMEOUT_S = 15.0  # wait for one streamed response
 STOP_TIMEOUT_S = 10.0  # SIGTERM grace before SIGKILL
 
-MODELS = ("simple", "identity_fp32", "tiny_llm")
+MODELS = ("simple", "identity_fp32", "tiny_llm", "accumulate")
 
 
 def _free_port():
@@ -326,6 +326,33 @@ def test_identity_fp32_round_trip(client):
     assert out.dtype == np.float32
     assert out.shape == data.shape
     np.testing.assert_array_equal(out, data)
+
+
+def _accumulate(client, value, **sequence):
+    inp = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    inp.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+    result = client.infer("accumulate", [inp], client_timeout=CALL_TIMEOUT_S, **sequence)
+    return int(result.as_numpy("OUTPUT")[0][0])
+
+
+def test_model_config_accumulate_has_a_sequence_batcher(client):
+    cfg = client.get_model_config("accumulate", client_timeout=CALL_TIMEOUT_S).config
+    assert cfg.sequence_batching.max_sequence_idle_microseconds == 1_000_000
+
+
+def test_accumulate_sequences_interleaved(client):
+    # Two sequences, one with an integer id and one with a string id, interleaved:
+    # the gateway pins each to one backend, so every running sum is right.
+    assert _accumulate(client, 1, sequence_id=4242, sequence_start=True) == 1
+    assert _accumulate(client, 10, sequence_id="py-seq", sequence_start=True) == 10
+    for i in range(2, 6):
+        assert _accumulate(client, i, sequence_id=4242) == sum(range(1, i + 1))
+        assert _accumulate(client, i, sequence_id="py-seq") == 10 + sum(range(2, i + 1))
+    assert _accumulate(client, 100, sequence_id=4242, sequence_end=True) == 115
+    # Ended: the next request without sequence_start is refused, naming the sequence.
+    with pytest.raises(InferenceServerException) as info:
+        _accumulate(client, 1, sequence_id=4242)
+    assert "4242" in info.value.message()
 
 
 def test_unknown_model_infer_is_not_found(client):

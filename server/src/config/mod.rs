@@ -8,6 +8,7 @@ mod limits;
 mod load;
 mod net;
 mod resilience;
+mod sequence;
 
 pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
@@ -20,6 +21,7 @@ pub use resilience::{
     BreakerConfig, BulkheadConfig, HedgeConfig, NoResponseConfig, OutlierConfig, RetryConfig,
     WindowKind,
 };
+pub use sequence::SequenceConfig;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -188,6 +190,8 @@ pub struct Config {
     pub retry: crate::config::RetryConfig,
     /// Hedging for every model (off by default; a model's `hedge` table replaces it).
     pub hedge: crate::config::HedgeConfig,
+    /// `[sequences]`: pinning Triton sequences to one backend.
+    pub sequences: SequenceConfig,
     /// The admin API.
     pub admin: AdminConfig,
     /// Time kept back from the caller's remaining deadline when it is passed on to the
@@ -259,6 +263,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             retry: crate::config::RetryConfig::default(),
             hedge: crate::config::HedgeConfig::default(),
+            sequences: SequenceConfig::default(),
             deadline_margin_ms: 5,
             admin: AdminConfig::default(),
             backends: Vec::new(),
@@ -466,6 +471,9 @@ pub struct ModelConfig {
     /// When an attempt that received nothing counts as its backend's failure;
     /// absent = `[no_response]`.
     pub no_response: Option<crate::config::NoResponseConfig>,
+    /// A sequence of this model stays pinned to its backend this long without a
+    /// request; absent = `[sequences] idle_ms`.
+    pub sequence_idle_ms: Option<u64>,
 }
 
 /// `[admin]`
@@ -709,6 +717,7 @@ impl Config {
         }
         sub("retry", self.retry.validate())?;
         sub("hedge", self.hedge.validate())?;
+        sub("sequences", self.sequences.validate())?;
         sub("no_response", self.no_response.validate())?;
         sub("backend_connection", self.backend_connection.validate())?;
         if self.health.unhealthy_interval_ms == 0 {
@@ -730,6 +739,9 @@ impl Config {
             }
             if let Some(n) = &model.no_response {
                 sub(&format!("{section}.no_response"), n.validate())?;
+            }
+            if let Some(ms) = model.sequence_idle_ms {
+                sub(&section, sequence::validate_idle("sequence_idle_ms", ms))?;
             }
             for (field, value) in [
                 ("deadline_default_ms", model.deadline_default_ms),

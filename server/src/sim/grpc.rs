@@ -60,6 +60,8 @@ pub(crate) struct Engine {
     pub(crate) ctl: Arc<SimControl>,
     pub(crate) slots: Semaphore,
     pub(crate) timing: Timing,
+    /// `accumulate`'s state, one running sum per sequence.
+    pub(crate) sequences: super::sequence::Store,
 }
 
 fn ms(v: f64) -> Duration {
@@ -259,6 +261,7 @@ impl Engine {
         let run = match model {
             Model::Simple | Model::SimpleSmall => models::run_simple,
             Model::IdentityFp32 => models::run_identity,
+            Model::Accumulate => return self.execute_stateful(model, req, span).await,
             Model::TinyLlm => {
                 return Err(Failure::Status(
                     Status::invalid_argument(format!(
@@ -280,6 +283,32 @@ impl Engine {
         let compute = self.service_time(req);
         // A zero service time must not cost a timer tick (1 ms): benchmarks of the
         // gateway's own overhead run the simulator at zero.
+        if !compute.is_zero() {
+            tokio::time::sleep(compute).await;
+        }
+        drop(slot);
+        execute.end(Code::Ok);
+        self.note_exec(stats, compute);
+        Ok(resp)
+    }
+
+    /// `accumulate`: the state moves in arrival order, before the slot is taken, so a
+    /// sequence's answers follow its requests whatever the queue does.
+    async fn execute_stateful(
+        &self,
+        model: Model,
+        req: &ModelInferRequest,
+        span: &CallSpan,
+    ) -> Result<ModelInferResponse, Failure> {
+        let stats = self.stats(model)?;
+        let resp = self
+            .sequences
+            .run(req, Instant::now())
+            .map_err(|s| Failure::Status(s, FailReason::Other))?;
+        let (slot, _) = self.acquire(stats).await?;
+        let execute = span.child("execute");
+        execute.set_attr(attr::MODEL, model.name());
+        let compute = self.service_time(req);
         if !compute.is_zero() {
             tokio::time::sleep(compute).await;
         }

@@ -3,8 +3,9 @@
 //!
 //! The gateway's tests, demo and benchmarks need backends that behave like Triton under
 //! load and under failure, reproducibly and without a GPU. The simulator serves
-//! `inference.GRPCInferenceService` (three models: Triton's classic `simple`,
-//! `identity_fp32` for payload-size work and the decoupled `tiny_llm` for streams),
+//! `inference.GRPCInferenceService` (four models: Triton's classic `simple`,
+//! `identity_fp32` for payload-size work, the decoupled `tiny_llm` for streams and the
+//! stateful `accumulate` for sequences),
 //! `grpc.health.v1`, ORCA load reports (per-call trailer and out of band) and a
 //! Prometheus endpoint with Triton's metric names. Service time, queueing behind a FIFO
 //! of slots, invisible load, injected faults, hangs, refused connections and abrupt
@@ -37,6 +38,7 @@ mod control;
 mod grpc;
 mod http;
 mod models;
+pub(crate) mod sequence;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,8 +89,12 @@ pub struct SimConfig {
     pub orca_per_call: bool,
     /// Serve `xds.service.orca.v3.OpenRcaService` (ORCA out of band).
     pub orca_oob: bool,
-    /// Models to serve, out of `simple`, `identity_fp32`, `tiny_llm`; empty = all three.
+    /// Models to serve, out of `simple`, `identity_fp32`, `tiny_llm`, `accumulate`
+    /// (and the opt-in `simple_small`); empty = the four defaults.
     pub models: Vec<String>,
+    /// `accumulate`: a sequence's state is dropped after this long without a request
+    /// (Triton's `max_sequence_idle_microseconds`; default 1000 ms).
+    pub sequence_idle_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -107,6 +113,7 @@ impl Default for SimConfig {
             orca_per_call: true,
             orca_oob: true,
             models: Vec::new(),
+            sequence_idle_ms: 1000,
         }
     }
 }
@@ -133,6 +140,9 @@ impl SimConfig {
             if !v.is_finite() || v < 0.0 {
                 return Err(format!("{field}: must be a non-negative number, got {v}"));
             }
+        }
+        if self.sequence_idle_ms == 0 {
+            return Err("sequence_idle_ms: must be at least 1".to_owned());
         }
         if self.models.is_empty() {
             return Ok(ALL_MODELS.to_vec());
@@ -229,10 +239,13 @@ pub struct SimArgs {
     /// Do not serve the ORCA out-of-band service (xds.service.orca.v3.OpenRcaService).
     #[arg(long)]
     pub no_orca_oob: bool,
-    /// Models to serve, comma separated, out of simple, identity_fp32, tiny_llm
-    /// (default: all three).
+    /// Models to serve, comma separated, out of simple, identity_fp32, tiny_llm,
+    /// accumulate, simple_small (default: all but simple_small).
     #[arg(long, value_delimiter = ',', value_parser = parse_model)]
     pub models: Vec<String>,
+    /// accumulate: drop a sequence's state after this many milliseconds without a request.
+    #[arg(long, default_value = "1000")]
+    pub sequence_idle_ms: u64,
     /// Start hung: inference calls are accepted but never answered.
     #[arg(long)]
     pub hang: bool,
@@ -259,6 +272,7 @@ impl SimArgs {
             orca_per_call: !self.no_orca_trailer,
             orca_oob: !self.no_orca_oob,
             models: self.models,
+            sequence_idle_ms: self.sequence_idle_ms,
         }
     }
 }
@@ -283,6 +297,10 @@ fn build(cfg: &SimConfig) -> Result<Arc<Engine>, String> {
             token_latency_ms: cfg.token_latency_ms,
             orca_per_call: cfg.orca_per_call,
         },
+        sequences: sequence::Store::new(
+            Duration::from_millis(cfg.sequence_idle_ms),
+            sequence::DEFAULT_CAPACITY,
+        ),
     }))
 }
 

@@ -1,5 +1,5 @@
-//! The simulator's three models (`simple`, `identity_fp32`, `tiny_llm`): their metadata,
-//! configuration, tensor decoding and arithmetic.
+//! The simulator's models (`simple`, `identity_fp32`, `tiny_llm`, the stateful
+//! `accumulate`): their metadata, configuration, tensor decoding and arithmetic.
 //!
 //! Everything here is pure (no time, no I/O), so the wire-level rules (raw little-endian
 //! tensors, the 4-byte length prefix of BYTES elements, Triton's classic `simple`
@@ -11,7 +11,7 @@ use infergate_proto::inference::{
     model_infer_response::InferOutputTensor, model_instance_group::Kind,
     model_metadata_response::TensorMetadata, DataType, InferParameter, ModelConfig,
     ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup, ModelMetadataResponse,
-    ModelOutput, ModelTransactionPolicy,
+    ModelOutput, ModelSequenceBatching, ModelTransactionPolicy,
 };
 
 /// The version every simulated model reports.
@@ -29,17 +29,26 @@ pub(crate) enum Model {
     /// `simple` under another name: a stand-in "smaller model" for fallback set-ups.
     /// Served only when named in `--models`.
     SimpleSmall,
+    /// Stateful (Triton's sequence batcher): `OUTPUT` is the running sum of the
+    /// sequence's `INPUT`s so far; the state lives in `sim::sequence`.
+    Accumulate,
 }
 
 /// Every model, in a fixed order (the order of metrics and statistics).
-pub(crate) const ALL_MODELS: [Model; 3] = [Model::Simple, Model::IdentityFp32, Model::TinyLlm];
+pub(crate) const ALL_MODELS: [Model; 4] = [
+    Model::Simple,
+    Model::IdentityFp32,
+    Model::TinyLlm,
+    Model::Accumulate,
+];
 
 /// Every model the simulator can serve: the defaults and the opt-in ones.
-pub(crate) const KNOWN_MODELS: [Model; 4] = [
+pub(crate) const KNOWN_MODELS: [Model; 5] = [
     Model::Simple,
     Model::IdentityFp32,
     Model::TinyLlm,
     Model::SimpleSmall,
+    Model::Accumulate,
 ];
 
 impl Model {
@@ -55,6 +64,7 @@ impl Model {
             Model::IdentityFp32 => "identity_fp32",
             Model::TinyLlm => "tiny_llm",
             Model::SimpleSmall => "simple_small",
+            Model::Accumulate => "accumulate",
         }
     }
 
@@ -74,6 +84,7 @@ impl Model {
                 ("text_input", "BYTES", DataType::TypeString, vec![1]),
                 ("max_tokens", "INT32", DataType::TypeInt32, vec![1]),
             ],
+            Model::Accumulate => vec![("INPUT", "INT32", DataType::TypeInt32, vec![1, 1])],
         }
     }
 
@@ -85,6 +96,7 @@ impl Model {
             ],
             Model::IdentityFp32 => vec![("OUTPUT0", "FP32", DataType::TypeFp32, vec![-1])],
             Model::TinyLlm => vec![("text_output", "BYTES", DataType::TypeString, vec![1])],
+            Model::Accumulate => vec![("OUTPUT", "INT32", DataType::TypeInt32, vec![1, 1])],
         }
     }
 
@@ -145,6 +157,13 @@ impl Model {
                 kind: Kind::Gpu as i32,
             }],
             dynamic_batching: None,
+            sequence_batching: (self == Model::Accumulate).then(|| ModelSequenceBatching {
+                max_sequence_idle_microseconds: crate::sim::sequence::DEFAULT_IDLE
+                    .as_micros()
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+                direct: Some(Default::default()),
+            }),
             parameters: Default::default(),
             model_transaction_policy: Some(ModelTransactionPolicy {
                 decoupled: self.decoupled(),
@@ -474,6 +493,38 @@ pub(crate) fn run_identity(req: &ModelInferRequest) -> Result<ModelInferResponse
             datatype: "FP32",
             shape: input.tensor.shape.clone(),
             raw,
+        }],
+    )
+}
+
+/// `accumulate`'s input: the one INT32 element of `INPUT` [1,1].
+pub(crate) fn accumulate_input(req: &ModelInferRequest) -> Result<i32, InvalidInput> {
+    let inputs = gather(req, &[("INPUT", "INT32")])?;
+    let input = &inputs[0];
+    if input.tensor.shape != [1, 1] {
+        return Err(InvalidInput(format!(
+            "input 'INPUT' has shape {:?}, expected [1, 1]",
+            input.tensor.shape
+        )));
+    }
+    match int32_values(input)?.as_slice() {
+        [v] => Ok(*v),
+        other => Err(mismatch("INPUT", 1, other.len())),
+    }
+}
+
+/// `accumulate`'s answer: `OUTPUT` [1,1] holding `sum`.
+pub(crate) fn accumulate_response(
+    req: &ModelInferRequest,
+    sum: i32,
+) -> Result<ModelInferResponse, InvalidInput> {
+    respond(
+        req,
+        vec![Output {
+            name: "OUTPUT",
+            datatype: "INT32",
+            shape: vec![1, 1],
+            raw: encode_i32_le(&[sum]),
         }],
     )
 }

@@ -14,8 +14,9 @@ use infergate_client::{connect_channel, parse_header, ClientError};
 use infergate_proto::admin::admin_client::AdminClient;
 use infergate_proto::admin::{
     AddBackendRequest, DrainBackendRequest, EjectBackendRequest, GetConfigRequest,
-    ListBackendsRequest, ListModelsRequest, ReadmitBackendRequest, ReloadConfigRequest,
-    RemoveBackendRequest, SetWeightRequest, UpdateModelRequest, WatchEventsRequest,
+    ListBackendsRequest, ListModelsRequest, ListSequencesRequest, ReadmitBackendRequest,
+    ReloadConfigRequest, RemoveBackendRequest, SetWeightRequest, UpdateModelRequest,
+    WatchEventsRequest,
 };
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
@@ -53,6 +54,12 @@ pub enum AdminCommand {
     Backends,
     /// List the models: policy, eligible backends, bulkhead, latency, fallback
     Models,
+    /// List the stateful sequences pinned to each backend (sequence_id, idle time, lost)
+    Sequences {
+        /// Only this model's sequences
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Stop sending new calls to a backend and wait for its calls in flight (exit 1 if they
     /// did not end in time)
     Drain(DrainArgs),
@@ -440,6 +447,17 @@ async fn execute(
                 emit(&view::models_table(&resp.models))?;
             }
         }
+        AdminCommand::Sequences { model } => {
+            let req = admin.request(ListSequencesRequest {
+                model: model.clone().unwrap_or_default(),
+            });
+            let resp = admin.client.list_sequences(req).await?.into_inner();
+            if json {
+                emit_json(&view::SequencesJson::new(&resp))?;
+            } else {
+                emit(&view::sequences_table(&resp))?;
+            }
+        }
         AdminCommand::Drain(d) => {
             let req = admin.request(DrainBackendRequest {
                 address: d.address.clone(),
@@ -635,6 +653,10 @@ mod tests {
         assert!(a.json);
         assert_eq!(a.address(), "h:1");
         assert!(matches!(a.command, AdminCommand::Models));
+        let s = admin(&["sequences", "--model", "accumulate"]);
+        assert!(
+            matches!(&s.command, AdminCommand::Sequences { model } if model.as_deref() == Some("accumulate"))
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use infergate_proto::admin::{
-    Backend, Bulkhead, DrainBackendResponse, Event, GetConfigResponse, Model, ReloadConfigResponse,
-    RemoveBackendResponse,
+    Backend, Bulkhead, DrainBackendResponse, Event, GetConfigResponse, ListSequencesResponse,
+    Model, ReloadConfigResponse, RemoveBackendResponse,
 };
 use serde::Serialize;
 
@@ -493,6 +493,79 @@ pub fn models_table(models: &[Model]) -> String {
     )
 }
 
+/// `ListSequencesResponse`, for JSON: one object per pinned sequence.
+#[derive(Debug, Serialize)]
+pub struct SequencesJson {
+    pub total: u64,
+    pub sequences: Vec<SequenceJson>,
+}
+
+/// One pinned sequence, for JSON.
+#[derive(Debug, Serialize)]
+pub struct SequenceJson {
+    pub backend: String,
+    pub model: String,
+    pub sequence_id: String,
+    pub string_id: bool,
+    pub idle_ms: u64,
+    pub lost: Option<String>,
+}
+
+impl SequencesJson {
+    pub fn new(r: &ListSequencesResponse) -> Self {
+        let sequences = r
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.sequences.iter().map(|s| SequenceJson {
+                    backend: b.address.clone(),
+                    model: s.model.clone(),
+                    sequence_id: s.sequence_id.clone(),
+                    string_id: s.string_id,
+                    idle_ms: s.idle_ms,
+                    lost: (!s.lost.is_empty()).then(|| s.lost.clone()),
+                })
+            })
+            .collect();
+        SequencesJson {
+            total: r.total,
+            sequences,
+        }
+    }
+}
+
+/// The `admin sequences` table: one row per pinned sequence, grouped by backend.
+pub fn sequences_table(r: &ListSequencesResponse) -> String {
+    if r.total == 0 {
+        return "no sequences pinned\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = r
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.sequences.iter().map(|s| {
+                let id = if s.string_id {
+                    format!("\"{}\"", one_line(&s.sequence_id))
+                } else {
+                    s.sequence_id.clone()
+                };
+                vec![
+                    b.address.clone(),
+                    s.model.clone(),
+                    id,
+                    human_ms(s.idle_ms),
+                    if s.lost.is_empty() {
+                        "-".to_string()
+                    } else {
+                        one_line(&s.lost)
+                    },
+                ]
+            })
+        })
+        .collect();
+    render_table(&["BACKEND", "MODEL", "SEQUENCE", "IDLE", "LOST"], &rows)
+}
+
 /// One sentence on a backend an admin call returned: `VERB ADDRESS: weight N, STATE`.
 pub fn backend_sentence(verb: &str, b: &Backend) -> String {
     let mut s = format!(
@@ -735,6 +808,49 @@ mod tests {
         };
         assert_eq!(backend_load(&none), "-");
         assert_eq!(backends_table(&[]), "no backends\n");
+    }
+
+    #[test]
+    fn sequences_table_groups_by_backend() {
+        use infergate_proto::admin::{BackendSequences, PinnedSequence};
+        let r = ListSequencesResponse {
+            backends: vec![BackendSequences {
+                address: "10.0.0.1:8001".into(),
+                sequences: vec![
+                    PinnedSequence {
+                        model: "accumulate".into(),
+                        sequence_id: "42".into(),
+                        string_id: false,
+                        idle_ms: 250,
+                        lost: String::new(),
+                    },
+                    PinnedSequence {
+                        model: "accumulate".into(),
+                        sequence_id: "user-7".into(),
+                        string_id: true,
+                        idle_ms: 10,
+                        lost: "was ejected".into(),
+                    },
+                ],
+            }],
+            total: 2,
+        };
+        let table = sequences_table(&r);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("BACKEND"), "{table}");
+        assert!(
+            lines[1].contains("42") && lines[1].ends_with('-'),
+            "{table}"
+        );
+        assert!(lines[2].contains("\"user-7\"") && lines[2].contains("was ejected"));
+        let json = serde_json::to_value(SequencesJson::new(&r)).unwrap_or_default();
+        assert_eq!(json["sequences"][1]["lost"], "was ejected");
+        assert_eq!(json["sequences"][0]["lost"], serde_json::Value::Null);
+        assert_eq!(
+            sequences_table(&ListSequencesResponse::default()),
+            "no sequences pinned\n"
+        );
     }
 
     #[test]
