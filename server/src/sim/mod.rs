@@ -4,7 +4,9 @@
 //! The gateway's tests, demo and benchmarks need backends that behave like Triton under
 //! load and under failure, reproducibly and without a GPU. The simulator serves
 //! `inference.GRPCInferenceService` (three models: Triton's classic `simple`,
-//! `identity_fp32` for payload-size work and the decoupled `tiny_llm` for streams),
+//! `identity_fp32` for payload-size work and the decoupled `tiny_llm` for streams, with
+//! a prompt-prefix cache that makes a recently seen prefix's first token faster and a
+//! `kv_cache_utilization` ORCA metric: see `prefix.rs`),
 //! `grpc.health.v1`, ORCA load reports (per-call trailer and out of band) and a
 //! Prometheus endpoint with Triton's metric names. Service time, queueing behind a FIFO
 //! of slots, invisible load, injected faults, hangs, refused connections and abrupt
@@ -37,6 +39,7 @@ mod control;
 mod grpc;
 mod http;
 mod models;
+mod prefix;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +51,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use control::SimControl;
+pub use prefix::PrefixCacheConfig;
 
 use grpc::{Engine, InferenceSvc, OrcaSvc, Timing, TrailerLayer};
 use http::ExitHook;
@@ -89,6 +93,8 @@ pub struct SimConfig {
     pub orca_oob: bool,
     /// Models to serve, out of `simple`, `identity_fp32`, `tiny_llm`; empty = all three.
     pub models: Vec<String>,
+    /// `tiny_llm`'s prompt-prefix cache (see [`PrefixCacheConfig`]).
+    pub prefix_cache: PrefixCacheConfig,
 }
 
 impl Default for SimConfig {
@@ -107,6 +113,7 @@ impl Default for SimConfig {
             orca_per_call: true,
             orca_oob: true,
             models: Vec::new(),
+            prefix_cache: PrefixCacheConfig::default(),
         }
     }
 }
@@ -133,6 +140,12 @@ impl SimConfig {
             if !v.is_finite() || v < 0.0 {
                 return Err(format!("{field}: must be a non-negative number, got {v}"));
             }
+        }
+        let speedup = self.prefix_cache.speedup;
+        if !speedup.is_finite() || speedup < 1.0 {
+            return Err(format!(
+                "prefix_cache.speedup: must be a number of at least 1, got {speedup}"
+            ));
         }
         if self.models.is_empty() {
             return Ok(ALL_MODELS.to_vec());
@@ -239,6 +252,18 @@ pub struct SimArgs {
     /// Start refusing: new connections are accepted and closed at once.
     #[arg(long)]
     pub refuse: bool,
+    /// tiny_llm: prompt prefixes the prefix cache keeps (0 turns it off).
+    #[arg(long, default_value = "256")]
+    pub prefix_cache_entries: usize,
+    /// tiny_llm: how long a served prompt prefix stays cached, in milliseconds.
+    #[arg(long, default_value = "10000")]
+    pub prefix_ttl_ms: u64,
+    /// tiny_llm: how many times faster the prefill of a cached prefix is (at least 1).
+    #[arg(long, default_value = "4")]
+    pub prefix_speedup: f64,
+    /// tiny_llm: leading prompt bytes that make a prefix.
+    #[arg(long, default_value = "256")]
+    pub prefix_bytes: usize,
 }
 
 impl SimArgs {
@@ -259,6 +284,12 @@ impl SimArgs {
             orca_per_call: !self.no_orca_trailer,
             orca_oob: !self.no_orca_oob,
             models: self.models,
+            prefix_cache: PrefixCacheConfig {
+                entries: self.prefix_cache_entries,
+                ttl: Duration::from_millis(self.prefix_ttl_ms),
+                speedup: self.prefix_speedup,
+                bytes: self.prefix_bytes,
+            },
         }
     }
 }
@@ -283,6 +314,7 @@ fn build(cfg: &SimConfig) -> Result<Arc<Engine>, String> {
             token_latency_ms: cfg.token_latency_ms,
             orca_per_call: cfg.orca_per_call,
         },
+        prefix: prefix::PrefixCache::new(cfg.prefix_cache.clone()),
     }))
 }
 
