@@ -563,7 +563,8 @@ impl Gateway {
             // 7. pick (or fall back)
             let pick = call.span.child("pick");
             pick.set_attr(attr::CANDIDATES, route.endpoints.len() as i64);
-            let picked = self.pool.pick_for_attempt(&route, &tried);
+            let key = route.policy.affinity_key(&call.message.payload());
+            let picked = self.pool.pick_for_attempt_keyed(&route, &tried, key);
             if let Ok(p) = &picked {
                 pick.set_attr(attr::BACKEND, p.endpoint.address());
                 pick.set_attr(attr::SCORE, route.policy.score(&p.endpoint));
@@ -1034,7 +1035,8 @@ impl Gateway {
         let mut attempt_no = 0u32;
         loop {
             attempt_no += 1;
-            let picked = match self.pool.pick_for_attempt(&route, &tried) {
+            let key = route.policy.affinity_key(&message.payload());
+            let picked = match self.pool.pick_for_attempt_keyed(&route, &tried, key) {
                 Ok(p) => p,
                 Err(e) => return Err(fail(route_status(e))),
             };
