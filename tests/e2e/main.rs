@@ -16,5 +16,6 @@ mod dns;
 mod gateway;
 mod global_limits;
 mod introspection;
+mod prefix;
 mod recovery;
 mod resilience;
