@@ -107,9 +107,23 @@ pub fn capacity(in_flight: usize, backends: usize, epsilon: f64) -> usize {
     ((1.0 + epsilon.max(0.0)) * mean).ceil().max(1.0) as usize
 }
 
-/// The bounded-load choice for `key`: the first member on the ring whose load (calls
-/// it holds now, from `load`) is below [`capacity`], or None when the ring is empty.
-/// `total` is the number of calls all members hold now.
+/// The members under the load bound for `key`, in ring order from its point: those
+/// holding fewer than [`capacity`] calls (from `load`). `total` is the number of calls
+/// all members hold now. The first is the bounded-load choice.
+pub fn under_bound<'a>(
+    ring: &'a Ring,
+    key: u64,
+    epsilon: f64,
+    total: usize,
+    load: impl Fn(usize) -> usize + 'a,
+) -> impl Iterator<Item = usize> + 'a {
+    let cap = capacity(total, ring.members().len(), epsilon);
+    ring.walk(key).filter(move |m| load(*m) < cap)
+}
+
+/// The bounded-load choice for `key`: the first member on the ring under the bound,
+/// or None when the ring is empty. Some member always is: the loads sum to `total`,
+/// below `n × capacity`.
 pub fn choose(
     ring: &Ring,
     key: u64,
@@ -118,7 +132,6 @@ pub fn choose(
     load: impl Fn(usize) -> usize,
 ) -> Option<usize> {
     let cap = capacity(total, ring.members().len(), epsilon);
-    // Some member is below the capacity: the loads sum to `total` < n × cap.
     ring.walk(key).find(|m| load(*m) < cap)
 }
 

@@ -24,7 +24,10 @@
 //!   why ε = 0.25), over this gateway's in-flight counts. The call goes to gpu_aware
 //!   instead when it carries no prefix, when the backend the walk stops at cannot take
 //!   it (unhealthy, ejected, draining, circuit open, or already tried by this call) or
-//!   when its fresh report says it is above `prefix.utilization_threshold`.
+//!   when every backend under the bound is above `prefix.utilization_threshold` once
+//!   the call lands (gpu_aware's projected load: its report corrected for this
+//!   gateway's calls since; a backend above it is passed over like one over the
+//!   bound, so a spilled prefix still meets the same next cache).
 //!
 //! Only when every sample is ineligible does a pick fall back to a scan.
 
@@ -188,18 +191,35 @@ impl Policy {
         let ring = self.ring_over(endpoints)?;
         let load = |e: &Endpoint| usize::try_from(e.in_flight()).unwrap_or(usize::MAX);
         let total: usize = endpoints.iter().map(|e| load(e)).sum();
-        let i = affinity::choose(&ring, key, self.params.prefix.epsilon, total, |i| {
+        let prefix = &self.params.prefix;
+        let under = affinity::under_bound(&ring, key, prefix.epsilon, total, |i| {
             endpoints.get(i).map_or(usize::MAX, |e| load(e))
-        })?;
-        let e = endpoints.get(i)?;
-        if !eligible(e) {
-            return None;
+        });
+        for i in under {
+            let e = endpoints.get(i)?;
+            if !eligible(e) {
+                return None;
+            }
+            if self.occupancy(e, now) <= prefix.utilization_threshold {
+                return Some(Arc::clone(e));
+            }
+            // Full by its own report: the next backend under the bound on the ring, so
+            // the prefix still meets one warm cache rather than a random one.
         }
-        let hot = e
-            .load()
-            .fresh(now, self.params.stale_after)
-            .is_some_and(|r| r.utilization > self.params.prefix.utilization_threshold);
-        (!hot).then(|| Arc::clone(e))
+        None
+    }
+
+    /// How full `e` would be with this call (0 without a fresh report): gpu_aware's
+    /// projected load when the per-call share is known, else the reported utilization.
+    fn occupancy(&self, e: &Endpoint, now: Instant) -> f64 {
+        let p = &self.params;
+        let Some(reading) = e.load().fresh(now, p.stale_after) else {
+            return 0.0;
+        };
+        match self.per_call(e) {
+            Some(per_call) => projected_load(e, &reading, p, per_call),
+            None => reading.utilization,
+        }
     }
 
     /// The ring over `endpoints` (by address, in their order): the cached one while
@@ -391,23 +411,10 @@ fn expected_cost(
     p: &PolicyParams,
     per_call: Option<f64>,
 ) -> Option<Expected> {
-    let load = e.load();
-    let reading = load.fresh(now, p.stale_after)?;
+    let reading = e.load().fresh(now, p.stale_after)?;
     let per_call = per_call?;
     let floor = e.service_time_ms(now, p.stale_after)?;
-    let queue = reading.queue_depth.max(0.0) * p.queue_weight;
-    let in_flight = e.in_flight() as f64;
-    let mut others =
-        (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
-    // Other clients (gateway replicas above all) act on the same report without telling
-    // this one: assume they have added or ended calls since, in proportion to their
-    // share, as this gateway has (see `MAX_MIRROR`).
-    if let Some(share) = load.own_share() {
-        let mirror = (1.0 / share).min(MAX_MIRROR) - 1.0;
-        let own_since = in_flight - reading.own_calls as f64;
-        others = (others + own_since * mirror * per_call).max(0.0);
-    }
-    let projected = others + (in_flight + 1.0) * per_call;
+    let projected = projected_load(e, &reading, p, per_call);
     // Past full, calls wait for slots that calls free; work that holds a backend
     // without being calls (what the report's utilization shows beyond its running
     // calls) frees none, so a backend half taken by it drains its queue at half speed.
@@ -425,6 +432,30 @@ fn expected_cost(
         factor,
         spare: projected + per_call <= 1.0 + 1e-9,
     })
+}
+
+/// The backend's occupancy once this call lands, in units of its capacity: `load` of
+/// [`expected_latency_ms`]'s formula (the report, less this gateway's calls it counted,
+/// plus every call of this gateway in flight now and this one).
+fn projected_load(
+    e: &Endpoint,
+    reading: &crate::load::Reading,
+    p: &PolicyParams,
+    per_call: f64,
+) -> f64 {
+    let queue = reading.queue_depth.max(0.0) * p.queue_weight;
+    let in_flight = e.in_flight() as f64;
+    let mut others =
+        (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
+    // Other clients (gateway replicas above all) act on the same report without telling
+    // this one: assume they have added or ended calls since, in proportion to their
+    // share, as this gateway has (see `MAX_MIRROR`).
+    if let Some(share) = e.load().own_share() {
+        let mirror = (1.0 / share).min(MAX_MIRROR) - 1.0;
+        let own_since = in_flight - reading.own_calls as f64;
+        others = (others + own_since * mirror * per_call).max(0.0);
+    }
+    others + (in_flight + 1.0) * per_call
 }
 
 /// A candidate's score. Two candidates that both have an expected latency are compared
@@ -1038,14 +1069,27 @@ mod tests {
         let held: Vec<_> = endpoints.iter().map(|e| e.begin()).collect();
         assert!(Arc::ptr_eq(&pick(&mut rng), &home), "back home once under");
         drop(held);
-        // Home reports 95% utilization: gpu_aware decides, and it avoids home.
+        // Home reports itself full with 4 calls waiting: this one would make it 2.25
+        // capacities, above the threshold (2): the next backend on the ring takes it,
+        // every time.
         for e in &endpoints {
             report(e, 20, 0.25, 0.0, 0.0);
         }
-        report(&home, 20, 0.25, 0.95, 0.0);
+        report(&home, 20, 0.25, 1.0, 4.0);
+        let spill = pick(&mut rng);
+        assert!(!Arc::ptr_eq(&spill, &home), "hot: passed over");
         for _ in 0..20 {
-            assert!(!Arc::ptr_eq(&pick(&mut rng), &home), "hot: gpu_aware");
+            assert!(Arc::ptr_eq(&pick(&mut rng), &spill), "the same next one");
         }
+        // Every backend full: gpu_aware decides.
+        for e in &endpoints {
+            report(e, 20, 0.25, 1.0, 4.0);
+        }
+        let keyed: Vec<_> = (0..40).map(|_| pick(&mut rng)).collect();
+        assert!(
+            keyed.iter().any(|e| !Arc::ptr_eq(e, &keyed[0])),
+            "all hot: spread by gpu_aware"
+        );
         for e in &endpoints {
             report(e, 20, 0.25, 0.0, 0.0);
         }

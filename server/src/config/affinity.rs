@@ -16,10 +16,16 @@ pub struct PrefixConfig {
     /// `⌈(1 + epsilon) × mean⌉` calls; beyond that the next backend on the ring does.
     /// Default 0.25 (see `affinity.rs` for why).
     pub epsilon: f64,
-    /// The chosen backend's fresh reported utilization above this sends the call to
-    /// gpu_aware instead. The utilization is the maximum of `[load].utilization_fields`,
-    /// which by default include `kv_cache_utilization` and `gpu_utilization`, so a
-    /// backend whose KV cache or GPU is (nearly) full loses its affinity. Default 0.9.
+    /// A backend whose utilization once this call lands would be above this is
+    /// passed over, as one over the load bound is: the next backend on the ring takes
+    /// the call, and gpu_aware when none can. The utilization is the one gpu_aware
+    /// projects (its last fresh report, corrected for this gateway's calls since),
+    /// made of the maximum of `[load].utilization_fields`, which by default include
+    /// `kv_cache_utilization` and `gpu_utilization`: a backend whose KV cache or GPU
+    /// is full loses the call. In units of the backend's capacity: 1 = every slot
+    /// taken, 2 = as many calls again waiting. Default 2.0; 1.0 was measured to undo
+    /// the affinity under load: while caches are cold every backend looks full, calls
+    /// spread, and caches keep missing (90% load, equally popular prompts: 40% hits against 87%, BENCHMARKS.md).
     pub utilization_threshold: f64,
 }
 
@@ -29,7 +35,7 @@ impl Default for PrefixConfig {
             input: "text_input".into(),
             bytes: 256,
             epsilon: 0.25,
-            utilization_threshold: 0.9,
+            utilization_threshold: 2.0,
         }
     }
 }
