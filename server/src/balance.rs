@@ -17,14 +17,26 @@
 //!   itself reports: the expected latency of a new call (see [`expected_latency_ms`]
 //!   and docs/ARCHITECTURE.md for the reasoning). When the better of the two draws
 //!   would take its last free slot or queue, it draws as many again (still O(1)).
+//! - `prefix_affinity`: calls whose prompt starts alike (the first `prefix.bytes` of
+//!   the BYTES input `prefix.input`, peeked by [`crate::wire::peek_bytes_input_prefix`])
+//!   go to the same backend, so its KV cache serves them: consistent hashing with
+//!   bounded loads ([`crate::affinity`]: the ring, the bound, where it comes from and
+//!   why ε = 0.25), over this gateway's in-flight counts. The call goes to gpu_aware
+//!   instead when it carries no prefix, when the backend the walk stops at cannot take
+//!   it (unhealthy, ejected, draining, circuit open, or already tried by this call) or
+//!   when every backend under the bound is above `prefix.utilization_threshold` once
+//!   the call lands (gpu_aware's projected load: its report corrected for this
+//!   gateway's calls since; a backend above it is passed over like one over the
+//!   bound, so a spilled prefix still meets the same next cache).
 //!
 //! Only when every sample is ineligible does a pick fall back to a scan.
 
-use crate::config::{BalancerConfig, PolicyKind};
+use crate::affinity::{self, Ring};
+use crate::config::{BalancerConfig, PolicyKind, PrefixConfig};
 use crate::endpoint::Endpoint;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -43,6 +55,8 @@ pub struct PolicyParams {
     pub slow_start: Duration,
     /// Reports older than this are ignored.
     pub stale_after: Duration,
+    /// prefix_affinity: the prompt input, key length, bound and threshold (per model).
+    pub prefix: PrefixConfig,
 }
 
 impl Default for PolicyParams {
@@ -61,6 +75,7 @@ impl PolicyParams {
             spread: cfg.spread,
             slow_start: Duration::from_millis(cfg.slow_start_ms),
             stale_after,
+            prefix: PrefixConfig::default(),
         }
     }
 }
@@ -74,6 +89,8 @@ pub struct Policy {
     /// gpu_aware: a running average of the per-call shares of the candidates that have
     /// one (f64 bits; 0 = none yet), lent to candidates that do not have one yet.
     typical_per_call: AtomicU64,
+    /// prefix_affinity: the ring over the route's backends, rebuilt when they change.
+    ring: RwLock<Option<Arc<Ring>>>,
 }
 
 impl Policy {
@@ -84,6 +101,7 @@ impl Policy {
             params,
             next: AtomicUsize::new(0),
             typical_per_call: AtomicU64::new(0f64.to_bits()),
+            ring: RwLock::new(None),
         }
     }
 
@@ -111,8 +129,25 @@ impl Policy {
         eligible: &dyn Fn(&Endpoint) -> bool,
         rng: &mut fastrand::Rng,
     ) -> Option<Arc<Endpoint>> {
+        self.pick_keyed(endpoints, eligible, None, rng)
+    }
+
+    /// [`Policy::pick_with`] for a call with an affinity key ([`Policy::affinity_key`]);
+    /// only prefix_affinity reads it.
+    pub fn pick_keyed(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+        key: Option<u64>,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
         let p = &self.params;
+        if self.kind == PolicyKind::PrefixAffinity {
+            if let Some(e) = key.and_then(|k| self.affine(endpoints, eligible, k, now)) {
+                return Some(e);
+            }
+        }
         match self.kind {
             PolicyKind::RoundRobin => self.round_robin(endpoints, eligible),
             PolicyKind::Weighted => weighted(endpoints, eligible, now, p, rng),
@@ -122,12 +157,89 @@ impl Policy {
                     expected: None,
                 })
             }
-            PolicyKind::GpuAware => sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
-                least_request: least_request_score(e, now, p),
-                expected: expected_cost(e, now, p, self.per_call(e)),
-            }),
+            PolicyKind::GpuAware | PolicyKind::PrefixAffinity => {
+                sampled(endpoints, eligible, p.choice_count, rng, |e| Score {
+                    least_request: least_request_score(e, now, p),
+                    expected: expected_cost(e, now, p, self.per_call(e)),
+                })
+            }
         }
         .cloned()
+    }
+
+    /// prefix_affinity's key of a request (`payload`: the `ModelInferRequest` bytes):
+    /// the hash of the first `prefix.bytes` of its `prefix.input`; None for other
+    /// policies and for requests without that input.
+    pub fn affinity_key(&self, payload: &[u8]) -> Option<u64> {
+        if self.kind != PolicyKind::PrefixAffinity {
+            return None;
+        }
+        let prefix = &self.params.prefix;
+        crate::wire::peek_bytes_input_prefix(payload, &prefix.input, prefix.bytes)
+            .map(affinity::key_hash)
+    }
+
+    /// The bounded-load choice for `key` among `endpoints`, or None when gpu_aware
+    /// should decide (see the module doc). Loads are this gateway's in-flight calls.
+    fn affine(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+        key: u64,
+        now: Instant,
+    ) -> Option<Arc<Endpoint>> {
+        let ring = self.ring_over(endpoints)?;
+        let load = |e: &Endpoint| usize::try_from(e.in_flight()).unwrap_or(usize::MAX);
+        let total: usize = endpoints.iter().map(|e| load(e)).sum();
+        let prefix = &self.params.prefix;
+        let under = affinity::under_bound(&ring, key, prefix.epsilon, total, |i| {
+            endpoints.get(i).map_or(usize::MAX, |e| load(e))
+        });
+        for i in under {
+            let e = endpoints.get(i)?;
+            if !eligible(e) {
+                return None;
+            }
+            if self.occupancy(e, now) <= prefix.utilization_threshold {
+                return Some(Arc::clone(e));
+            }
+            // Full by its own report: the next backend under the bound on the ring, so
+            // the prefix still meets one warm cache rather than a random one.
+        }
+        None
+    }
+
+    /// How full `e` would be with this call (0 without a fresh report): gpu_aware's
+    /// projected load when the per-call share is known, else the reported utilization.
+    fn occupancy(&self, e: &Endpoint, now: Instant) -> f64 {
+        let p = &self.params;
+        let Some(reading) = e.load().fresh(now, p.stale_after) else {
+            return 0.0;
+        };
+        match self.per_call(e) {
+            Some(per_call) => projected_load(e, &reading, p, per_call),
+            None => reading.utilization,
+        }
+    }
+
+    /// The ring over `endpoints` (by address, in their order): the cached one while
+    /// they stay the same, else a new one.
+    fn ring_over(&self, endpoints: &[Arc<Endpoint>]) -> Option<Arc<Ring>> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        let same = |r: &Ring| r.is_over(endpoints.iter().map(|e| e.address()));
+        if let Ok(cached) = self.ring.read() {
+            if let Some(ring) = cached.as_ref().filter(|r| same(r)) {
+                return Some(Arc::clone(ring));
+            }
+        }
+        let addresses: Vec<&str> = endpoints.iter().map(|e| e.address()).collect();
+        let ring = Arc::new(Ring::new(&addresses));
+        if let Ok(mut cached) = self.ring.write() {
+            *cached = Some(Arc::clone(&ring));
+        }
+        Some(ring)
     }
 
     /// [`Policy::pick_with`] with the calling thread's random generator.
@@ -139,13 +251,23 @@ impl Policy {
         THREAD_RNG.with(|rng| self.pick_with(endpoints, eligible, &mut rng.borrow_mut()))
     }
 
+    /// [`Policy::pick_keyed`] with the calling thread's random generator.
+    pub fn pick_now_keyed(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: &dyn Fn(&Endpoint) -> bool,
+        key: Option<u64>,
+    ) -> Option<Arc<Endpoint>> {
+        THREAD_RNG.with(|rng| self.pick_keyed(endpoints, eligible, key, &mut rng.borrow_mut()))
+    }
+
     /// The score this policy gives `e` now (lower is better), for traces: gpu_aware's
     /// expected latency in milliseconds when it has one, else least_request's score.
     pub fn score(&self, e: &Endpoint) -> f64 {
         let now = Instant::now();
         let lr = least_request_score(e, now, &self.params);
         match self.kind {
-            PolicyKind::GpuAware => {
+            PolicyKind::GpuAware | PolicyKind::PrefixAffinity => {
                 expected_cost(e, now, &self.params, self.per_call(e)).map_or(lr, |x| x.ms())
             }
             _ => lr,
@@ -289,23 +411,10 @@ fn expected_cost(
     p: &PolicyParams,
     per_call: Option<f64>,
 ) -> Option<Expected> {
-    let load = e.load();
-    let reading = load.fresh(now, p.stale_after)?;
+    let reading = e.load().fresh(now, p.stale_after)?;
     let per_call = per_call?;
     let floor = e.service_time_ms(now, p.stale_after)?;
-    let queue = reading.queue_depth.max(0.0) * p.queue_weight;
-    let in_flight = e.in_flight() as f64;
-    let mut others =
-        (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
-    // Other clients (gateway replicas above all) act on the same report without telling
-    // this one: assume they have added or ended calls since, in proportion to their
-    // share, as this gateway has (see `MAX_MIRROR`).
-    if let Some(share) = load.own_share() {
-        let mirror = (1.0 / share).min(MAX_MIRROR) - 1.0;
-        let own_since = in_flight - reading.own_calls as f64;
-        others = (others + own_since * mirror * per_call).max(0.0);
-    }
-    let projected = others + (in_flight + 1.0) * per_call;
+    let projected = projected_load(e, &reading, p, per_call);
     // Past full, calls wait for slots that calls free; work that holds a backend
     // without being calls (what the report's utilization shows beyond its running
     // calls) frees none, so a backend half taken by it drains its queue at half speed.
@@ -323,6 +432,30 @@ fn expected_cost(
         factor,
         spare: projected + per_call <= 1.0 + 1e-9,
     })
+}
+
+/// The backend's occupancy once this call lands, in units of its capacity: `load` of
+/// [`expected_latency_ms`]'s formula (the report, less this gateway's calls it counted,
+/// plus every call of this gateway in flight now and this one).
+fn projected_load(
+    e: &Endpoint,
+    reading: &crate::load::Reading,
+    p: &PolicyParams,
+    per_call: f64,
+) -> f64 {
+    let queue = reading.queue_depth.max(0.0) * p.queue_weight;
+    let in_flight = e.in_flight() as f64;
+    let mut others =
+        (reading.utilization.max(0.0) + (queue - reading.own_calls as f64) * per_call).max(0.0);
+    // Other clients (gateway replicas above all) act on the same report without telling
+    // this one: assume they have added or ended calls since, in proportion to their
+    // share, as this gateway has (see `MAX_MIRROR`).
+    if let Some(share) = e.load().own_share() {
+        let mirror = (1.0 / share).min(MAX_MIRROR) - 1.0;
+        let own_since = in_flight - reading.own_calls as f64;
+        others = (others + own_since * mirror * per_call).max(0.0);
+    }
+    others + (in_flight + 1.0) * per_call
 }
 
 /// A candidate's score. Two candidates that both have an expected latency are compared
@@ -900,5 +1033,108 @@ mod tests {
                 "{kind:?}: no candidate"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prefix_affinity_keeps_a_prefix_home_until_its_bound_then_falls_back() {
+        let endpoints = pool(4);
+        let policy = Policy::new(PolicyKind::PrefixAffinity, PolicyParams::default());
+        let mut rng = fastrand::Rng::with_seed(5);
+        let key = affinity::key_hash(b"You are a helpful assistant.");
+        let pick = |rng: &mut fastrand::Rng| {
+            policy
+                .pick_keyed(&endpoints, &|e| e.is_eligible(), Some(key), rng)
+                .expect("pick")
+        };
+        let home = pick(&mut rng);
+        for _ in 0..20 {
+            assert!(
+                Arc::ptr_eq(&pick(&mut rng), &home),
+                "idle pool: always home"
+            );
+        }
+        // Hold calls on it: with 1 elsewhere and ε = 0.25, home may hold
+        // ⌈1.25 × (n + 1) / 4⌉; past that the next backend on the ring takes the call.
+        let mut held = vec![home.begin(), home.begin()];
+        let other = endpoints
+            .iter()
+            .find(|e| !Arc::ptr_eq(e, &home))
+            .expect("other");
+        held.push(other.begin());
+        // 3 in flight, + this one: cap ⌈1.25 × 1⌉ = 2, home holds 2 → moves on.
+        let next = pick(&mut rng);
+        assert!(!Arc::ptr_eq(&next, &home));
+        drop(held);
+        // One call on each: 5 with this one, cap ⌈1.25 × 5 / 4⌉ = 2, home holds 1.
+        let held: Vec<_> = endpoints.iter().map(|e| e.begin()).collect();
+        assert!(Arc::ptr_eq(&pick(&mut rng), &home), "back home once under");
+        drop(held);
+        // Home reports itself full with 4 calls waiting: this one would make it 2.25
+        // capacities, above the threshold (2): the next backend on the ring takes it,
+        // every time.
+        for e in &endpoints {
+            report(e, 20, 0.25, 0.0, 0.0);
+        }
+        report(&home, 20, 0.25, 1.0, 4.0);
+        let spill = pick(&mut rng);
+        assert!(!Arc::ptr_eq(&spill, &home), "hot: passed over");
+        for _ in 0..20 {
+            assert!(Arc::ptr_eq(&pick(&mut rng), &spill), "the same next one");
+        }
+        // Every backend full: gpu_aware decides.
+        for e in &endpoints {
+            report(e, 20, 0.25, 1.0, 4.0);
+        }
+        let keyed: Vec<_> = (0..40).map(|_| pick(&mut rng)).collect();
+        assert!(
+            keyed.iter().any(|e| !Arc::ptr_eq(e, &keyed[0])),
+            "all hot: spread by gpu_aware"
+        );
+        for e in &endpoints {
+            report(e, 20, 0.25, 0.0, 0.0);
+        }
+        assert!(Arc::ptr_eq(&pick(&mut rng), &home));
+        // Home unhealthy: gpu_aware over the others.
+        home.set_health(Health::NotReady);
+        for _ in 0..20 {
+            assert!(!Arc::ptr_eq(&pick(&mut rng), &home));
+        }
+        home.set_health(Health::Ready);
+        // No key (no prompt input): gpu_aware, which spreads an idle pool.
+        let keyless = share(&policy, &endpoints, 6, 200);
+        assert!(keyless.iter().all(|c| *c > 20), "{keyless:?}");
+    }
+
+    #[test]
+    fn the_affinity_key_is_the_prompt_prefix_and_only_prefix_affinity_reads_it() {
+        use infergate_proto::inference::{
+            model_infer_request::InferInputTensor, ModelInferRequest,
+        };
+        use prost::Message as _;
+        let request = |text: &[u8]| {
+            let mut raw = (text.len() as u32).to_le_bytes().to_vec();
+            raw.extend_from_slice(text);
+            ModelInferRequest {
+                model_name: "tiny_llm".into(),
+                inputs: vec![InferInputTensor {
+                    name: "text_input".into(),
+                    datatype: "BYTES".into(),
+                    shape: vec![1],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![raw],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let mut params = PolicyParams::default();
+        params.prefix.bytes = 10;
+        let policy = Policy::new(PolicyKind::PrefixAffinity, params.clone());
+        let a = policy.affinity_key(&request(b"0123456789 user one"));
+        assert!(a.is_some());
+        assert_eq!(a, policy.affinity_key(&request(b"0123456789 user two")));
+        assert_ne!(a, policy.affinity_key(&request(b"x123456789 user one")));
+        let gpu = Policy::new(PolicyKind::GpuAware, params);
+        assert_eq!(gpu.affinity_key(&request(b"0123456789")), None);
     }
 }

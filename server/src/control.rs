@@ -471,9 +471,15 @@ impl Control {
                     if let Some(kind) = table.policy {
                         self.pool.set_model_policy(name, kind);
                     }
+                    if old.map(|o| &o.prefix) != Some(&table.prefix) {
+                        self.pool.set_model_prefix(name, table.prefix.clone());
+                    }
                     changes.push(format!("model {name} settings updated"));
                 }
-                (Some(_), None) => {
+                (Some(old), None) => {
+                    if old.prefix.is_some() {
+                        self.pool.set_model_prefix(name, None);
+                    }
                     changes.push(format!("model {name} back to the default settings"));
                 }
                 _ => {}

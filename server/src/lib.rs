@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod affinity;
 pub mod attempt;
 pub mod auth;
 pub mod balance;

@@ -4,7 +4,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use infergate::config::{
-    BackendConfig, Bucket, BulkheadConfig, Config, DnsConfig, ModelConfig, PolicyKind,
+    BackendConfig, Bucket, BulkheadConfig, Config, DnsConfig, ModelConfig, PolicyKind, PrefixConfig,
 };
 use infergate::{demo, server, sim, trace};
 use std::net::SocketAddr;
@@ -84,8 +84,8 @@ struct ServeArgs {
     /// the file's [redis] url.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
-    /// Balancing policy for the whole pool: round_robin, weighted, least_request or
-    /// gpu_aware (the default).
+    /// Balancing policy for the whole pool: round_robin, weighted, least_request,
+    /// gpu_aware (the default) or prefix_affinity.
     #[arg(long)]
     policy: Option<PolicyKind>,
     /// Do not record metrics (nothing is served on --metrics-listen).
@@ -424,6 +424,8 @@ fn example_config(defaults: &Config) -> Config {
         ModelConfig {
             decoupled: Some(false),
             policy: Some(defaults.balancer.policy),
+            // Read only under policy = "prefix_affinity".
+            prefix: Some(PrefixConfig::default()),
             bulkhead: Some(BulkheadConfig {
                 max_concurrent: 32,
                 tenant_share: Some(0.5),

@@ -578,7 +578,8 @@ impl Gateway {
             // 7. pick (or fall back)
             let pick = call.span.child("pick");
             pick.set_attr(attr::CANDIDATES, route.endpoints.len() as i64);
-            let picked = self.pool.pick_for_attempt(&route, &tried);
+            let key = route.policy.affinity_key(&call.message.payload());
+            let picked = self.pool.pick_for_attempt_keyed(&route, &tried, key);
             if let Ok(p) = &picked {
                 pick.set_attr(attr::BACKEND, p.endpoint.address());
                 pick.set_attr(attr::SCORE, route.policy.score(&p.endpoint));
@@ -1160,10 +1161,12 @@ impl Gateway {
                 Some(seq) => self
                     .pick_sequenced(&route, &policy, seq, &tried)
                     .map_err(fail)?,
-                None => self
-                    .pool
-                    .pick_for_attempt(&route, &tried)
-                    .map_err(|e| fail(route_status(e)))?,
+                None => {
+                    let affinity = route.policy.affinity_key(&message.payload());
+                    self.pool
+                        .pick_for_attempt_keyed(&route, &tried, affinity)
+                        .map_err(|e| fail(route_status(e)))?
+                }
             };
             tried.push(Arc::clone(&picked.endpoint));
             let bound = policy.no_response.get(Instant::now());

@@ -12,7 +12,7 @@
 use crate::balance::{Policy, PolicyParams};
 use crate::breaker::PermitGuard;
 use crate::config::{BreakerConfig, ConnectionConfig};
-use crate::config::{Config, PolicyKind};
+use crate::config::{Config, PolicyKind, PrefixConfig};
 use crate::discovery;
 use crate::endpoint::{Endpoint, Health, Unavailable};
 use crate::events::EventBus;
@@ -82,6 +82,7 @@ struct PoolSettings {
     default_policy: PolicyKind,
     params: PolicyParams,
     model_policy: HashMap<String, PolicyKind>,
+    model_prefix: HashMap<String, PrefixConfig>,
     model_decoupled: HashMap<String, bool>,
     negative_cache: Duration,
     probe_timeout: Duration,
@@ -110,6 +111,8 @@ pub struct Pool {
     panic: AtomicBool,
     events: EventBus,
     policy_overrides: RwLock<HashMap<String, PolicyKind>>,
+    /// `[models.X] prefix` as reloads left it (None: back to the defaults).
+    prefix_overrides: RwLock<HashMap<String, Option<PrefixConfig>>>,
 }
 
 /// Names of unknown models probed at once, at most (each probe asks every backend
@@ -168,6 +171,11 @@ impl Pool {
                 .iter()
                 .filter_map(|(name, m)| m.policy.map(|p| (name.clone(), p)))
                 .collect(),
+            model_prefix: config
+                .models
+                .iter()
+                .filter_map(|(name, m)| m.prefix.clone().map(|p| (name.clone(), p)))
+                .collect(),
             model_decoupled: config
                 .models
                 .iter()
@@ -198,6 +206,7 @@ impl Pool {
             panic: AtomicBool::new(false),
             events,
             policy_overrides: RwLock::new(HashMap::new()),
+            prefix_overrides: RwLock::new(HashMap::new()),
         });
         for backend in &config.backends {
             pool.add(Endpoint::from_config(
@@ -241,6 +250,17 @@ impl Pool {
     pub fn set_model_policy(&self, model: &str, kind: PolicyKind) {
         if let Ok(mut overrides) = self.policy_overrides.write() {
             overrides.insert(model.to_owned(), kind);
+        }
+        if let Ok(mut policies) = self.policies.lock() {
+            policies.remove(model);
+        }
+        self.rebuild();
+    }
+
+    /// Sets a model's prefix_affinity settings at run time (a reload); None = defaults.
+    pub fn set_model_prefix(&self, model: &str, prefix: Option<PrefixConfig>) {
+        if let Ok(mut overrides) = self.prefix_overrides.write() {
+            overrides.insert(model.to_owned(), prefix);
         }
         if let Ok(mut policies) = self.policies.lock() {
             policies.remove(model);
@@ -584,6 +604,17 @@ impl Pool {
         route: &ModelRoute,
         exclude: &[Arc<Endpoint>],
     ) -> Result<Picked, RouteError> {
+        self.pick_for_attempt_keyed(route, exclude, None)
+    }
+
+    /// [`Pool::pick_for_attempt`] for a call with an affinity key
+    /// ([`Policy::affinity_key`]).
+    pub fn pick_for_attempt_keyed(
+        &self,
+        route: &ModelRoute,
+        exclude: &[Arc<Endpoint>],
+        key: Option<u64>,
+    ) -> Result<Picked, RouteError> {
         let panic = self.in_panic();
         let model = route.model.as_str();
         let mut refused: Vec<Arc<Endpoint>> = Vec::new();
@@ -597,7 +628,7 @@ impl Pool {
                 |e: &Endpoint| usable(e) && !exclude.iter().any(|x| std::ptr::eq(x.as_ref(), e));
             let endpoint = route
                 .policy
-                .pick_now(&route.endpoints, &fresh)
+                .pick_now_keyed(&route.endpoints, &fresh, key)
                 .or_else(|| route.policy.pick_now(&route.endpoints, &usable));
             let Some(endpoint) = endpoint else { break };
             match Pool::take_permits(&endpoint, model, now) {
@@ -717,13 +748,24 @@ impl Pool {
             .and_then(|o| o.get(model).copied())
             .or_else(|| self.settings.model_policy.get(model).copied())
             .unwrap_or(self.settings.default_policy);
+        let mut params = self.settings.params.clone();
+        let overridden = self
+            .prefix_overrides
+            .read()
+            .ok()
+            .and_then(|o| o.get(model).cloned());
+        if let Some(prefix) =
+            overridden.unwrap_or_else(|| self.settings.model_prefix.get(model).cloned())
+        {
+            params.prefix = prefix;
+        }
         match self.policies.lock() {
             Ok(mut policies) => Arc::clone(
                 policies
                     .entry(model.to_owned())
-                    .or_insert_with(|| Arc::new(Policy::new(kind, self.settings.params.clone()))),
+                    .or_insert_with(|| Arc::new(Policy::new(kind, params))),
             ),
-            Err(_) => Arc::new(Policy::new(kind, self.settings.params.clone())),
+            Err(_) => Arc::new(Policy::new(kind, params)),
         }
     }
 

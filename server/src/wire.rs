@@ -865,6 +865,217 @@ pub fn format_grpc_timeout(d: std::time::Duration) -> String {
     }
 }
 
+/// The first `max` bytes of the first element of the BYTES input named `input`
+/// (`ModelInferRequest.inputs[i]` with that name), read from the raw request without
+/// decoding any tensor: the key of the `prefix_affinity` policy. The element is taken
+/// from the input's own `contents.bytes_contents` when it has some, else from
+/// `raw_input_contents[i]`, whose BYTES elements each carry a 4-byte little-endian
+/// length first (a truncated element gives what is there). None when the request has
+/// no such input or does not parse that far.
+///
+/// Cost: one walk over the top-level field headers (tensors are skipped by their
+/// length), one over the named input's own fields, and a second top-level walk only
+/// when the text came as raw contents.
+pub fn peek_bytes_input_prefix<'a>(payload: &'a [u8], input: &str, max: usize) -> Option<&'a [u8]> {
+    // Pass 1: the input's index among `inputs` (field 5), and its typed contents.
+    let mut rest = payload;
+    let mut index = 0usize;
+    let mut found = None;
+    while !rest.is_empty() {
+        let tag = read_varint(&mut rest)?;
+        match tag & 7 {
+            0 => {
+                read_varint(&mut rest)?;
+            }
+            1 => rest = rest.get(8..)?,
+            5 => rest = rest.get(4..)?,
+            2 => {
+                let len = usize::try_from(read_varint(&mut rest)?).ok()?;
+                let value = rest.get(..len)?;
+                rest = &rest[len..];
+                if tag >> 3 == 5 {
+                    if found.is_none() {
+                        if let Some(typed) = named_input(value, input) {
+                            found = Some((index, typed));
+                        }
+                    }
+                    index += 1;
+                }
+            }
+            _ => return None,
+        }
+    }
+    let (index, typed) = found?;
+    let cut = |b: &'a [u8]| &b[..b.len().min(max)];
+    if let Some(first) = typed {
+        return Some(cut(first));
+    }
+    // Pass 2: raw_input_contents (field 7) number `index`.
+    let mut rest = payload;
+    let mut raw = 0usize;
+    while !rest.is_empty() {
+        let tag = read_varint(&mut rest)?;
+        match tag & 7 {
+            0 => {
+                read_varint(&mut rest)?;
+            }
+            1 => rest = rest.get(8..)?,
+            5 => rest = rest.get(4..)?,
+            2 => {
+                let len = usize::try_from(read_varint(&mut rest)?).ok()?;
+                let value = rest.get(..len)?;
+                rest = &rest[len..];
+                if tag >> 3 == 7 {
+                    if raw == index {
+                        let (n, element) = value.split_first_chunk::<4>()?;
+                        let n = usize::try_from(u32::from_le_bytes(*n)).ok()?;
+                        return Some(cut(&element[..element.len().min(n)]));
+                    }
+                    raw += 1;
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// For an `InferInputTensor` named `name`: Some(its first `bytes_contents` element, if
+/// it has one). None for another name or bytes that do not parse.
+fn named_input<'a>(mut tensor: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
+    let mut named = false;
+    let mut first = None;
+    while !tensor.is_empty() {
+        let tag = read_varint(&mut tensor)?;
+        match tag & 7 {
+            0 => {
+                read_varint(&mut tensor)?;
+            }
+            1 => tensor = tensor.get(8..)?,
+            5 => tensor = tensor.get(4..)?,
+            2 => {
+                let len = usize::try_from(read_varint(&mut tensor)?).ok()?;
+                let value = tensor.get(..len)?;
+                tensor = &tensor[len..];
+                match tag >> 3 {
+                    1 => named = value == name.as_bytes(),
+                    5 if first.is_none() => first = first_bytes_element(value),
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+    }
+    named.then_some(first)
+}
+
+/// The first `bytes_contents` (field 8) element of an `InferTensorContents`.
+fn first_bytes_element(mut contents: &[u8]) -> Option<&[u8]> {
+    while !contents.is_empty() {
+        let tag = read_varint(&mut contents)?;
+        match tag & 7 {
+            0 => {
+                read_varint(&mut contents)?;
+            }
+            1 => contents = contents.get(8..)?,
+            5 => contents = contents.get(4..)?,
+            2 => {
+                let len = usize::try_from(read_varint(&mut contents)?).ok()?;
+                let value = contents.get(..len)?;
+                contents = &contents[len..];
+                if tag >> 3 == 8 {
+                    return Some(value);
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod prefix_peek_tests {
+    use super::*;
+    use infergate_proto::inference::{
+        model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
+    };
+    use prost::Message as _;
+
+    fn input(name: &str, datatype: &str) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: vec![1],
+            ..Default::default()
+        }
+    }
+
+    fn element(text: &[u8]) -> Vec<u8> {
+        let mut raw = (text.len() as u32).to_le_bytes().to_vec();
+        raw.extend_from_slice(text);
+        raw
+    }
+
+    #[test]
+    fn reads_the_named_input_from_raw_contents_after_its_length_prefix() {
+        let req = ModelInferRequest {
+            model_name: "tiny_llm".into(),
+            inputs: vec![input("max_tokens", "INT32"), input("text_input", "BYTES")],
+            raw_input_contents: vec![8i32.to_le_bytes().to_vec(), element(b"You are helpful. Hi")],
+            ..Default::default()
+        };
+        let bytes = req.encode_to_vec();
+        assert_eq!(
+            peek_bytes_input_prefix(&bytes, "text_input", 16),
+            Some(&b"You are helpful."[..])
+        );
+        assert_eq!(
+            peek_bytes_input_prefix(&bytes, "text_input", 1000),
+            Some(&b"You are helpful. Hi"[..])
+        );
+        assert_eq!(peek_bytes_input_prefix(&bytes, "prompt", 16), None);
+        // Truncated: the length says 100, 19 bytes follow.
+        let mut short = req.clone();
+        short.raw_input_contents[1] = element(b"You are helpful. Hi");
+        short.raw_input_contents[1][..4].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(
+            peek_bytes_input_prefix(&short.encode_to_vec(), "text_input", 8),
+            Some(&b"You are "[..])
+        );
+        // No raw contents for it: nothing to read.
+        let mut none = req;
+        none.raw_input_contents.truncate(1);
+        assert_eq!(
+            peek_bytes_input_prefix(&none.encode_to_vec(), "text_input", 8),
+            None
+        );
+    }
+
+    #[test]
+    fn reads_typed_bytes_contents_and_survives_bad_bytes() {
+        let mut text = input("text_input", "BYTES");
+        text.contents = Some(InferTensorContents {
+            bytes_contents: vec![b"system prompt one; user two".to_vec(), b"x".to_vec()],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            model_name: "tiny_llm".into(),
+            inputs: vec![text],
+            ..Default::default()
+        };
+        let bytes = req.encode_to_vec();
+        assert_eq!(
+            peek_bytes_input_prefix(&bytes, "text_input", 13),
+            Some(&b"system prompt"[..])
+        );
+        for cut in 0..bytes.len() {
+            // Never panics on a prefix of the message.
+            let _ = peek_bytes_input_prefix(&bytes[..cut], "text_input", 13);
+        }
+        assert_eq!(peek_bytes_input_prefix(&[0xff; 12], "text_input", 13), None);
+    }
+}
+
 fn read_varint(buf: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {

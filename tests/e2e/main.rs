@@ -16,6 +16,7 @@ mod dns;
 mod gateway;
 mod global_limits;
 mod introspection;
+mod prefix;
 mod recovery;
 mod resilience;
 mod sequences;

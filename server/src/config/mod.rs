@@ -4,12 +4,14 @@
 //! Command-line flags are applied on top of the file by `main.rs`; [`Config::validate`]
 //! runs after that, so a bad flag is reported the same way as a bad file.
 
+mod affinity;
 mod limits;
 mod load;
 mod net;
 mod resilience;
 mod sequence;
 
+pub use affinity::{PrefixConfig, MAX_PREFIX_BYTES};
 pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
 pub(crate) use net::MAX_QUERY_TIMEOUT;
@@ -112,6 +114,9 @@ pub enum PolicyKind {
     /// Lowest score from in-flight requests, reported utilization and queue depth.
     #[default]
     GpuAware,
+    /// Calls that share a prompt prefix go to the same backend while its load allows
+    /// (consistent hashing with bounded loads); gpu_aware otherwise.
+    PrefixAffinity,
 }
 
 impl PolicyKind {
@@ -122,6 +127,7 @@ impl PolicyKind {
             PolicyKind::Weighted => "weighted",
             PolicyKind::LeastRequest => "least_request",
             PolicyKind::GpuAware => "gpu_aware",
+            PolicyKind::PrefixAffinity => "prefix_affinity",
         }
     }
 }
@@ -134,8 +140,9 @@ impl std::str::FromStr for PolicyKind {
             "weighted" => Ok(PolicyKind::Weighted),
             "least_request" => Ok(PolicyKind::LeastRequest),
             "gpu_aware" => Ok(PolicyKind::GpuAware),
+            "prefix_affinity" => Ok(PolicyKind::PrefixAffinity),
             other => Err(format!(
-                "unknown policy `{other}`; expected round_robin, weighted, least_request or gpu_aware"
+                "unknown policy `{other}`; expected round_robin, weighted, least_request, gpu_aware or prefix_affinity"
             )),
         }
     }
@@ -450,6 +457,9 @@ pub struct ModelConfig {
     pub decoupled: Option<bool>,
     /// Balancing policy for this model; absent = `[balancer].policy`.
     pub policy: Option<PolicyKind>,
+    /// `prefix_affinity`: the prompt input, key length, load bound and fallback
+    /// threshold; absent = their defaults.
+    pub prefix: Option<crate::config::PrefixConfig>,
     /// Bounded concurrency and queue for this model. Default: unlimited.
     pub bulkhead: Option<crate::config::BulkheadConfig>,
     /// Retries for this model; absent = the top-level `[retry]`.
@@ -742,6 +752,9 @@ impl Config {
             }
             if let Some(ms) = model.sequence_idle_ms {
                 sub(&section, sequence::validate_idle("sequence_idle_ms", ms))?;
+            }
+            if let Some(p) = &model.prefix {
+                sub(&format!("{section}.prefix"), p.validate())?;
             }
             for (field, value) in [
                 ("deadline_default_ms", model.deadline_default_ms),

@@ -115,6 +115,10 @@ pub struct SimControl {
     queued: AtomicU64,
     waited: AtomicU64,
     busy: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_misses: AtomicU64,
+    /// KV-cache tokens the running `tiny_llm` calls hold (see [`SimControl::hold_kv`]).
+    kv_tokens: AtomicU64,
     last_metadata: Mutex<HashMap<String, String>>,
     rng: Mutex<fastrand::Rng>,
     rps: Mutex<RpsWindow>,
@@ -152,6 +156,9 @@ impl SimControl {
             queued: AtomicU64::new(0),
             waited: AtomicU64::new(0),
             busy: AtomicU64::new(0),
+            prefix_hits: AtomicU64::new(0),
+            prefix_misses: AtomicU64::new(0),
+            kv_tokens: AtomicU64::new(0),
             last_metadata: Mutex::new(HashMap::new()),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             rps: Mutex::new(RpsWindow {
@@ -303,6 +310,42 @@ impl SimControl {
     pub fn busy(&self) -> u64 {
         self.busy.load(RELAXED)
     }
+    /// `tiny_llm` calls whose prompt prefix was in the prefix cache.
+    pub fn prefix_hits(&self) -> u64 {
+        self.prefix_hits.load(RELAXED)
+    }
+    /// `tiny_llm` calls whose prompt prefix was not in the prefix cache (0 while it is off).
+    pub fn prefix_misses(&self) -> u64 {
+        self.prefix_misses.load(RELAXED)
+    }
+    pub(crate) fn note_prefix(&self, hit: bool) {
+        let counter = if hit {
+            &self.prefix_hits
+        } else {
+            &self.prefix_misses
+        };
+        counter.fetch_add(1, RELAXED);
+    }
+
+    /// Reported KV-cache use, 0..=1: the tokens running `tiny_llm` calls hold (prompt
+    /// and generation), over [`KV_TOKENS_PER_SLOT`] per slot. Cached prefixes are not
+    /// counted: as in vLLM, their blocks are free to be evicted.
+    pub fn kv_cache_utilization(&self) -> f64 {
+        let capacity = (self.slots as f64) * KV_TOKENS_PER_SLOT as f64;
+        (self.kv_tokens.load(RELAXED) as f64 / capacity).clamp(0.0, 1.0)
+    }
+
+    /// Counts the KV cache a `tiny_llm` call holds until the guard drops: a token per
+    /// four prompt bytes (a rough tokenizer) plus the tokens it generates.
+    pub(crate) fn hold_kv(&self, prompt_bytes: usize, max_tokens: u32) -> KvHold<'_> {
+        let tokens = (prompt_bytes as u64).div_ceil(4) + u64::from(max_tokens);
+        self.kv_tokens.fetch_add(tokens, RELAXED);
+        KvHold {
+            counter: &self.kv_tokens,
+            tokens,
+        }
+    }
+
     /// Inference requests received for `model`.
     pub fn per_model_started(&self, model: &str) -> u64 {
         self.stats_by_name(model)
@@ -427,7 +470,10 @@ impl SimControl {
                 ("gpu_utilization".to_owned(), util),
                 ("queue_depth".to_owned(), self.queued() as f64),
                 ("running_requests".to_owned(), busy as f64),
-                ("kv_cache_utilization".to_owned(), util),
+                (
+                    "kv_cache_utilization".to_owned(),
+                    self.kv_cache_utilization(),
+                ),
             ]),
             rps_fractional: self.recent_rps(),
             ..Default::default()
@@ -468,6 +514,21 @@ impl SimControl {
             set(model.name(), ready && !stats.failing.load(RELAXED));
         }
         all_done
+    }
+}
+
+/// KV-cache tokens per slot: a 2048-token context for each call a slot runs.
+pub(crate) const KV_TOKENS_PER_SLOT: u64 = 2048;
+
+/// The KV cache one call holds; released on drop, whatever ends the call.
+pub(crate) struct KvHold<'a> {
+    counter: &'a AtomicU64,
+    tokens: u64,
+}
+
+impl Drop for KvHold<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.tokens, RELAXED);
     }
 }
 

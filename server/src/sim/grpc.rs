@@ -62,6 +62,8 @@ pub(crate) struct Engine {
     pub(crate) timing: Timing,
     /// `accumulate`'s state, one running sum per sequence.
     pub(crate) sequences: super::sequence::Store,
+    /// `tiny_llm`'s prompt-prefix cache.
+    pub(crate) prefix: super::prefix::PrefixCache,
 }
 
 fn ms(v: f64) -> Duration {
@@ -716,7 +718,13 @@ async fn generate(
     let execute = span.child("execute");
     execute.set_attr(attr::MODEL, Model::TinyLlm.name());
     let start = Instant::now();
-    tokio::time::sleep(engine.service_time(req)).await;
+    // The prefill: faster when the prompt's prefix was served here lately.
+    let hit = engine.prefix.serve(&llm.prompt, start);
+    if engine.prefix.enabled() {
+        engine.ctl.note_prefix(hit);
+    }
+    let _kv = engine.ctl.hold_kv(llm.prompt.len(), llm.max_tokens);
+    tokio::time::sleep(engine.prefix.prefill(engine.service_time(req), hit)).await;
     if llm.max_tokens == 0 {
         let _ = tx
             .send(stream_ok(models::llm_response(req, None, true)))

@@ -156,6 +156,9 @@ fn control_state(ctl: &SimControl) -> String {
         "cancelled": ctl.cancelled(),
         "in_flight": ctl.in_flight(),
         "queued": ctl.queued(),
+        "prefix_hits": ctl.prefix_hits(),
+        "prefix_misses": ctl.prefix_misses(),
+        "kv_cache_utilization": ctl.kv_cache_utilization(),
     });
     format!("{v}\n")
 }

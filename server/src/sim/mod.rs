@@ -4,8 +4,10 @@
 //! The gateway's tests, demo and benchmarks need backends that behave like Triton under
 //! load and under failure, reproducibly and without a GPU. The simulator serves
 //! `inference.GRPCInferenceService` (four models: Triton's classic `simple`,
-//! `identity_fp32` for payload-size work, the decoupled `tiny_llm` for streams and the
-//! stateful `accumulate` for sequences),
+//! `identity_fp32` for payload-size work, the decoupled `tiny_llm` for streams, with a
+//! prompt-prefix cache that makes a recently seen prefix's first token faster and a
+//! `kv_cache_utilization` ORCA metric (see `prefix.rs`), and the stateful `accumulate`
+//! for sequences),
 //! `grpc.health.v1`, ORCA load reports (per-call trailer and out of band) and a
 //! Prometheus endpoint with Triton's metric names. Service time, queueing behind a FIFO
 //! of slots, invisible load, injected faults, hangs, refused connections and abrupt
@@ -39,6 +41,7 @@ mod grpc;
 mod http;
 mod models;
 pub(crate) mod sequence;
+mod prefix;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +53,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use control::SimControl;
+pub use prefix::PrefixCacheConfig;
 
 use grpc::{Engine, InferenceSvc, OrcaSvc, Timing, TrailerLayer};
 use http::ExitHook;
@@ -95,6 +99,8 @@ pub struct SimConfig {
     /// `accumulate`: a sequence's state is dropped after this long without a request
     /// (Triton's `max_sequence_idle_microseconds`; default 1000 ms).
     pub sequence_idle_ms: u64,
+    /// `tiny_llm`'s prompt-prefix cache (see [`PrefixCacheConfig`]).
+    pub prefix_cache: PrefixCacheConfig,
 }
 
 impl Default for SimConfig {
@@ -114,6 +120,7 @@ impl Default for SimConfig {
             orca_oob: true,
             models: Vec::new(),
             sequence_idle_ms: 1000,
+            prefix_cache: PrefixCacheConfig::default(),
         }
     }
 }
@@ -143,6 +150,12 @@ impl SimConfig {
         }
         if self.sequence_idle_ms == 0 {
             return Err("sequence_idle_ms: must be at least 1".to_owned());
+        }
+        let speedup = self.prefix_cache.speedup;
+        if !speedup.is_finite() || speedup < 1.0 {
+            return Err(format!(
+                "prefix_cache.speedup: must be a number of at least 1, got {speedup}"
+            ));
         }
         if self.models.is_empty() {
             return Ok(ALL_MODELS.to_vec());
@@ -252,6 +265,18 @@ pub struct SimArgs {
     /// Start refusing: new connections are accepted and closed at once.
     #[arg(long)]
     pub refuse: bool,
+    /// tiny_llm: prompt prefixes the prefix cache keeps (0 turns it off).
+    #[arg(long, default_value = "256")]
+    pub prefix_cache_entries: usize,
+    /// tiny_llm: how long a served prompt prefix stays cached, in milliseconds.
+    #[arg(long, default_value = "10000")]
+    pub prefix_ttl_ms: u64,
+    /// tiny_llm: how many times faster the prefill of a cached prefix is (at least 1).
+    #[arg(long, default_value = "4")]
+    pub prefix_speedup: f64,
+    /// tiny_llm: leading prompt bytes that make a prefix.
+    #[arg(long, default_value = "256")]
+    pub prefix_bytes: usize,
 }
 
 impl SimArgs {
@@ -273,6 +298,12 @@ impl SimArgs {
             orca_oob: !self.no_orca_oob,
             models: self.models,
             sequence_idle_ms: self.sequence_idle_ms,
+            prefix_cache: PrefixCacheConfig {
+                entries: self.prefix_cache_entries,
+                ttl: Duration::from_millis(self.prefix_ttl_ms),
+                speedup: self.prefix_speedup,
+                bytes: self.prefix_bytes,
+            },
         }
     }
 }
@@ -301,6 +332,7 @@ fn build(cfg: &SimConfig) -> Result<Arc<Engine>, String> {
             Duration::from_millis(cfg.sequence_idle_ms),
             sequence::DEFAULT_CAPACITY,
         ),
+        prefix: prefix::PrefixCache::new(cfg.prefix_cache.clone()),
     }))
 }
 

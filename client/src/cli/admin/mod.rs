@@ -173,7 +173,7 @@ pub struct WeightArgs {
 pub struct ModelArgs {
     /// Model name, as `admin models` lists it
     pub name: String,
-    /// Balancing policy: round_robin, weighted, least_request or gpu_aware
+    /// Balancing policy: round_robin, weighted, least_request, gpu_aware or prefix_affinity
     #[arg(long, value_name = "POLICY")]
     pub policy: Option<String>,
     /// Bulkhead: calls running at once (0 removes the bulkhead)
