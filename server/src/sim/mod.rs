@@ -40,8 +40,8 @@ mod control;
 mod grpc;
 mod http;
 mod models;
-pub(crate) mod sequence;
 mod prefix;
+pub(crate) mod sequence;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
