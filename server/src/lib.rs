@@ -52,5 +52,6 @@ pub mod retry;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod wire;
