@@ -21,6 +21,10 @@ use tonic::Status;
 /// The header in which the backend receives the resolved tenant.
 pub const TENANT_HEADER_OUT: &str = "infergate-tenant";
 
+/// The header in which the inference port's connection layer passes on the identity
+/// of the client's certificate (it removes any a caller sent first).
+pub const IDENTITY_HEADER: &str = "infergate-peer-identity";
+
 /// The tenant of calls that carry no key (or no tenant at all).
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -31,6 +35,7 @@ pub struct ApiKeys {
     header: String,
     require: bool,
     trust_header: bool,
+    identities: std::collections::BTreeMap<String, String>,
 }
 
 impl ApiKeys {
@@ -51,11 +56,20 @@ impl ApiKeys {
             header: cfg.header.clone(),
             require: cfg.require_api_key,
             trust_header: cfg.trust_header,
+            identities: cfg.identities.clone(),
         })
     }
 
     /// The tenant of a call with these headers, or why it is refused.
     pub fn tenant(&self, headers: &HeaderMap) -> Result<String, Status> {
+        // A client certificate names the tenant, whatever the headers say.
+        if let Some(id) = headers.get(IDENTITY_HEADER).and_then(|v| v.to_str().ok()) {
+            return Ok(self
+                .identities
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| id.to_owned()));
+        }
         let value = |name: &str| {
             headers
                 .get(name)
@@ -102,7 +116,12 @@ impl ApiKeys {
     /// The metadata to send on: without the caller's credentials and tenant header,
     /// with the resolved tenant in [`TENANT_HEADER_OUT`].
     pub fn outgoing(&self, headers: &mut HeaderMap, tenant: &str) {
-        for name in ["authorization", "x-api-key", TENANT_HEADER_OUT] {
+        for name in [
+            "authorization",
+            "x-api-key",
+            TENANT_HEADER_OUT,
+            IDENTITY_HEADER,
+        ] {
             headers.remove(name);
         }
         headers.remove(self.header.as_str());
@@ -213,6 +232,31 @@ mod tests {
             h.get("x-request-id").map(|v| v.as_bytes()),
             Some(&b"r-1"[..])
         );
+    }
+
+    #[test]
+    fn a_client_certificate_names_the_tenant_over_keys_and_headers() {
+        let mut cfg = TenantConfig::default();
+        cfg.identities
+            .insert("spiffe://example.org/a".into(), "team-a".into());
+        cfg.api_keys.insert("key-b".into(), "team-b".into());
+        cfg.require_api_key = true;
+        let k = ApiKeys::new(&cfg).expect("keys");
+        let t = |h: &[(&'static str, &str)]| k.tenant(&headers(h)).expect("tenant");
+        assert_eq!(
+            t(&[
+                (IDENTITY_HEADER, "spiffe://example.org/a"),
+                ("x-infergate-tenant", "team-b"),
+                ("authorization", "Bearer key-b"),
+            ]),
+            "team-a"
+        );
+        // An identity not in the map is its own tenant.
+        assert_eq!(t(&[(IDENTITY_HEADER, "client.example")]), "client.example");
+        // It never reaches the backend.
+        let mut h = headers(&[(IDENTITY_HEADER, "client.example")]);
+        k.outgoing(&mut h, "client.example");
+        assert!(h.get(IDENTITY_HEADER).is_none());
     }
 
     #[test]

@@ -141,6 +141,8 @@ impl Endpoint {
             metrics_address: None,
             scrape: ScrapeConfig::default(),
             capacity: None,
+            tls: None,
+            server_name: None,
         };
         Endpoint::from_config(
             &config,

@@ -54,5 +54,6 @@ pub mod sequence;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod wire;

@@ -91,6 +91,15 @@ struct ServeArgs {
     /// Do not record metrics (nothing is served on --metrics-listen).
     #[arg(long)]
     no_metrics: bool,
+    /// Serve TLS with this certificate chain (PEM); replaces the file's [tls] cert.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Ask clients for certificates chained to this CA (PEM), and require one.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     #[command(flatten)]
     ports: Ports,
 }
@@ -193,6 +202,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     for address in &args.backends {
         config.backends.push(BackendConfig::new(address.clone()));
+    }
+    if let Some(cert) = &args.tls_cert {
+        config.tls.cert = Some(cert.clone());
+        config.tls.key = args.tls_key.clone();
+    }
+    if let Some(ca) = &args.tls_client_ca {
+        config.tls.client_ca = Some(ca.clone());
+        config.tls.require_client_cert = true;
     }
     if let Some(url) = &args.redis {
         config.redis.url = Some(url.clone());

@@ -59,13 +59,6 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, S
     })
 }
 
-/// Accepted connections with TCP_NODELAY: gRPC writes small frames and must not wait
-/// for Nagle's algorithm (a 40 ms stall against delayed ACKs). `Server::tcp_nodelay`
-/// applies only to listeners tonic binds itself, so it is set here.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
 pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
     start_with_file(config, source, None).await
@@ -214,6 +207,31 @@ pub async fn start_with_file(
     // buffer budget and read timeout are `conn`'s.
     crate::wire::process_budget().set_limit(config.max_buffered_request_bytes);
     let client_limits = conn::ClientLimits::new(&config);
+    let front_tls = config
+        .tls
+        .enabled()
+        .then(|| crate::tls::ServerTls::new(&config.tls))
+        .transpose()
+        .map_err(|e| StartError(format!("tls: {e}")))?;
+    let admin_tls = match &config.admin.tls {
+        Some(t) if t.enabled() => {
+            Some(crate::tls::ServerTls::new(t).map_err(|e| StartError(format!("admin.tls: {e}")))?)
+        }
+        _ => front_tls.clone(),
+    };
+    for (port, tls) in [("inference", &front_tls), ("admin", &admin_tls)] {
+        if let Some(tls) = tls {
+            tokio::spawn(tls.clone().watch(
+                port,
+                Duration::from_secs(1),
+                pool.events().clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+    }
+    if front_tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "the inference port listens beyond loopback without TLS: set [tls] cert and key (or --tls-cert/--tls-key)");
+    }
     let keepalive = (config.client_keepalive_interval_ms > 0)
         .then(|| Duration::from_millis(config.client_keepalive_interval_ms));
     let front = Server::builder()
@@ -231,7 +249,7 @@ pub async fn start_with_file(
         .add_service(v1alpha)
         .add_service(InferenceFront::new(Arc::clone(&gateway)))
         .serve_with_incoming_shutdown(
-            conn::Incoming::new(listener, client_limits),
+            conn::Incoming::new(listener, Arc::clone(&client_limits), front_tls.clone()),
             signal(shutdown_rx.clone()),
         );
     servers.push(tokio::spawn(async move {
@@ -242,6 +260,7 @@ pub async fn start_with_file(
 
     let (v1, v1alpha) = reflection(&["infergate.admin.v1.Admin", HEALTH])?;
     let admin = Server::builder()
+        .layer(conn::CallsLayer::new(&client_limits))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)
@@ -249,7 +268,10 @@ pub async fn start_with_file(
             Arc::clone(&control),
             config.admin.token.clone(),
         ))
-        .serve_with_incoming_shutdown(incoming(admin_listener), signal(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            conn::Incoming::new(admin_listener, Arc::clone(&client_limits), admin_tls),
+            signal(shutdown_rx.clone()),
+        );
     servers.push(tokio::spawn(async move {
         if let Err(e) = admin.await {
             tracing::error!("admin server failed: {e}");

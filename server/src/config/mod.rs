@@ -15,7 +15,9 @@ pub use affinity::{PrefixConfig, MAX_PREFIX_BYTES};
 pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
 pub(crate) use net::MAX_QUERY_TIMEOUT;
-pub use net::{ConnectionConfig, DnsConfig, MIN_INTERVAL_MS};
+pub use net::{
+    BackendTlsConfig, ConnectionConfig, DnsConfig, TlsConfig, TlsVersion, MIN_INTERVAL_MS,
+};
 #[cfg(test)]
 pub(crate) use resilience::share_of;
 pub(crate) use resilience::MAX_EJECTION_MS;
@@ -201,6 +203,10 @@ pub struct Config {
     pub sequences: SequenceConfig,
     /// The admin API.
     pub admin: AdminConfig,
+    /// TLS on the inference port (and the admin port, without `[admin.tls]`).
+    pub tls: TlsConfig,
+    /// TLS toward backends; present = on for every backend without `tls = false`.
+    pub backend_tls: Option<BackendTlsConfig>,
     /// Time kept back from the caller's remaining deadline when it is passed on to the
     /// backend, for the way back. Default 5 ms.
     pub deadline_margin_ms: u64,
@@ -273,6 +279,8 @@ impl Default for Config {
             sequences: SequenceConfig::default(),
             deadline_margin_ms: 5,
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
+            backend_tls: None,
             backends: Vec::new(),
             dns: Vec::new(),
             models: BTreeMap::new(),
@@ -428,6 +436,13 @@ pub struct BackendConfig {
     /// noisy). Default: learned.
     #[serde(default)]
     pub capacity: Option<u32>,
+    /// TLS to this backend: default on with `[backend_tls]` or an `https://` address.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// Name checked against this backend's certificate; replaces
+    /// `[backend_tls].server_name`. Default: the host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 fn one() -> u32 {
@@ -444,7 +459,22 @@ impl BackendConfig {
             metrics_address: None,
             scrape: crate::config::ScrapeConfig::default(),
             capacity: None,
+            tls: None,
+            server_name: None,
         }
+    }
+
+    /// The address without its `https://` scheme (what the pool keys the backend by).
+    pub fn host_port(&self) -> &str {
+        self.address
+            .strip_prefix("https://")
+            .unwrap_or(&self.address)
+    }
+
+    /// Whether the gateway talks TLS to it, given whether `[backend_tls]` is set.
+    pub fn uses_tls(&self, pool_tls: bool) -> bool {
+        self.tls
+            .unwrap_or(pool_tls || self.address.starts_with("https://"))
     }
 }
 
@@ -497,6 +527,11 @@ pub struct AdminConfig {
     /// Re-read the config file when it changes on disk (checked every second), besides
     /// on SIGHUP. Default true.
     pub watch_config: Option<bool>,
+    /// TLS of the admin port; absent = `[tls]`.
+    pub tls: Option<TlsConfig>,
+    /// Client-certificate identities (SAN URI, SAN DNS or CN) allowed to call the
+    /// admin API under mTLS, besides callers with the token. Default: none.
+    pub allowed_identities: Vec<String>,
 }
 
 /// `[tenants]`: which tenant a call belongs to.
@@ -520,6 +555,10 @@ pub struct TenantConfig {
     /// Metadata key carrying a call's priority (an integer; higher first). Default
     /// `x-infergate-priority`. Triton's `priority` request parameter counts too.
     pub priority_header: String,
+    /// Client-certificate identities (SAN URI such as a SPIFFE ID, else SAN DNS, else
+    /// CN) and the tenant each stands for. A caller with a certificate whose identity
+    /// is not listed is the tenant named by the identity itself. Default: none.
+    pub identities: BTreeMap<String, String>,
 }
 
 impl Default for TenantConfig {
@@ -530,6 +569,7 @@ impl Default for TenantConfig {
             header: "x-infergate-tenant".into(),
             api_keys: BTreeMap::new(),
             priority_header: "x-infergate-priority".into(),
+            identities: BTreeMap::new(),
         }
     }
 }
@@ -715,6 +755,13 @@ impl Config {
             })
         };
         sub("outlier", self.outlier.validate())?;
+        sub("tls", self.tls.validate())?;
+        if let Some(t) = &self.admin.tls {
+            sub("admin.tls", t.validate())?;
+        }
+        if let Some(t) = &self.backend_tls {
+            sub("backend_tls", t.validate())?;
+        }
         sub("breaker", self.breaker.validate())?;
         sub("rate_limit", self.rate_limit.validate())?;
         sub("redis", self.redis.validate())?;
@@ -789,8 +836,18 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, backend) in self.backends.iter().enumerate() {
-            parse_host_port(&backend.address)
+            parse_host_port(backend.host_port())
                 .map_err(|reason| err(format!("backends[{i}].address"), reason))?;
+            if backend.tls == Some(false) && backend.address.starts_with("https://") {
+                return Err(err(
+                    format!("backends[{i}].tls"),
+                    "is false, but the address says https://".into(),
+                ));
+            }
+            sub(
+                &format!("backends[{i}]"),
+                net::check_server_name(backend.server_name.as_deref()),
+            )?;
             if !seen.insert(backend.address.as_str()) {
                 return Err(err(
                     format!("backends[{i}].address"),
@@ -970,6 +1027,32 @@ mod tests {
                 "UNAVALABLE",
             ),
             ("[retry]\nmax_attempts = 0", "retry.max_attempts", "1..=10"),
+            ("[tls]\ncert = \"c.pem\"", "tls.key", "required with `cert`"),
+            (
+                "[tls]\ncert = \"c\"\nkey = \"k\"\nrequire_client_cert = true",
+                "tls.require_client_cert",
+                "needs `client_ca`",
+            ),
+            (
+                "[admin.tls]\nclient_ca = \"ca\"",
+                "admin.tls.client_ca",
+                "needs `cert`",
+            ),
+            (
+                "[backend_tls]\ncert = \"c\"",
+                "backend_tls.key",
+                "required with `cert`",
+            ),
+            (
+                "[[backends]]\naddress = \"https://b:1\"\ntls = false",
+                "backends[0].tls",
+                "https://",
+            ),
+            (
+                "[[backends]]\naddress = \"b:1\"\nserver_name = \"not a name\"",
+                "backends[0].server_name",
+                "not a DNS name",
+            ),
             (
                 "[retry]\nretryable_codes = [\"BUSY\"]",
                 "retry.retryable_codes",

@@ -1,11 +1,134 @@
-//! Settings of the network: backend connections (`[backend_connection]`) and DNS
-//! discovery (`[[dns]]`).
+//! Settings of the network: backend connections (`[backend_connection]`), DNS
+//! discovery (`[[dns]]`), and TLS (`[tls]`, `[admin.tls]`, `[backend_tls]`).
 
 use super::FieldError;
 use hickory_resolver::proto::rr::Name;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// `[tls]` (the inference port) and `[admin.tls]` (the admin port; without one it uses
+/// `[tls]`): server TLS, with client certificates (mTLS) when `client_ca` is given.
+///
+/// ```toml
+/// [tls]
+/// cert = "/etc/infergate/tls.crt"      # PEM chain, leaf first
+/// key = "/etc/infergate/tls.key"       # PEM key (PKCS#8, PKCS#1 or SEC1)
+/// client_ca = "/etc/infergate/ca.crt"  # PEM CA(s) client certificates must chain to
+/// require_client_cert = true           # refuse handshakes without one
+/// min_version = "1.2"                  # or "1.3"
+/// ```
+///
+/// The cert and key files are re-read when they change and on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM). With `key`, turns TLS on. Default: none (plaintext).
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM). Required with `cert`.
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to. Default: none
+    /// (no client certificates asked for).
+    pub client_ca: Option<PathBuf>,
+    /// Refuse a handshake without a client certificate (needs `client_ca`); the
+    /// tenant then always comes from the certificate. Default false.
+    pub require_client_cert: bool,
+    /// Oldest TLS version accepted: `"1.2"` or `"1.3"`. Default `"1.2"`.
+    pub min_version: TlsVersion,
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+impl TlsConfig {
+    /// Whether the port serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Checks what serde cannot: the error names the field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(FieldError::new("key", "is required with `cert`")),
+            (None, Some(_)) => return Err(FieldError::new("cert", "is required with `key`")),
+            _ => {}
+        }
+        if self.client_ca.is_some() && !self.enabled() {
+            return Err(FieldError::new(
+                "client_ca",
+                "needs `cert` and `key` (client certificates are asked for in a TLS handshake)",
+            ));
+        }
+        if self.require_client_cert && self.client_ca.is_none() {
+            return Err(FieldError::new(
+                "require_client_cert",
+                "needs `client_ca` (the CA client certificates must chain to)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[backend_tls]`: TLS toward backends. Its presence turns TLS on for every backend
+/// (a backend's `tls = false` turns it off for that one); `https://` in a backend's
+/// address turns it on for that one. Health checks, load-report streams and
+/// discovery probes use the same connection.
+///
+/// ```toml
+/// [backend_tls]
+/// ca = "/etc/infergate/backend-ca.crt"  # default: /etc/ssl/certs/ca-certificates.crt
+/// cert = "/etc/infergate/client.crt"    # client certificate for backends that ask
+/// key = "/etc/infergate/client.key"
+/// server_name = "triton.internal"       # default: the backend's host
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTlsConfig {
+    /// CA certificates (PEM) backend certificates must chain to. Default: the
+    /// system's bundle, `/etc/ssl/certs/ca-certificates.crt`.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) shown to backends. Default: none.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM). Required with `cert`.
+    pub key: Option<PathBuf>,
+    /// Name checked against backend certificates (and sent as SNI). Default: each
+    /// backend's host.
+    pub server_name: Option<String>,
+}
+
+impl BackendTlsConfig {
+    /// Checks what serde cannot: the error names the field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => Err(FieldError::new("key", "is required with `cert`")),
+            (None, Some(_)) => Err(FieldError::new("cert", "is required with `key`")),
+            _ => check_server_name(self.server_name.as_deref()),
+        }
+    }
+}
+
+/// A server name must be a DNS name or an IP address.
+pub(crate) fn check_server_name(name: Option<&str>) -> Result<(), FieldError> {
+    match name {
+        Some(name) if rustls_pki_types::ServerName::try_from(name).is_err() => {
+            Err(FieldError::new(
+                "server_name",
+                format!("`{name}` is not a DNS name or IP address"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// `[backend_connection]`: how the gateway holds its HTTP/2 connection to each backend.
 ///

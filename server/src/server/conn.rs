@@ -34,6 +34,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// The socket under a client connection: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! io_dispatch {
+    ($self:expr, $io:ident => $e:expr) => {
+        match $self {
+            Io::Plain($io) => $e,
+            Io::Tls($io) => $e,
+        }
+    };
+}
+
 /// The client's connection preface (24 bytes) and the header of its first frame, which
 /// must be SETTINGS: what a connection must have sent within the handshake timeout.
 const HANDSHAKE_BYTES: usize = 24 + 9;
@@ -140,6 +155,8 @@ impl Drop for OpenCall {
 /// The connection info tonic puts in each request's extensions.
 #[derive(Debug, Clone)]
 pub struct ClientConn {
+    /// The identity of the client's certificate (TLS with client certificates).
+    identity: Option<crate::tls::PeerIdentity>,
     remote: Option<SocketAddr>,
     local: Option<SocketAddr>,
     state: Arc<ConnState>,
@@ -148,6 +165,12 @@ pub struct ClientConn {
 /// Accepted client connections within `max_client_connections`, with TCP_NODELAY.
 pub(super) struct Incoming {
     listener: TcpListener,
+    /// TLS: accepted sockets are handshaken on their own tasks and come back here.
+    tls: Option<crate::tls::ServerTls>,
+    handshaken: (
+        tokio::sync::mpsc::UnboundedSender<ClientIo>,
+        tokio::sync::mpsc::UnboundedReceiver<ClientIo>,
+    ),
     permits: Arc<Semaphore>,
     limits: Arc<ClientLimits>,
     backoff: Option<Pin<Box<Sleep>>>,
@@ -157,9 +180,15 @@ pub(super) struct Incoming {
 }
 
 impl Incoming {
-    pub(super) fn new(listener: TcpListener, limits: Arc<ClientLimits>) -> Self {
+    pub(super) fn new(
+        listener: TcpListener,
+        limits: Arc<ClientLimits>,
+        tls: Option<crate::tls::ServerTls>,
+    ) -> Self {
         Incoming {
             listener,
+            tls,
+            handshaken: tokio::sync::mpsc::unbounded_channel(),
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             backoff: None,
@@ -194,6 +223,9 @@ impl futures_util::Stream for Incoming {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            if let Poll::Ready(Some(io)) = this.handshaken.1.poll_recv(cx) {
+                return Poll::Ready(Some(Ok(io)));
+            }
             if let Some(backoff) = this.backoff.as_mut() {
                 ready!(backoff.as_mut().poll(cx));
                 this.backoff = None;
@@ -206,12 +238,51 @@ impl futures_util::Stream for Incoming {
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    return Poll::Ready(Some(Ok(ClientIo::new(
-                        stream,
-                        peer,
-                        permit,
-                        &this.limits,
-                    ))));
+                    let Some(tls) = this.tls.as_ref() else {
+                        return Poll::Ready(Some(Ok(ClientIo::new(
+                            Io::Plain(stream),
+                            peer,
+                            permit,
+                            &this.limits,
+                            None,
+                        ))));
+                    };
+                    // The TLS handshake runs on its own task, within the handshake
+                    // timeout; the HTTP/2 preface must then come by the same deadline.
+                    let acceptor = tls.acceptor();
+                    let limits = Arc::clone(&this.limits);
+                    let done = this.handshaken.0.clone();
+                    let due = Instant::now() + limits.handshake_timeout;
+                    tokio::spawn(async move {
+                        match tokio::time::timeout_at(due, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => {
+                                let identity = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(crate::tls::identity)
+                                    .map(crate::tls::PeerIdentity);
+                                let io = ClientIo::new(
+                                    Io::Tls(Box::new(tls)),
+                                    peer,
+                                    permit,
+                                    &limits,
+                                    identity,
+                                );
+                                let _ = done.send(io);
+                            }
+                            Ok(Err(e)) => {
+                                metrics::counter!("infergate_client_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::debug!(%peer, "TLS handshake with a client failed: {e}");
+                            }
+                            Err(_) => {
+                                metrics::counter!("infergate_client_connections_closed_total", "reason" => "handshake_timeout")
+                                    .increment(1);
+                            }
+                        }
+                    });
                 }
                 // The peer gave up before it was accepted: nothing to wait for.
                 Err(e)
@@ -240,7 +311,7 @@ enum Closed {
 /// An accepted client socket that closes itself when the handshake or idle timeout
 /// passes, and holds its slot of `max_client_connections` while open.
 pub struct ClientIo {
-    io: TcpStream,
+    io: Io,
     info: ClientConn,
     /// Bytes of the handshake still to come, and when they are due.
     handshake: Option<(usize, Pin<Box<Sleep>>)>,
@@ -251,11 +322,13 @@ pub struct ClientIo {
 
 impl ClientIo {
     fn new(
-        io: TcpStream,
+        io: Io,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         limits: &ClientLimits,
+        identity: Option<crate::tls::PeerIdentity>,
     ) -> Self {
+        let local = io_dispatch!(&io, s => s.get_ref_tcp().local_addr().ok());
         let born = Instant::now();
         let state = Arc::new(ConnState {
             open: AtomicUsize::new(0),
@@ -268,8 +341,9 @@ impl ClientIo {
         });
         ClientIo {
             info: ClientConn {
+                identity,
                 remote: Some(peer),
-                local: io.local_addr().ok(),
+                local,
                 state,
             },
             io,
@@ -350,7 +424,7 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(())); // EOF
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        match io_dispatch!(&mut this.io, s => Pin::new(s).poll_read(cx, buf)) {
             Poll::Ready(Ok(())) => {
                 let read = buf.filled().len() - before;
                 if let Some((left, _)) = this.handshake.as_mut() {
@@ -377,7 +451,7 @@ impl AsyncWrite for ClientIo {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write(cx, data) {
+        match io_dispatch!(&mut this.io, s => Pin::new(s).poll_write(cx, data)) {
             // A peer that reads nothing blocks writes, and hyper may then stop reading:
             // the timeouts are checked here too.
             Poll::Pending => match this.poll_timeouts(cx) {
@@ -389,11 +463,11 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        io_dispatch!(&mut self.io, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        io_dispatch!(&mut self.io, s => Pin::new(s).poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -402,7 +476,7 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+        match io_dispatch!(&mut this.io, s => Pin::new(s).poll_write_vectored(cx, bufs)) {
             Poll::Pending => match this.poll_timeouts(cx) {
                 Some(_) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
                 None => Poll::Pending,
@@ -412,7 +486,7 @@ impl AsyncWrite for ClientIo {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        io_dispatch!(&self.io, s => s.is_write_vectored())
     }
 }
 
@@ -473,6 +547,17 @@ where
             connection: None,
             read_timeout: Some(self.read_timeout),
         };
+        // The peer identity: in the extensions, and in a header only the connection
+        // sets (a caller's own is removed first), which `auth` reads.
+        request.headers_mut().remove(crate::auth::IDENTITY_HEADER);
+        if let Some(id) = conn.as_ref().and_then(|c| c.identity.clone()) {
+            if let Ok(v) = http::HeaderValue::from_str(&id.0) {
+                request
+                    .headers_mut()
+                    .insert(crate::auth::IDENTITY_HEADER, v);
+            }
+            request.extensions_mut().insert(id);
+        }
         let open = conn.map(|conn| {
             request.extensions_mut().insert(TcpConnectInfo {
                 local_addr: conn.local,
@@ -592,6 +677,23 @@ impl http_body::Body for SmallMessages {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The TCP socket under either kind of connection.
+trait TcpRef {
+    fn get_ref_tcp(&self) -> &TcpStream;
+}
+
+impl TcpRef for TcpStream {
+    fn get_ref_tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl TcpRef for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+    fn get_ref_tcp(&self) -> &TcpStream {
+        self.get_ref().0
     }
 }
 
