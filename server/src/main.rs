@@ -4,7 +4,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use infergate::config::{
-    BackendConfig, Bucket, BulkheadConfig, Config, DnsConfig, ModelConfig, PolicyKind, PrefixConfig,
+    BackendConfig, BackendTlsConfig, Bucket, BulkheadConfig, Config, DnsConfig, ModelConfig,
+    PolicyKind, PrefixConfig, TlsConfig,
 };
 use infergate::{demo, server, sim, trace};
 use std::net::SocketAddr;
@@ -397,6 +398,8 @@ const SECTIONS: &[(&str, &str)] = &[
     ("retry", "Retries for every model (a model's own [models.NAME.retry] replaces it)."),
     ("hedge", "Hedging for every model (off by default; [models.NAME.hedge] replaces it)."),
     ("sequences", "Stateful sequences (Triton's sequence_id): pinned to one backend by rendezvous hashing."),
+    ("tls", "TLS on the inference port (and the admin port without [admin.tls]); plaintext without cert and key."),
+    ("backend_tls", "TLS toward backends (example; a backend's own tls = false turns it off)."),
     ("admin", "The admin API (infergate.admin.v1.Admin on admin_listen)."),
     ("backends", "The backends, one [[backends]] table each (example)."),
     ("dns", "DNS names whose A/AAAA records are backends, e.g. a Kubernetes headless service (example)."),
@@ -420,6 +423,25 @@ fn example_config(defaults: &Config) -> Config {
         .api_keys
         .insert("key-of-team-a".into(), "team-a".into());
     c.redis.url = Some("redis://127.0.0.1:6379/0".into());
+    c.tls = TlsConfig {
+        cert: Some("/etc/infergate/tls.crt".into()),
+        key: Some("/etc/infergate/tls.key".into()),
+        client_ca: Some("/etc/infergate/client-ca.crt".into()),
+        ..defaults.tls.clone()
+    };
+    c.admin.tls = Some(c.tls.clone());
+    c.admin
+        .allowed_identities
+        .push("spiffe://example.org/ops".into());
+    c.tenants
+        .identities
+        .insert("spiffe://example.org/team-a".into(), "team-a".into());
+    c.backend_tls = Some(BackendTlsConfig {
+        ca: Some("/etc/infergate/backend-ca.crt".into()),
+        cert: Some("/etc/infergate/client.crt".into()),
+        key: Some("/etc/infergate/client.key".into()),
+        server_name: Some("triton.internal".into()),
+    });
     c.retry.per_try_timeout_ms = Some(1000);
     c.hedge.delay_ms = Some(20);
     c.hedge.delay_percentile = Some(0.95);
@@ -427,6 +449,8 @@ fn example_config(defaults: &Config) -> Config {
     backend.models = vec!["simple".into()];
     backend.metrics_address = Some("triton-0.triton:8002".into());
     backend.capacity = Some(8);
+    backend.tls = Some(true);
+    backend.server_name = Some("triton-0.triton".into());
     backend.scrape.utilization_metric = Some("nv_gpu_utilization".into());
     backend.scrape.queue_metric = Some("nv_inference_pending_request_count".into());
     backend.scrape.running_metric = Some("nv_inference_exec_count".into());
