@@ -380,7 +380,8 @@ impl Gateway {
         let deadline = deadline(&parts.headers, &policy, started);
         // 5. bulkhead
         let wait = span.child("bulkhead");
-        let admitted = self.bulkhead(&policy, &caller, deadline).await;
+        let cost = crate::bulkhead::cost_of(&payload);
+        let admitted = self.bulkhead(&policy, &caller, cost, deadline).await;
         wait.set_attr(
             attr::QUEUE_WAIT_MS,
             started.elapsed().as_secs_f64() * 1000.0,
@@ -400,7 +401,7 @@ impl Gateway {
             {
                 let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
                 let slot = self
-                    .bulkhead(&policy, &caller, deadline)
+                    .bulkhead(&policy, &caller, cost, deadline)
                     .await
                     .map_err(rejected_status)?;
                 let name = route.model.clone();
@@ -520,15 +521,20 @@ impl Gateway {
         &self,
         policy: &ModelPolicy,
         caller: &Caller,
+        cost: u64,
         deadline: Option<Instant>,
     ) -> Result<Option<Slot>, crate::bulkhead::Rejected> {
         let Some(bulkhead) = &policy.bulkhead else {
             return Ok(None);
         };
         let waited = Instant::now();
-        let slot = bulkhead
-            .acquire(&caller.tenant, caller.priority, deadline)
-            .await;
+        let claim = crate::bulkhead::Claim {
+            tenant: &caller.tenant,
+            priority: caller.priority,
+            cost,
+            weight: self.tenants.weights.of(&caller.tenant),
+        };
+        let slot = bulkhead.acquire_claim(claim, deadline).await;
         metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => policy.name.clone())
             .record(waited.elapsed().as_secs_f64());
         if let Err(rejected) = &slot {
@@ -1146,8 +1152,9 @@ impl Gateway {
         let policy = self.models.get(&route.model);
         policy.fit_bulkhead(&route.endpoints);
         let deadline = deadline(headers, &policy, Instant::now());
+        let cost = crate::bulkhead::cost_of(&message.payload());
         let slot = self
-            .bulkhead(&policy, &caller, deadline)
+            .bulkhead(&policy, &caller, cost, deadline)
             .await
             .map_err(|r| fail(rejected_status(r)))?;
         // The same retry policy and budget as unary calls, while the backend has not

@@ -1,5 +1,6 @@
-//! Settings of the token-bucket rate limits (`[rate_limit]`) and of the Redis store that
-//! global ones are kept in (`[redis]`).
+//! Settings of the token-bucket rate limits (`[rate_limit]`), of the Redis store that
+//! global ones are kept in (`[redis]`), and the tenants' weights in the bulkhead's fair
+//! queue (`[tenants.weights]`).
 
 use super::FieldError;
 use serde::{Deserialize, Serialize};
@@ -224,5 +225,35 @@ impl RateLimitConfig {
                 .collect(),
             max_keys: self.max_keys,
         }
+    }
+}
+
+/// `[tenants.weights]`: each tenant's weight in the bulkhead's fair queue (a tenant of
+/// weight 3 is served three times the cost of a tenant of weight 1 while both wait).
+/// Tenants not named weigh 1.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct TenantWeights(pub BTreeMap<String, f64>);
+
+impl TenantWeights {
+    /// Most a weight may be (and 1 / this is the least).
+    pub const MAX: f64 = 1000.0;
+
+    /// The weight of `tenant`.
+    pub fn of(&self, tenant: &str) -> f64 {
+        self.0.get(tenant).copied().unwrap_or(1.0)
+    }
+
+    /// Checks every weight; the message names the tenant.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (tenant, weight) in &self.0 {
+            if !(weight.is_finite() && (1.0 / Self::MAX..=Self::MAX).contains(weight)) {
+                return Err(FieldError::new(
+                    tenant.clone(),
+                    format!("must be a number from 0.001 to 1000, got {weight}"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
