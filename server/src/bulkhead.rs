@@ -271,19 +271,18 @@ struct Inner {
     state: Mutex<State>,
 }
 
-/// Where a waiter stands: its priority level, then its start tag and arrival number
-/// inside the level (best first in both).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a waiter stands: its priority level, its tenant and its arrival number.
+#[derive(Debug, Clone)]
 struct WaiterKey {
     level: Reverse<i32>,
-    tag: (u64, u64),
+    tenant: Arc<str>,
+    seq: u64,
 }
 
 #[derive(Debug)]
 struct Waiter {
-    tenant: Arc<str>,
-    /// The tenant's finish tag once this waiter is served (start + cost / weight).
-    finish: u64,
+    /// What serving it moves its tenant's finish tag on by (cost / weight).
+    charge: u64,
     grant: oneshot::Sender<()>,
 }
 
@@ -298,16 +297,38 @@ struct TenantCount {
 struct Level {
     /// Virtual time: the start tag of the waiter served last from this level.
     now: u64,
-    /// Tenants with waiters here: the finish tag of each one's newest waiter.
+    /// Tenants with waiters here, each with its own first-come-first-served line.
     backlogs: HashMap<Arc<str>, Backlog>,
-    /// Ordered best first: smallest start tag, then oldest.
-    queue: BTreeMap<(u64, u64), Waiter>,
+    /// The first waiter of each backlog, by start tag (then arrival): best first.
+    heads: BTreeMap<(u64, u64), Arc<str>>,
 }
 
 #[derive(Debug, Default)]
 struct Backlog {
+    /// The finish tag of the tenant's call served last from this level.
     finish: u64,
-    waiting: usize,
+    /// The start tag and arrival number of the first waiter, as filed in `heads`.
+    head: (u64, u64),
+    waiters: BTreeMap<u64, Waiter>,
+}
+
+impl Level {
+    /// Files the backlog's first waiter (if any) in `heads`, tagged now.
+    fn file_head(&mut self, tenant: &Arc<str>) {
+        let now = self.now;
+        let Some(backlog) = self.backlogs.get_mut(tenant) else {
+            return;
+        };
+        match backlog.waiters.keys().next() {
+            Some(&seq) => {
+                backlog.head = (now.max(backlog.finish), seq);
+                self.heads.insert(backlog.head, tenant.clone());
+            }
+            None => {
+                self.backlogs.remove(tenant);
+            }
+        }
+    }
 }
 
 /// One tenant's call as the bulkhead weighs it.
@@ -449,15 +470,15 @@ impl State {
             let Some(key) = self.next_grant() else {
                 break;
             };
-            let Some(waiter) = self.take(key, true) else {
+            let Some(waiter) = self.take(&key, true) else {
                 break;
             };
-            self.tenant_dec(&waiter.tenant, false);
-            self.admit(&waiter.tenant);
+            self.tenant_dec(&key.tenant, false);
+            self.admit(&key.tenant);
             if waiter.grant.send(()).is_err() {
                 // The waiter is gone (it withdraws under this lock before its receiver
                 // drops, so this does not happen; kept so a slot can never leak).
-                self.unadmit(&waiter.tenant);
+                self.unadmit(&key.tenant);
             }
         }
     }
@@ -467,12 +488,13 @@ impl State {
     fn next_grant(&mut self) -> Option<WaiterKey> {
         let (cfg, tenants) = (&self.cfg, &self.tenants);
         let mut eligible = self.levels.iter().filter_map(|(level, l)| {
-            l.queue
+            l.heads
                 .iter()
-                .find(|(_, w)| under_share(cfg, tenants, &w.tenant))
-                .map(|(tag, _)| WaiterKey {
+                .find(|(_, tenant)| under_share(cfg, tenants, tenant))
+                .map(|(&(_, seq), tenant)| WaiterKey {
                     level: *level,
-                    tag: *tag,
+                    tenant: tenant.clone(),
+                    seq,
                 })
         });
         let top = eligible.next()?;
@@ -488,7 +510,7 @@ impl State {
         Some(top)
     }
 
-    /// Queues a waiter for `claim` (start-time fair queuing inside its level).
+    /// Queues a waiter for `claim` at the end of its tenant's line in its level.
     fn enqueue(
         &mut self,
         claim: &Claim<'_>,
@@ -496,61 +518,59 @@ impl State {
         grant: oneshot::Sender<()>,
     ) -> WaiterKey {
         let level_key = Reverse(claim.priority);
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let level = self.levels.entry(level_key).or_default();
         let backlog = level.backlogs.entry(tenant.clone()).or_default();
-        let start = level.now.max(backlog.finish);
-        let finish = start.saturating_add(claim.charge());
-        backlog.finish = finish;
-        backlog.waiting += 1;
-        let tag = (start, self.next_seq);
-        self.next_seq += 1;
-        level.queue.insert(
-            tag,
+        let first = backlog.waiters.is_empty();
+        backlog.waiters.insert(
+            seq,
             Waiter {
-                tenant: tenant.clone(),
-                finish,
+                charge: claim.charge(),
                 grant,
             },
         );
+        if first {
+            level.file_head(&tenant);
+        }
         self.queued += 1;
-        self.tenants.entry(tenant).or_default().queued += 1;
+        self.tenants.entry(tenant.clone()).or_default().queued += 1;
         WaiterKey {
             level: level_key,
-            tag,
+            tenant,
+            seq,
         }
     }
 
-    /// Takes a waiter out of its level: `served` moves the level's virtual time to its
-    /// start tag; a waiter withdrawn unserved that was its tenant's newest gives its
-    /// charge back. A level or backlog left empty is forgotten (state stays bounded by
-    /// the waiters).
-    fn take(&mut self, key: WaiterKey, served: bool) -> Option<Waiter> {
+    /// Takes a waiter out of its level. Served, it moves the level's virtual time to
+    /// its start tag and its tenant's finish tag on by its charge; withdrawn, it
+    /// charges nothing. A backlog or level left empty is forgotten (the state stays
+    /// bounded by the waiters).
+    fn take(&mut self, key: &WaiterKey, served: bool) -> Option<Waiter> {
         let level = self.levels.get_mut(&key.level)?;
-        let waiter = level.queue.remove(&key.tag)?;
+        let backlog = level.backlogs.get_mut(&key.tenant)?;
+        let waiter = backlog.waiters.remove(&key.seq)?;
         self.queued = self.queued.saturating_sub(1);
-        if served {
-            level.now = level.now.max(key.tag.0);
-        }
-        if let Some(backlog) = level.backlogs.get_mut(&waiter.tenant) {
-            backlog.waiting = backlog.waiting.saturating_sub(1);
-            if !served && backlog.finish == waiter.finish {
-                backlog.finish = key.tag.0;
+        if backlog.head.1 == key.seq {
+            let start = backlog.head.0;
+            level.heads.remove(&backlog.head);
+            if served {
+                backlog.finish = start.saturating_add(waiter.charge);
+                level.now = level.now.max(start);
             }
-            if backlog.waiting == 0 {
-                level.backlogs.remove(&waiter.tenant);
-            }
+            level.file_head(&key.tenant);
         }
-        if level.queue.is_empty() {
+        if level.heads.is_empty() {
             self.levels.remove(&key.level);
         }
         Some(waiter)
     }
 
     /// Removes a waiter still in the queue; false when it was granted a slot already.
-    fn withdraw(&mut self, key: WaiterKey) -> bool {
+    fn withdraw(&mut self, key: &WaiterKey) -> bool {
         match self.take(key, false) {
-            Some(waiter) => {
-                self.tenant_dec(&waiter.tenant, false);
+            Some(_) => {
+                self.tenant_dec(&key.tenant, false);
                 true
             }
             None => false,
@@ -699,7 +719,7 @@ impl Bulkhead {
             return Ok(Slot::new(self.inner.clone(), pending.tenant.clone()));
         }
         let mut st = self.inner.lock();
-        if !st.withdraw(pending.key) {
+        if !st.withdraw(&pending.key) {
             // A slot was granted at the same moment the wait ran out: it is ours.
             return Ok(Slot::new(self.inner.clone(), pending.tenant.clone()));
         }
@@ -765,7 +785,7 @@ impl Drop for Pending<'_> {
             return;
         }
         let mut st = self.inner.lock();
-        if st.withdraw(self.key) {
+        if st.withdraw(&self.key) {
             st.stats.cancelled_total += 1;
         } else {
             st.release(&self.tenant, None);
