@@ -27,6 +27,14 @@
 //! O(cap) pass O(1) amortised per new key: a client rotating tenant header values pays
 //! a few hash operations per call, not a scan of every bucket.
 //!
+//! Streams have a token rate too (`per_tenant_tokens`, `tenant_tokens`): each
+//! `ModelStreamInfer` response sent to a tenant takes one token from its stream token
+//! bucket, which may go into debt, since a generation already running should not be
+//! cut at the first token over. A tenant in debt (less than one token) opens no new
+//! stream; a stream that takes the debt past `burst` is ended. Both answer
+//! RESOURCE_EXHAUSTED naming the tenant, `tokens_per_second` and the burst, with the
+//! time until a token is back. These buckets are kept in this process only.
+//!
 //! The [`RateLimiter`] trait is the seam for a limiter shared between gateway
 //! replicas; [`LocalRateLimiter`] limits per process.
 //!
@@ -67,6 +75,18 @@ impl RateKey {
 pub trait RateLimiter: Send + Sync {
     /// Ok to let the call through (the tokens are taken), or which limit refused it.
     fn check(&self, key: &RateKey, now: Instant) -> Result<(), Limited>;
+
+    /// Whether `tenant` may open a stream now: refused while its stream token bucket
+    /// holds less than one token (it is in debt). No token limit: always.
+    fn stream_open(&self, _tenant: &str, _now: Instant) -> Result<(), Limited> {
+        Ok(())
+    }
+
+    /// Counts `responses` stream responses sent to `tenant` (one token each; the bucket
+    /// may go into debt). Err once the debt is past the burst: the stream is ended.
+    fn stream_sent(&self, _tenant: &str, _responses: u32, _now: Instant) -> Result<(), Limited> {
+        Ok(())
+    }
 }
 
 /// Which bucket ran dry.
@@ -76,6 +96,8 @@ pub enum RateScope {
     Tenant,
     /// The model's bucket, shared by all tenants.
     Model,
+    /// The tenant's stream token bucket (`tokens_per_second`).
+    TenantTokens,
 }
 
 impl RateScope {
@@ -84,6 +106,7 @@ impl RateScope {
         match self {
             RateScope::Tenant => "tenant",
             RateScope::Model => "model",
+            RateScope::TenantTokens => "tenant_tokens",
         }
     }
 }
@@ -122,6 +145,16 @@ impl Limited {
 
 impl fmt::Display for Limited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.scope == RateScope::TenantTokens {
+            return write!(
+                f,
+                "tenant {}: stream token limit tokens_per_second {} (burst {}) exceeded; retry in {} ms",
+                crate::wire::shown(&self.key),
+                self.rate,
+                self.burst,
+                self.retry_after.as_nanos().div_ceil(1_000_000)
+            );
+        }
         write!(
             f,
             "{} {}: rate limit {}/s (burst {}) exceeded; retry in {} ms",
@@ -153,6 +186,8 @@ const MAX_SHARDS: usize = 64;
 struct Shard {
     tenants: Buckets,
     models: Buckets,
+    /// Stream token buckets, by tenant.
+    tokens: Buckets,
 }
 
 #[derive(Debug, Default)]
@@ -190,7 +225,12 @@ impl TokenBucket {
     }
 
     fn take(&mut self, limit: &Bucket) {
-        self.tokens -= 1.0;
+        self.take_n(limit, 1);
+    }
+
+    /// Takes `n` tokens, into debt if need be.
+    fn take_n(&mut self, limit: &Bucket, n: u32) {
+        self.tokens -= f64::from(n);
         let missing = f64::from(limit.burst) - self.tokens;
         self.full_at = self.last + secs(missing / limit.rate_per_second);
     }
@@ -407,6 +447,51 @@ impl RateLimiter for LocalRateLimiter {
                 let m = check(RateScope::Model, &mut ms.models, &key.model, ml);
                 decide([t, m], now, cap)
             }
+        }
+    }
+
+    fn stream_open(&self, tenant: &str, now: Instant) -> Result<(), Limited> {
+        self.with_tokens(tenant, now, |bucket, limit| {
+            (bucket.tokens < 1.0).then(|| bucket.retry_after(limit))
+        })
+    }
+
+    fn stream_sent(&self, tenant: &str, responses: u32, now: Instant) -> Result<(), Limited> {
+        self.with_tokens(tenant, now, |bucket, limit| {
+            bucket.take_n(limit, responses);
+            (bucket.tokens < -f64::from(limit.burst)).then(|| bucket.retry_after(limit))
+        })
+    }
+}
+
+impl LocalRateLimiter {
+    /// Runs `refuse` on the tenant's stream token bucket (refilled to `now`): Some(retry
+    /// after) refuses. Nothing to do for a tenant without a token rate.
+    fn with_tokens(
+        &self,
+        tenant: &str,
+        now: Instant,
+        refuse: impl FnOnce(&mut TokenBucket, &Bucket) -> Option<Duration>,
+    ) -> Result<(), Limited> {
+        let cfg = self.current();
+        let Some(rate) = cfg.token_rate(tenant) else {
+            return Ok(());
+        };
+        let limit = rate.bucket();
+        let cap = cfg.max_keys.max(1).div_ceil(self.shards.len());
+        let mut shard = lock(&self.shards[self.shard_of(tenant)]);
+        let Some(bucket) = shard.tokens.refilled(tenant, &limit, now, cap) else {
+            return Ok(());
+        };
+        match refuse(bucket, &limit) {
+            None => Ok(()),
+            Some(retry_after) => Err(Limited {
+                scope: RateScope::TenantTokens,
+                key: tenant.to_owned(),
+                rate: rate.tokens_per_second,
+                burst: rate.burst,
+                retry_after,
+            }),
         }
     }
 }
@@ -645,6 +730,65 @@ mod tests {
         // t2 kept its spent token; t0 was forgiven (a fresh, full bucket).
         assert_eq!(admitted(&l, &RateKey::new("t2", "m"), now, 5), 1);
         assert_eq!(admitted(&l, &RateKey::new("t0", "m"), now, 5), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stream_tokens_go_into_debt_then_refuse_and_end() {
+        let l = limiter(RateLimitConfig {
+            per_tenant_tokens: Some(crate::config::TokenRate {
+                tokens_per_second: 2.0,
+                burst: 4,
+            }),
+            tenant_tokens: BTreeMap::from([(
+                "free".to_owned(),
+                crate::config::TokenRate {
+                    tokens_per_second: 1.0,
+                    burst: 1,
+                },
+            )]),
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        assert!(l.config().is_enabled());
+        assert!(l.stream_open("a", t0).is_ok());
+        // 4 in the bucket, then 4 more of debt are allowed; the 9th response ends it.
+        assert!(l.stream_sent("a", 3, t0).is_ok());
+        assert!(l.stream_open("a", t0).is_ok(), "one token left");
+        assert!(l.stream_sent("a", 5, t0).is_ok(), "debt of 4 = burst");
+        let refused = l.stream_open("a", t0).expect_err("in debt");
+        assert_eq!(refused.scope, RateScope::TenantTokens);
+        assert_eq!(refused.retry_after, Duration::from_millis(2500));
+        assert_eq!(
+            refused.message(),
+            "tenant a: stream token limit tokens_per_second 2 (burst 4) exceeded; retry in 2500 ms"
+        );
+        let ended = l.stream_sent("a", 1, t0).expect_err("past the burst");
+        assert_eq!(ended.scope, RateScope::TenantTokens);
+        // The debt is paid back at the rate: 3 s later, one token again.
+        let later = t0 + Duration::from_secs(3);
+        assert!(l.stream_open("a", later).is_ok());
+        // Other tenants, and named overrides, have their own buckets; calls are not
+        // limited by token rates.
+        assert!(l.stream_open("b", t0).is_ok());
+        assert!(l.stream_sent("free", 2, t0).is_ok());
+        assert!(l.stream_open("free", t0).is_err());
+        assert!(l.check(&RateKey::new("a", "m"), t0).is_ok());
+        let bad = RateLimitConfig {
+            per_tenant_tokens: Some(crate::config::TokenRate {
+                tokens_per_second: 0.0,
+                burst: 1,
+            }),
+            ..Default::default()
+        };
+        let err = bad
+            .validate()
+            .expect_err("rate 0")
+            .under("rate_limit")
+            .to_string();
+        assert!(
+            err.contains("rate_limit.per_tenant_tokens.tokens_per_second"),
+            "{err}"
+        );
     }
 
     #[test]

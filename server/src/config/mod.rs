@@ -12,7 +12,9 @@ mod resilience;
 mod sequence;
 
 pub use affinity::{PrefixConfig, MAX_PREFIX_BYTES};
-pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope, TenantWeights};
+pub use limits::{
+    Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope, TenantWeights, TokenRate,
+};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
 pub(crate) use net::MAX_QUERY_TIMEOUT;
 pub use net::{
