@@ -24,26 +24,26 @@
 //!   deadline is refused at once), one that ran out of queue time with
 //!   [`Rejected::QueueTimeout`].
 //!
-//! Fairness inside a level is start-time fair queuing (SFQ). A waiter's start tag is
-//! `max(level's virtual time, its tenant's last finish tag)`, its finish tag is the start
-//! plus `cost / weight`, and the level serves the smallest start tag first (oldest on a
-//! tie); the level's virtual time is the start tag of the waiter served last. Cost is
-//! the request's `max_tokens` parameter when it has one (LLM calls), else its bytes
-//! ([`cost_of`]); weights come from `[tenants.weights]` (default 1). So a tenant with
-//! a deep backlog has ever later tags, and a light tenant's call starts at the virtual
-//! time: it is served at the next free slot, not behind the backlog.
+//! Fairness inside a level is start-time fair queuing (SFQ). Each tenant has its own
+//! first-come-first-served line in the level; the first waiter of each line is filed
+//! under a start tag `max(level's virtual time, tenant's finish tag)`, and the level
+//! serves the smallest start tag (oldest on a tie). Serving a waiter sets the level's
+//! virtual time to its start tag and its tenant's finish tag to start + `cost / weight`.
+//! Cost is the request's `max_tokens` parameter when it has one (LLM calls), else its
+//! bytes ([`cost_of`]); weights come from `[tenants.weights]` (default 1). So a tenant
+//! with a deep backlog waits its turn by cost, and a light tenant's call starts at the
+//! virtual time: it is served at the next free slot, not behind the backlog.
 //!
-//! Why SFQ rather than deficit round robin or a virtual token counter (VTC): the tag is
-//! fixed when the call arrives, so the queue is one ordered map (O(log n) per call), and
-//! the cost needs to be known only up front (bytes, or the token budget asked for);
-//! DRR needs a quantum tuned to the cost unit, and serves a light tenant's call only
-//! when the round reaches it; VTC counts service as it is delivered (tokens generated),
-//! which the bulkhead, a slot per call, does not see. The state stays bounded by the
-//! waiters: a level and a tenant's tag are forgotten once they have no waiter (a tenant
-//! coming back starts at the virtual time, as SFQ gives an idle tenant anyway). A waiter
-//! that is cancelled or times out leaves the queue and, when it was its tenant's newest,
-//! gives its charge back (one in the middle of its tenant's backlog leaves its later
-//! calls where they are).
+//! Why SFQ rather than deficit round robin or a virtual token counter (VTC): the tag
+//! comes from a cost known up front (bytes, or the token budget asked for), so the
+//! queue is one ordered map of line heads (O(log n) per call); DRR needs a quantum tuned
+//! to the cost unit and serves a light tenant's call only when the round reaches it;
+//! VTC counts service as it is delivered (tokens generated), which the bulkhead, a slot
+//! per call, does not see. Tags are filed lazily, for line heads only, so a waiter that
+//! is cancelled or times out, anywhere in its line, charges its tenant nothing. The
+//! state stays bounded by the waiters: a tenant's line and finish tag are forgotten
+//! once it has no waiter in the level (coming back it starts at the virtual time, as
+//! SFQ gives an idle tenant anyway), a level once it is empty.
 //!
 //! A [`Slot`] is an RAII guard, the permit of a tower service: dropping it (the call
 //! ended, failed, was cancelled, or its task panicked) frees the slot and hands it
