@@ -10,8 +10,10 @@
 //! Failing fast under overload keeps latency bounded for the calls that are admitted.
 //!
 //! Inside the bulkhead:
-//! - waiters are served by priority (higher first), first come first served within one
-//!   priority;
+//! - waiters are served by priority (higher first); inside one priority level the queue
+//!   is weighted-fair across tenants (below). The levels below the best waiting one get
+//!   at least `min_share_low_priority` of the grants while it stays busy (default one
+//!   in ten), so no priority starves; 0 makes priority strict;
 //! - with `tenant_share`, one tenant may hold at most `ceil(share × max_concurrent)`
 //!   slots and `ceil(share × max_queue)` queue places. A tenant at its slot share still
 //!   queues (up to its queue share) but is passed over, whatever its priority, until one
@@ -22,6 +24,27 @@
 //!   deadline is refused at once), one that ran out of queue time with
 //!   [`Rejected::QueueTimeout`].
 //!
+//! Fairness inside a level is start-time fair queuing (SFQ). Each tenant has its own
+//! first-come-first-served line in the level; the first waiter of each line is filed
+//! under a start tag `max(level's virtual time, tenant's finish tag)`, and the level
+//! serves the smallest start tag (oldest on a tie). Serving a waiter sets the level's
+//! virtual time to its start tag and its tenant's finish tag to start + `cost / weight`.
+//! Cost is the request's `max_tokens` parameter when it has one (LLM calls), else its
+//! bytes ([`cost_of`]); weights come from `[tenants.weights]` (default 1). So a tenant
+//! with a deep backlog waits its turn by cost, and a light tenant's call starts at the
+//! virtual time: it is served at the next free slot, not behind the backlog.
+//!
+//! Why SFQ rather than deficit round robin or a virtual token counter (VTC): the tag
+//! comes from a cost known up front (bytes, or the token budget asked for), so the
+//! queue is one ordered map of line heads (O(log n) per call); DRR needs a quantum tuned
+//! to the cost unit and serves a light tenant's call only when the round reaches it;
+//! VTC counts service as it is delivered (tokens generated), which the bulkhead, a slot
+//! per call, does not see. Tags are filed lazily, for line heads only, so a waiter that
+//! is cancelled or times out, anywhere in its line, charges its tenant nothing. The
+//! state stays bounded by the waiters: a tenant's line and finish tag are forgotten
+//! once it has no waiter in the level (coming back it starts at the virtual time, as
+//! SFQ gives an idle tenant anyway), a level once it is empty.
+//!
 //! A [`Slot`] is an RAII guard, the permit of a tower service: dropping it (the call
 //! ended, failed, was cancelled, or its task panicked) frees the slot and hands it
 //! straight to the best waiter. A waiter that is cancelled leaves the queue; if a slot
@@ -30,6 +53,8 @@
 //! ```ignore
 //! let bulkhead = Bulkhead::new("simple".into(), BulkheadConfig::default());
 //! let slot = bulkhead.acquire("tenant-a", 0, deadline).await?; // Err: RESOURCE_EXHAUSTED
+//! let claim = Claim { tenant: "team-a", priority: 0, cost: cost_of(&payload), weight: 3.0 };
+//! let slot = bulkhead.acquire_claim(claim, deadline).await?;
 //! let response = call_backend().await;
 //! drop(slot); // or keep it inside the response body until the stream ends
 //! ```
@@ -246,11 +271,18 @@ struct Inner {
     state: Mutex<State>,
 }
 
-type WaiterKey = (Reverse<i32>, u64);
+/// Where a waiter stands: its priority level, its tenant and its arrival number.
+#[derive(Debug, Clone)]
+struct WaiterKey {
+    level: Reverse<i32>,
+    tenant: Arc<str>,
+    seq: u64,
+}
 
 #[derive(Debug)]
 struct Waiter {
-    tenant: Arc<str>,
+    /// What serving it moves its tenant's finish tag on by (cost / weight).
+    charge: u64,
     grant: oneshot::Sender<()>,
 }
 
@@ -260,14 +292,109 @@ struct TenantCount {
     queued: usize,
 }
 
+/// One priority level's fair queue (start-time fair queuing; see the module docs).
+#[derive(Debug, Default)]
+struct Level {
+    /// Virtual time: the start tag of the waiter served last from this level.
+    now: u64,
+    /// Tenants with waiters here, each with its own first-come-first-served line.
+    backlogs: HashMap<Arc<str>, Backlog>,
+    /// The first waiter of each backlog, by start tag (then arrival): best first.
+    heads: BTreeMap<(u64, u64), Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    /// The finish tag of the tenant's call served last from this level.
+    finish: u64,
+    /// The start tag and arrival number of the first waiter, as filed in `heads`.
+    head: (u64, u64),
+    waiters: BTreeMap<u64, Waiter>,
+}
+
+impl Level {
+    /// Files the backlog's first waiter (if any) in `heads`, tagged now.
+    fn file_head(&mut self, tenant: &Arc<str>) {
+        let now = self.now;
+        let Some(backlog) = self.backlogs.get_mut(tenant) else {
+            return;
+        };
+        match backlog.waiters.keys().next() {
+            Some(&seq) => {
+                backlog.head = (now.max(backlog.finish), seq);
+                self.heads.insert(backlog.head, tenant.clone());
+            }
+            None => {
+                self.backlogs.remove(tenant);
+            }
+        }
+    }
+}
+
+/// One tenant's call as the bulkhead weighs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// Higher is served first.
+    pub priority: i32,
+    /// What the call costs while it waits its turn: request bytes, or `max_tokens`
+    /// ([`cost_of`]). 0 counts as 1.
+    pub cost: u64,
+    /// The tenant's weight (`[tenants.weights]`, default 1).
+    pub weight: f64,
+}
+
+impl<'a> Claim<'a> {
+    /// A claim of cost 1 and weight 1.
+    pub fn new(tenant: &'a str, priority: i32) -> Self {
+        Claim {
+            tenant,
+            priority,
+            cost: 1,
+            weight: 1.0,
+        }
+    }
+
+    /// The virtual time this claim moves its tenant on by.
+    fn charge(&self) -> u64 {
+        let weight = if self.weight.is_finite() {
+            self.weight.clamp(MIN_WEIGHT, MAX_WEIGHT)
+        } else {
+            1.0
+        };
+        let units = self.cost.max(1) as f64 * TAG_SCALE / weight;
+        // `as` saturates: a huge cost is the most the tag can carry.
+        units as u64
+    }
+}
+
+/// Virtual-time units per unit of cost at weight 1 (so weights down to 1/1000 still
+/// move the tag).
+const TAG_SCALE: f64 = 1024.0;
+const MIN_WEIGHT: f64 = 1e-3;
+const MAX_WEIGHT: f64 = 1e6;
+
+/// What a call costs in the fair queue: the `max_tokens` request parameter when the
+/// request carries one (an LLM call: the work it may cause), else its size in bytes.
+/// Reads only the top-level fields of the message, never the tensors.
+pub fn cost_of(payload: &[u8]) -> u64 {
+    crate::wire::peek_int_parameter(payload, "max_tokens")
+        .filter(|t| *t > 0)
+        .map_or(payload.len() as u64, |t| t as u64)
+}
+
 #[derive(Debug)]
 struct State {
     cfg: BulkheadConfig,
     active: usize,
     tenants: HashMap<Arc<str>, TenantCount>,
-    /// Ordered best first: highest priority, then oldest.
-    waiters: BTreeMap<WaiterKey, Waiter>,
+    /// Levels with waiters, best (highest priority) first.
+    levels: BTreeMap<Reverse<i32>, Level>,
+    queued: usize,
     next_seq: u64,
+    /// Grants owed to the levels below the best waiting one, in millionths of a grant.
+    low_credit: u64,
     /// Moving average of how long a slot is held, for the pushback estimate.
     mean_hold: Option<Duration>,
     stats: BulkheadStats,
@@ -287,10 +414,7 @@ impl State {
     }
 
     fn under_share(&self, tenant: &str) -> bool {
-        match self.cfg.tenant_limit() {
-            None => true,
-            Some(limit) => self.tenants.get(tenant).map_or(0, |t| t.active) < limit,
-        }
+        under_share(&self.cfg, &self.tenants, tenant)
     }
 
     /// The tenant's key, sharing the allocation already in the map when there is one.
@@ -343,32 +467,110 @@ impl State {
     /// only wakes the waiter's task, so this is safe under the lock.
     fn dispatch(&mut self) {
         while self.has_free_slot() {
-            let Some(key) = self
-                .waiters
-                .iter()
-                .find(|(_, w)| self.under_share(&w.tenant))
-                .map(|(k, _)| *k)
-            else {
+            let Some(key) = self.next_grant() else {
                 break;
             };
-            let Some(waiter) = self.waiters.remove(&key) else {
+            let Some(waiter) = self.take(&key, true) else {
                 break;
             };
-            self.tenant_dec(&waiter.tenant, false);
-            self.admit(&waiter.tenant);
+            self.tenant_dec(&key.tenant, false);
+            self.admit(&key.tenant);
             if waiter.grant.send(()).is_err() {
                 // The waiter is gone (it withdraws under this lock before its receiver
                 // drops, so this does not happen; kept so a slot can never leak).
-                self.unadmit(&waiter.tenant);
+                self.unadmit(&key.tenant);
             }
         }
     }
 
+    /// The waiter to serve next: the best of the best waiting level, except that the
+    /// levels below it get one grant in `1 / min_share_low_priority` while both wait.
+    fn next_grant(&mut self) -> Option<WaiterKey> {
+        let (cfg, tenants) = (&self.cfg, &self.tenants);
+        let mut eligible = self.levels.iter().filter_map(|(level, l)| {
+            l.heads
+                .iter()
+                .find(|(_, tenant)| under_share(cfg, tenants, tenant))
+                .map(|(&(_, seq), tenant)| WaiterKey {
+                    level: *level,
+                    tenant: tenant.clone(),
+                    seq,
+                })
+        });
+        let top = eligible.next()?;
+        let Some(lower) = eligible.next() else {
+            self.low_credit = 0;
+            return Some(top);
+        };
+        self.low_credit += cfg.min_share_millionths();
+        if self.low_credit >= 1_000_000 {
+            self.low_credit -= 1_000_000;
+            return Some(lower);
+        }
+        Some(top)
+    }
+
+    /// Queues a waiter for `claim` at the end of its tenant's line in its level.
+    fn enqueue(
+        &mut self,
+        claim: &Claim<'_>,
+        tenant: Arc<str>,
+        grant: oneshot::Sender<()>,
+    ) -> WaiterKey {
+        let level_key = Reverse(claim.priority);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let level = self.levels.entry(level_key).or_default();
+        let backlog = level.backlogs.entry(tenant.clone()).or_default();
+        let first = backlog.waiters.is_empty();
+        backlog.waiters.insert(
+            seq,
+            Waiter {
+                charge: claim.charge(),
+                grant,
+            },
+        );
+        if first {
+            level.file_head(&tenant);
+        }
+        self.queued += 1;
+        self.tenants.entry(tenant.clone()).or_default().queued += 1;
+        WaiterKey {
+            level: level_key,
+            tenant,
+            seq,
+        }
+    }
+
+    /// Takes a waiter out of its level. Served, it moves the level's virtual time to
+    /// its start tag and its tenant's finish tag on by its charge; withdrawn, it
+    /// charges nothing. A backlog or level left empty is forgotten (the state stays
+    /// bounded by the waiters).
+    fn take(&mut self, key: &WaiterKey, served: bool) -> Option<Waiter> {
+        let level = self.levels.get_mut(&key.level)?;
+        let backlog = level.backlogs.get_mut(&key.tenant)?;
+        let waiter = backlog.waiters.remove(&key.seq)?;
+        self.queued = self.queued.saturating_sub(1);
+        if backlog.head.1 == key.seq {
+            let start = backlog.head.0;
+            level.heads.remove(&backlog.head);
+            if served {
+                backlog.finish = start.saturating_add(waiter.charge);
+                level.now = level.now.max(start);
+            }
+            level.file_head(&key.tenant);
+        }
+        if level.heads.is_empty() {
+            self.levels.remove(&key.level);
+        }
+        Some(waiter)
+    }
+
     /// Removes a waiter still in the queue; false when it was granted a slot already.
     fn withdraw(&mut self, key: &WaiterKey) -> bool {
-        match self.waiters.remove(key) {
-            Some(waiter) => {
-                self.tenant_dec(&waiter.tenant, false);
+        match self.take(key, false) {
+            Some(_) => {
+                self.tenant_dec(&key.tenant, false);
                 true
             }
             None => false,
@@ -391,6 +593,18 @@ impl State {
     }
 }
 
+/// Whether `tenant` holds fewer slots than its share (always, without a share).
+fn under_share(
+    cfg: &BulkheadConfig,
+    tenants: &HashMap<Arc<str>, TenantCount>,
+    tenant: &str,
+) -> bool {
+    match cfg.tenant_limit() {
+        None => true,
+        Some(limit) => tenants.get(tenant).map_or(0, |t| t.active) < limit,
+    }
+}
+
 impl Bulkhead {
     /// A bulkhead for `model`. `cfg` should have passed [`BulkheadConfig::validate`];
     /// out-of-range values are clamped rather than trusted.
@@ -402,8 +616,10 @@ impl Bulkhead {
                     cfg,
                     active: 0,
                     tenants: HashMap::new(),
-                    waiters: BTreeMap::new(),
+                    levels: BTreeMap::new(),
+                    queued: 0,
                     next_seq: 0,
+                    low_credit: 0,
                     mean_hold: None,
                     stats: BulkheadStats::default(),
                 }),
@@ -422,12 +638,23 @@ impl Bulkhead {
     }
 
     /// Takes a slot for a call of `tenant` with `priority` (higher is served first),
-    /// waiting in the queue when none is free; see the module docs for the rules.
-    /// Cancel-safe: dropping the returned future leaves the queue and leaks nothing.
+    /// at cost 1 and weight 1; see [`Bulkhead::acquire_claim`].
     pub async fn acquire(
         &self,
         tenant: &str,
         priority: i32,
+        deadline: Option<Instant>,
+    ) -> Result<Slot, Rejected> {
+        self.acquire_claim(Claim::new(tenant, priority), deadline)
+            .await
+    }
+
+    /// Takes a slot for `claim`, waiting in the queue when none is free; see the module
+    /// docs for the rules. Cancel-safe: dropping the returned future leaves the queue,
+    /// charges the tenant nothing and leaks nothing.
+    pub async fn acquire_claim(
+        &self,
+        claim: Claim<'_>,
         deadline: Option<Instant>,
     ) -> Result<Slot, Rejected> {
         let start = Instant::now();
@@ -439,23 +666,23 @@ impl Bulkhead {
                     model: self.inner.model.clone(),
                     max_concurrent: st.cfg.max_concurrent,
                     waited: Duration::ZERO,
-                    pushback: st.estimate_wait(st.waiters.len()),
+                    pushback: st.estimate_wait(st.queued),
                 });
             }
-            let tenant = st.tenant_key(tenant);
+            let tenant = st.tenant_key(claim.tenant);
             // After every change the best waiters that can run hold the free slots, so
             // a free slot now is one no waiter can use: no queue jumping.
             if st.has_free_slot() && st.under_share(&tenant) {
                 st.admit(&tenant);
                 return Ok(Slot::new(self.inner.clone(), tenant));
             }
-            if st.waiters.len() >= st.cfg.max_queue {
+            if st.queued >= st.cfg.max_queue {
                 st.stats.rejected_full_total += 1;
                 return Err(Rejected::QueueFull {
                     model: self.inner.model.clone(),
                     max_concurrent: st.cfg.max_concurrent,
                     max_queue: st.cfg.max_queue,
-                    pushback: st.estimate_wait(st.waiters.len()),
+                    pushback: st.estimate_wait(st.queued),
                 });
             }
             if let Some(limit) = st.cfg.tenant_queue_limit() {
@@ -468,21 +695,12 @@ impl Bulkhead {
                         share: st.cfg.tenant_share.unwrap_or(1.0),
                         waiting,
                         max_queue: st.cfg.max_queue,
-                        pushback: st.estimate_wait(st.waiters.len()),
+                        pushback: st.estimate_wait(st.queued),
                     });
                 }
             }
             let (tx, rx) = oneshot::channel();
-            let key = (Reverse(priority), st.next_seq);
-            st.next_seq += 1;
-            st.tenants.entry(tenant.clone()).or_default().queued += 1;
-            st.waiters.insert(
-                key,
-                Waiter {
-                    tenant: tenant.clone(),
-                    grant: tx,
-                },
-            );
+            let key = st.enqueue(&claim, tenant.clone(), tx);
             let queue_end = start + st.cfg.queue_timeout();
             (key, tenant, rx, queue_end)
         };
@@ -505,7 +723,7 @@ impl Bulkhead {
             // A slot was granted at the same moment the wait ran out: it is ours.
             return Ok(Slot::new(self.inner.clone(), pending.tenant.clone()));
         }
-        let pushback = st.estimate_wait(st.waiters.len());
+        let pushback = st.estimate_wait(st.queued);
         if deadline.is_some_and(|d| d < queue_end) {
             st.stats.rejected_deadline_total += 1;
             Err(Rejected::DeadlineTooClose {
@@ -530,7 +748,7 @@ impl Bulkhead {
         let st = self.inner.lock();
         BulkheadStats {
             active: st.active,
-            queued: st.waiters.len(),
+            queued: st.queued,
             ..st.stats
         }
     }
@@ -635,6 +853,7 @@ mod tests {
                 max_queue,
                 queue_timeout_ms: 1000,
                 tenant_share: None,
+                ..BulkheadConfig::default()
             },
         ))
     }
@@ -665,6 +884,156 @@ mod tests {
             order.lock().expect("order").push(id);
             drop(slot);
         })
+    }
+
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// Queues a claim (waits until it is in the queue) that logs its tenant once
+    /// admitted and then frees its slot.
+    async fn claimant(
+        bh: &Arc<Bulkhead>,
+        tenant: &'static str,
+        priority: i32,
+        cost: u64,
+        weight: f64,
+        log: &Log,
+    ) -> tokio::task::JoinHandle<()> {
+        let queued = bh.stats().queued;
+        let (bh2, log) = (bh.clone(), log.clone());
+        let task = tokio::spawn(async move {
+            let claim = Claim {
+                tenant,
+                priority,
+                cost,
+                weight,
+            };
+            let slot = bh2.acquire_claim(claim, None).await.expect("slot");
+            log.lock().expect("log").push(tenant);
+            drop(slot);
+        });
+        until(|| bh.stats().queued == queued + 1).await;
+        task
+    }
+
+    async fn served(
+        holder: Slot,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        log: &Log,
+    ) -> Vec<&'static str> {
+        drop(holder);
+        for t in tasks {
+            t.await.expect("task");
+        }
+        log.lock().expect("log").clone()
+    }
+
+    fn queue_is_forgotten(bh: &Bulkhead) {
+        let st = bh.inner.lock();
+        assert!(st.levels.is_empty() && st.tenants.is_empty() && st.queued == 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_share_the_grants_between_waiting_tenants() {
+        let bh = bulkhead(1, 64);
+        let holder = bh.acquire("x", 0, None).await.expect("holder");
+        let log = Log::default();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(claimant(&bh, "a", 0, 1, 3.0, &log).await);
+        }
+        for _ in 0..8 {
+            tasks.push(claimant(&bh, "b", 0, 1, 1.0, &log).await);
+        }
+        let order = served(holder, tasks, &log).await;
+        // Weight 3 against 1: three grants in four go to a while both wait, although
+        // all of a's calls arrived first.
+        assert_eq!(order[..8], ["a", "b", "a", "a", "a", "b", "a", "a"]);
+        assert_eq!(order[..12].iter().filter(|t| **t == "a").count(), 8);
+        queue_is_forgotten(&bh);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn costs_are_charged_to_their_tenant() {
+        let bh = bulkhead(1, 64);
+        let holder = bh.acquire("x", 0, None).await.expect("holder");
+        let log = Log::default();
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            tasks.push(claimant(&bh, "big", 0, 4096, 1.0, &log).await);
+        }
+        for _ in 0..6 {
+            tasks.push(claimant(&bh, "small", 0, 1024, 1.0, &log).await);
+        }
+        let order = served(holder, tasks, &log).await;
+        // A call of 4 KiB costs as much as four of 1 KiB.
+        assert_eq!(
+            order[..7],
+            ["big", "small", "small", "small", "small", "big", "small"]
+        );
+        assert_eq!(cost_of(b""), 0);
+        assert_eq!(cost_of(&[0x0a, 0x01, b'm']), 3, "no max_tokens: bytes");
+        queue_is_forgotten(&bh);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lower_priorities_get_their_minimum_share() {
+        let cfg = |min_share_low_priority| BulkheadConfig {
+            max_concurrent: 1,
+            max_queue: 64,
+            min_share_low_priority,
+            ..BulkheadConfig::default()
+        };
+        let bh = Arc::new(Bulkhead::new("simple".into(), cfg(0.25)));
+        let holder = bh.acquire("x", 0, None).await.expect("holder");
+        let log = Log::default();
+        let mut tasks = Vec::new();
+        for _ in 0..12 {
+            tasks.push(claimant(&bh, "high", 5, 1, 1.0, &log).await);
+        }
+        for _ in 0..4 {
+            tasks.push(claimant(&bh, "low", -1, 1, 1.0, &log).await);
+        }
+        let order = served(holder, tasks, &log).await;
+        // One grant in four goes below the busy high priority.
+        let expect: Vec<&str> = ["high", "high", "high", "low"].repeat(4);
+        assert_eq!(order, expect);
+
+        // 0 is strict priority.
+        let bh = Arc::new(Bulkhead::new("simple".into(), cfg(0.0)));
+        let holder = bh.acquire("x", 0, None).await.expect("holder");
+        let log = Log::default();
+        let mut tasks = Vec::new();
+        tasks.push(claimant(&bh, "low", -1, 1, 1.0, &log).await);
+        for _ in 0..6 {
+            tasks.push(claimant(&bh, "high", 5, 1, 1.0, &log).await);
+        }
+        let order = served(holder, tasks, &log).await;
+        assert_eq!(order.last(), Some(&"low"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_frees_its_place_and_charges_nothing() {
+        let bh = bulkhead(1, 5);
+        let holder = bh.acquire("x", 0, None).await.expect("holder");
+        let log = Log::default();
+        let mut tasks = vec![claimant(&bh, "a", 0, 1, 1.0, &log).await];
+        // Tenant a queues a costly call behind its first one and gives up on it.
+        let costly = claimant(&bh, "a", 0, 1 << 20, 1.0, &log).await;
+        costly.abort();
+        assert!(costly.await.expect_err("aborted").is_cancelled());
+        let stats = bh.stats();
+        assert_eq!((stats.queued, stats.cancelled_total), (1, 1));
+        for tenant in ["c", "c", "a", "c"] {
+            tasks.push(claimant(&bh, tenant, 0, 1, 1.0, &log).await);
+        }
+        // Its place was freed: the queue of 5 is full only now.
+        let late = bh.acquire("b", 0, None).await.expect_err("full");
+        assert!(matches!(late, Rejected::QueueFull { .. }), "{late:?}");
+        // And a was not charged for it: its third call takes its turn with c's second
+        // (behind it, by arrival), not a million bytes later.
+        let order = served(holder, tasks, &log).await;
+        assert_eq!(order, ["a", "c", "c", "a", "c"]);
+        queue_is_forgotten(&bh);
     }
 
     #[tokio::test(start_paused = true)]
@@ -757,6 +1126,7 @@ mod tests {
                 max_queue: 4,
                 queue_timeout_ms: 20,
                 tenant_share: None,
+                ..BulkheadConfig::default()
             },
         );
         let _holder = bh.acquire("t", 0, None).await.expect("holder");
@@ -931,6 +1301,7 @@ mod tests {
                 max_queue: 2,
                 queue_timeout_ms: 1000,
                 tenant_share: Some(0.5),
+                ..BulkheadConfig::default()
             },
         ));
         let a1 = bh.acquire("a", 0, None).await.expect("a1");
@@ -971,6 +1342,7 @@ mod tests {
                 max_queue: 1,
                 queue_timeout_ms: 10,
                 tenant_share: None,
+                ..BulkheadConfig::default()
             },
         ));
         let holder = bh.acquire("t", 0, None).await.expect("holder");

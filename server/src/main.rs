@@ -422,6 +422,8 @@ fn example_config(defaults: &Config) -> Config {
     c.tenants
         .api_keys
         .insert("key-of-team-a".into(), "team-a".into());
+    c.tenants.weights.0.insert("team-a".into(), 3.0);
+    c.rate_limit.per_tenant_tokens = Some(infergate::config::TokenRate::default());
     c.redis.url = Some("redis://127.0.0.1:6379/0".into());
     c.tls = TlsConfig {
         cert: Some("/etc/infergate/tls.crt".into()),

@@ -117,7 +117,7 @@ fn auto_bulkhead(size: usize) -> BulkheadConfig {
         max_concurrent: size,
         max_queue: size,
         queue_timeout_ms: 1000,
-        tenant_share: None,
+        ..BulkheadConfig::default()
     }
 }
 

@@ -272,11 +272,18 @@ impl Gateway {
         if let (Ok(()), Some(global)) = (&decision, &self.global) {
             decision = global.check(&key).await;
         }
-        decision.map_err(|limited| {
-                metrics::counter!("infergate_rate_limited_total", "model" => model.to_owned(), "scope" => limited.scope.as_str())
-                    .increment(1);
-                with_pushback(Status::new(limited.code(), limited.message()), limited.pushback())
-            })
+        decision.map_err(|limited| limited_status(model, &limited))
+    }
+
+    /// A stream's tokens: `responses` more sent to its tenant; the status that ends the
+    /// stream once the tenant's debt is past its burst.
+    fn stream_sent(&self, up: &Upstream, responses: u32, model: &str) -> Result<(), Status> {
+        match &self.limiter {
+            Some(limiter) if responses > 0 => limiter
+                .stream_sent(&up.tenant, responses, Instant::now())
+                .map_err(|limited| limited_status(model, &limited)),
+            _ => Ok(()),
+        }
     }
 
     /// A forwarded unary call, start to end.
@@ -380,7 +387,8 @@ impl Gateway {
         let deadline = deadline(&parts.headers, &policy, started);
         // 5. bulkhead
         let wait = span.child("bulkhead");
-        let admitted = self.bulkhead(&policy, &caller, deadline).await;
+        let cost = crate::bulkhead::cost_of(&payload);
+        let admitted = self.bulkhead(&policy, &caller, cost, deadline).await;
         wait.set_attr(
             attr::QUEUE_WAIT_MS,
             started.elapsed().as_secs_f64() * 1000.0,
@@ -400,7 +408,7 @@ impl Gateway {
             {
                 let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
                 let slot = self
-                    .bulkhead(&policy, &caller, deadline)
+                    .bulkhead(&policy, &caller, cost, deadline)
                     .await
                     .map_err(rejected_status)?;
                 let name = route.model.clone();
@@ -520,15 +528,20 @@ impl Gateway {
         &self,
         policy: &ModelPolicy,
         caller: &Caller,
+        cost: u64,
         deadline: Option<Instant>,
     ) -> Result<Option<Slot>, crate::bulkhead::Rejected> {
         let Some(bulkhead) = &policy.bulkhead else {
             return Ok(None);
         };
         let waited = Instant::now();
-        let slot = bulkhead
-            .acquire(&caller.tenant, caller.priority, deadline)
-            .await;
+        let claim = crate::bulkhead::Claim {
+            tenant: &caller.tenant,
+            priority: caller.priority,
+            cost,
+            weight: self.tenants.weights.of(&caller.tenant),
+        };
+        let slot = bulkhead.acquire_claim(claim, deadline).await;
         metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => policy.name.clone())
             .record(waited.elapsed().as_secs_f64());
         if let Err(rejected) = &slot {
@@ -1081,12 +1094,11 @@ impl Gateway {
                             tx.send(Ok(frame)).await.ok()?;
                             return Some(code);
                         }
+                        let Some(up) = upstream.as_mut() else { continue };
                         if first_response && frame.is_data() {
                             first_response = false;
-                            metrics::histogram!("infergate_stream_first_response_seconds", "model" => label.clone())
-                                .record(started.elapsed().as_secs_f64());
+                            up.metrics.first_response(started.elapsed());
                         }
-                        let Some(up) = upstream.as_mut() else { continue };
                         let data = match frame.into_data() {
                             Ok(data) => data,
                             Err(other) => {
@@ -1094,7 +1106,10 @@ impl Gateway {
                                 continue;
                             }
                         };
-                        up.metrics.data(&data);
+                        let sent = up.metrics.data(&data);
+                        if let Err(status) = self.stream_sent(up, sent, label) {
+                            return finish(tx, status).await;
+                        }
                         let shaped = match up.shape.pass(data, self.max_message_bytes) {
                             Ok(shaped) => shaped,
                             Err(e) => return finish(tx, proxy::frame_status(&e)).await,
@@ -1143,11 +1158,18 @@ impl Gateway {
         // for the stream's whole life.
         let caller = self.caller(headers, None).map_err(fail)?;
         self.rate_limit(&caller, &route.model).await.map_err(fail)?;
+        if let Some(limiter) = &self.limiter {
+            // A tenant in token debt opens no new stream.
+            limiter
+                .stream_open(&caller.tenant, Instant::now())
+                .map_err(|l| fail(limited_status(&route.model, &l)))?;
+        }
         let policy = self.models.get(&route.model);
         policy.fit_bulkhead(&route.endpoints);
         let deadline = deadline(headers, &policy, Instant::now());
+        let cost = crate::bulkhead::cost_of(&message.payload());
         let slot = self
-            .bulkhead(&policy, &caller, deadline)
+            .bulkhead(&policy, &caller, cost, deadline)
             .await
             .map_err(|r| fail(rejected_status(r)))?;
         // The same retry policy and budget as unary calls, while the backend has not
@@ -1218,6 +1240,7 @@ impl Gateway {
                                 tx: Some(up_tx),
                                 body: response.into_body(),
                                 metrics: StreamMetrics::new(&route.model, endpoint.address()),
+                                tenant: caller.tenant.clone(),
                                 shape: Shape::Deciding(Vec::new()),
                                 attempt,
                                 sequenced: key
@@ -1421,6 +1444,16 @@ fn with_pushback(mut status: Status, pushback: Duration) -> Status {
     status
 }
 
+/// RESOURCE_EXHAUSTED naming the limit, with its pushback; counted by model and bucket.
+fn limited_status(model: &str, limited: &crate::ratelimit::Limited) -> Status {
+    metrics::counter!("infergate_rate_limited_total", "model" => model.to_owned(), "scope" => limited.scope.as_str())
+        .increment(1);
+    with_pushback(
+        Status::new(limited.code(), limited.message()),
+        limited.pushback(),
+    )
+}
+
 fn rejected_status(rejected: crate::bulkhead::Rejected) -> Status {
     with_pushback(
         Status::new(rejected.code(), rejected.message()),
@@ -1435,6 +1468,8 @@ struct Upstream {
     attempt: Attempt,
     metrics: StreamMetrics,
     shape: Shape,
+    /// The tenant whose stream tokens its responses are counted against.
+    tenant: String,
     /// A stream opened by a sequenced message: its model and idle time, so that later
     /// messages keep their sequences pinned here (`sequence::Sequences::on_stream`).
     sequenced: Option<(String, Duration)>,
@@ -1556,6 +1591,7 @@ fn wrap_bare_response(message: &Message) -> Bytes {
 struct StreamMetrics {
     responses: metrics::Counter,
     gaps: metrics::Histogram,
+    first: metrics::Histogram,
     in_flight: metrics::Gauge,
     counter: proxy::MessageCounter,
     last: Option<Instant>,
@@ -1569,17 +1605,23 @@ impl StreamMetrics {
         StreamMetrics {
             responses: metrics::counter!("infergate_stream_responses_total", &labels),
             gaps: metrics::histogram!("infergate_stream_inter_response_seconds", &labels),
+            first: metrics::histogram!("infergate_stream_first_response_seconds", &labels),
             in_flight,
             counter: proxy::MessageCounter::default(),
             last: None,
         }
     }
 
-    /// One DATA frame from the backend.
-    fn data(&mut self, data: &[u8]) {
+    /// The stream's first response came `after` its start.
+    fn first_response(&self, after: Duration) {
+        self.first.record(after.as_secs_f64());
+    }
+
+    /// One DATA frame from the backend; returns the responses it ended.
+    fn data(&mut self, data: &[u8]) -> u32 {
         let ended = self.counter.push(data);
         if ended == 0 {
-            return;
+            return 0;
         }
         let now = Instant::now();
         if let Some(last) = self.last {
@@ -1589,6 +1631,7 @@ impl StreamMetrics {
         // Several responses in one frame came together: no gap between them counts.
         self.last = Some(now);
         self.responses.increment(u64::from(ended));
+        ended
     }
 }
 

@@ -94,7 +94,7 @@ pub fn describe() {
     describe_histogram!(
         "infergate_stream_first_response_seconds",
         Unit::Seconds,
-        "Time from a ModelStreamInfer stream's start to its first response from the backend, by model."
+        "Time from a ModelStreamInfer stream's start to its first response from the backend (time to first token), by model and backend."
     );
     describe_histogram!(
         "infergate_stream_inter_response_seconds",
@@ -191,7 +191,8 @@ pub fn describe() {
     describe_counter!(
         "infergate_rate_limited_total",
         Unit::Count,
-        "Calls refused by a rate limit, by model and the bucket that ran dry (tenant, model)."
+        "Calls refused by a rate limit, by model and the bucket that ran dry (tenant, model; \
+         tenant_tokens: a stream refused or ended by its tenant's tokens_per_second)."
     );
     describe_counter!(
         "infergate_retries_total",

@@ -128,7 +128,12 @@ fn the_commented_examples_are_valid_and_show_every_field() {
     for (at, header) in headers {
         let mut probe = lines.clone();
         probe.insert(at, "zz_probe = 1");
-        let err = Config::parse(&probe.join("\n"), "probe").expect_err(&header);
+        let err = match Config::parse(&probe.join("\n"), "probe") {
+            Err(err) => err,
+            // A free-form table whose values are numbers takes the probe as a key.
+            Ok(_) if header == "tenants.weights" => continue,
+            Ok(_) => panic!("{header}: a probe field was accepted"),
+        };
         let expected: Vec<&str> = match err.reason.split_once("expected") {
             Some((_, list)) => list.split('`').skip(1).step_by(2).collect(),
             // A free-form table (tenants.api_keys, rate_limit.tenants) takes any key.

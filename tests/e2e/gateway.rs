@@ -225,7 +225,7 @@ async fn metadata_and_trailers_pass_through() {
     );
 }
 
-fn tiny_llm_request(id: &str, prompt: &str, max_tokens: i32) -> ModelInferRequest {
+pub(crate) fn tiny_llm_request(id: &str, prompt: &str, max_tokens: i32) -> ModelInferRequest {
     let mut text = (prompt.len() as u32).to_le_bytes().to_vec();
     text.extend_from_slice(prompt.as_bytes());
     ModelInferRequest {
@@ -250,7 +250,7 @@ fn tiny_llm_request(id: &str, prompt: &str, max_tokens: i32) -> ModelInferReques
     }
 }
 
-fn is_final(r: &ModelInferResponse) -> bool {
+pub(crate) fn is_final(r: &ModelInferResponse) -> bool {
     matches!(
         r.parameters
             .get("triton_final_response")

@@ -20,3 +20,4 @@ mod prefix;
 mod recovery;
 mod resilience;
 mod sequences;
+mod stream_tokens;

@@ -320,6 +320,7 @@ async fn a_flooded_model_with_hung_backends_does_not_hurt_another_model() {
                 max_queue: 4,
                 queue_timeout_ms: 100,
                 tenant_share: None,
+                ..infergate::config::BulkheadConfig::default()
             }),
             ..ModelConfig::default()
         },

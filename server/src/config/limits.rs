@@ -1,5 +1,6 @@
-//! Settings of the token-bucket rate limits (`[rate_limit]`) and of the Redis store that
-//! global ones are kept in (`[redis]`).
+//! Settings of the token-bucket rate limits (`[rate_limit]`), of the Redis store that
+//! global ones are kept in (`[redis]`), and the tenants' weights in the bulkhead's fair
+//! queue (`[tenants.weights]`).
 
 use super::FieldError;
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,45 @@ pub struct RateLimitConfig {
     /// Most buckets kept per scope (tenants, models); see the module docs. Default
     /// 10000.
     pub max_keys: usize,
+    /// The token rate every tenant's streams get, counted in `ModelStreamInfer`
+    /// responses sent (one per token for a decoupled LLM); always kept in this process.
+    /// A tenant in debt opens no new stream; a stream that takes the debt past `burst`
+    /// is ended. Absent = not limited (except tenants in `tenant_tokens`). Default
+    /// absent.
+    pub per_tenant_tokens: Option<TokenRate>,
+    /// Token rates for named tenants, in place of `per_tenant_tokens`. Default empty.
+    pub tenant_tokens: BTreeMap<String, TokenRate>,
+}
+
+/// A tenant's stream token rate.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenRate {
+    /// Stream responses per second sustained. Default 100.
+    pub tokens_per_second: f64,
+    /// Responses allowed back to back, and the most debt a running stream may take on
+    /// before it is ended. Default 200.
+    pub burst: u32,
+}
+
+impl Default for TokenRate {
+    fn default() -> Self {
+        TokenRate {
+            tokens_per_second: 100.0,
+            burst: 200,
+        }
+    }
+}
+
+impl TokenRate {
+    /// As a local token bucket.
+    pub(crate) fn bucket(&self) -> Bucket {
+        Bucket {
+            rate_per_second: self.tokens_per_second,
+            burst: self.burst,
+            scope: Scope::Local,
+        }
+    }
 }
 
 impl Default for RateLimitConfig {
@@ -151,6 +191,8 @@ impl Default for RateLimitConfig {
             per_model: None,
             tenants: BTreeMap::new(),
             max_keys: 10_000,
+            per_tenant_tokens: None,
+            tenant_tokens: BTreeMap::new(),
         }
     }
 }
@@ -170,12 +212,39 @@ impl RateLimitConfig {
         if self.max_keys == 0 {
             return Err(FieldError::new("max_keys", "must be >= 1"));
         }
+        let tokens = |t: &TokenRate, field: &str| {
+            t.bucket().validate(field).map_err(|mut e| {
+                e.path = e.path.replace(".rate_per_second", ".tokens_per_second");
+                e
+            })
+        };
+        if let Some(t) = &self.per_tenant_tokens {
+            tokens(t, "per_tenant_tokens")?;
+        }
+        for (tenant, t) in &self.tenant_tokens {
+            tokens(t, &format!("tenant_tokens.{tenant}"))?;
+        }
         Ok(())
     }
 
     /// Whether any limit is configured at all.
     pub fn is_enabled(&self) -> bool {
-        self.per_tenant.is_some() || self.per_model.is_some() || !self.tenants.is_empty()
+        self.per_tenant.is_some()
+            || self.per_model.is_some()
+            || !self.tenants.is_empty()
+            || self.tenant_token_rate_enabled()
+    }
+
+    fn tenant_token_rate_enabled(&self) -> bool {
+        self.per_tenant_tokens.is_some() || !self.tenant_tokens.is_empty()
+    }
+
+    /// The stream token rate of `tenant`, if limited.
+    pub fn token_rate(&self, tenant: &str) -> Option<TokenRate> {
+        self.tenant_tokens
+            .get(tenant)
+            .or(self.per_tenant_tokens.as_ref())
+            .copied()
     }
 
     pub(crate) fn tenant_bucket(&self, tenant: &str) -> Option<Bucket> {
@@ -223,6 +292,39 @@ impl RateLimitConfig {
                 .filter_map(|(t, b)| share(b).map(|b| (t.clone(), b)))
                 .collect(),
             max_keys: self.max_keys,
+            // Token rates are kept locally only: not part of the fallback.
+            per_tenant_tokens: None,
+            tenant_tokens: BTreeMap::new(),
         }
+    }
+}
+
+/// `[tenants.weights]`: each tenant's weight in the bulkhead's fair queue (a tenant of
+/// weight 3 is served three times the cost of a tenant of weight 1 while both wait).
+/// Tenants not named weigh 1.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct TenantWeights(pub BTreeMap<String, f64>);
+
+impl TenantWeights {
+    /// Most a weight may be (and 1 / this is the least).
+    pub const MAX: f64 = 1000.0;
+
+    /// The weight of `tenant`.
+    pub fn of(&self, tenant: &str) -> f64 {
+        self.0.get(tenant).copied().unwrap_or(1.0)
+    }
+
+    /// Checks every weight; the message names the tenant.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (tenant, weight) in &self.0 {
+            if !(weight.is_finite() && (1.0 / Self::MAX..=Self::MAX).contains(weight)) {
+                return Err(FieldError::new(
+                    tenant.clone(),
+                    format!("must be a number from 0.001 to 1000, got {weight}"),
+                ));
+            }
+        }
+        Ok(())
     }
 }

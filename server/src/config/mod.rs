@@ -12,7 +12,9 @@ mod resilience;
 mod sequence;
 
 pub use affinity::{PrefixConfig, MAX_PREFIX_BYTES};
-pub use limits::{Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope};
+pub use limits::{
+    Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope, TenantWeights, TokenRate,
+};
 pub use load::{LoadConfig, ScrapeConfig, ScrapePreset};
 pub(crate) use net::MAX_QUERY_TIMEOUT;
 pub use net::{
@@ -559,6 +561,9 @@ pub struct TenantConfig {
     /// CN) and the tenant each stands for. A caller with a certificate whose identity
     /// is not listed is the tenant named by the identity itself. Default: none.
     pub identities: BTreeMap<String, String>,
+    /// Each tenant's weight in the bulkhead's fair queue (`team-a = 3`); tenants not
+    /// named weigh 1. Default: none.
+    pub weights: TenantWeights,
 }
 
 impl Default for TenantConfig {
@@ -570,6 +575,7 @@ impl Default for TenantConfig {
             api_keys: BTreeMap::new(),
             priority_header: "x-infergate-priority".into(),
             identities: BTreeMap::new(),
+            weights: TenantWeights::default(),
         }
     }
 }
@@ -755,6 +761,7 @@ impl Config {
             })
         };
         sub("outlier", self.outlier.validate())?;
+        sub("tenants.weights", self.tenants.weights.validate())?;
         sub("tls", self.tls.validate())?;
         if let Some(t) = &self.admin.tls {
             sub("admin.tls", t.validate())?;
@@ -1080,6 +1087,16 @@ mod tests {
                 ">= 1",
             ),
             ("[tenants]\nheadr = \"x\"", "tenants.headr", "unknown field"),
+            (
+                "[tenants.weights]\nteam-a = 0",
+                "tenants.weights.team-a",
+                "from 0.001 to 1000",
+            ),
+            (
+                "[models.m]\nbulkhead = { max_concurrent = 2, min_share_low_priority = 0.9 }",
+                "models.m.bulkhead.min_share_low_priority",
+                "[0, 0.5]",
+            ),
             ("[admin]\ntokn = \"x\"", "admin.tokn", "unknown field"),
             (
                 "[[backends]]\naddress = \"127.0.0.1:1\"\nweight = -1",

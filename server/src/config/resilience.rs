@@ -533,6 +533,10 @@ pub struct BulkheadConfig {
     /// `ceil(share × max_concurrent)` slots and `ceil(share × max_queue)` queue places.
     /// Absent = no per-tenant limit. Default absent.
     pub tenant_share: Option<f64>,
+    /// Least share of grants, in [0, 0.5], that waiters below the highest waiting
+    /// priority get while higher ones wait too, so a busy high priority cannot starve
+    /// the rest; 0 = strict priority. Default 0.1.
+    pub min_share_low_priority: f64,
 }
 
 impl Default for BulkheadConfig {
@@ -542,6 +546,7 @@ impl Default for BulkheadConfig {
             max_queue: 64,
             queue_timeout_ms: 1000,
             tenant_share: None,
+            min_share_low_priority: 0.1,
         }
     }
 }
@@ -553,6 +558,13 @@ impl BulkheadConfig {
             return Err(FieldError::new(
                 "queue_timeout_ms",
                 "must be > 0 when max_queue > 0 (a queue nobody may wait in)",
+            ));
+        }
+        let low = self.min_share_low_priority;
+        if !(low.is_finite() && (0.0..=0.5).contains(&low)) {
+            return Err(FieldError::new(
+                "min_share_low_priority",
+                format!("must be in [0, 0.5], got {low}"),
             ));
         }
         if let Some(share) = self.tenant_share {
@@ -575,6 +587,11 @@ impl BulkheadConfig {
     /// `queue_timeout_ms` as a Duration.
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue_timeout_ms)
+    }
+
+    /// `min_share_low_priority` in millionths of a grant.
+    pub(crate) fn min_share_millionths(&self) -> u64 {
+        (self.min_share_low_priority.clamp(0.0, 0.5) * 1e6).round() as u64
     }
 
     /// Slots one tenant may hold, when a share is set.
