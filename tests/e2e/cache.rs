@@ -289,3 +289,59 @@ async fn a_call_served_by_replica_a_is_an_l2_hit_on_replica_b() {
     let unknown = a.gateway().cache.purge("nobody").await;
     assert!(unknown.expect_err("no cache").contains("nobody"));
 }
+
+#[tokio::test]
+async fn the_admin_api_shows_and_purges_the_cache() {
+    use infergate_proto::admin::admin_client::AdminClient;
+    use infergate_proto::admin::{CacheStatsRequest, PurgeCacheRequest};
+    let sim = sim("gpu-0", |_| {});
+    let gw = gateway(cached(sim.addr(), |c| c.max_entries = 100)).await;
+    for (id, b) in [("a", 1), ("b", 1), ("c", 2)] {
+        ok(gw.addr(), simple_request(id, b)).await;
+    }
+    let mut admin = AdminClient::new(channel(gw.admin_addr()).await);
+    let stats = admin
+        .cache_stats(CacheStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.models.len(), 1);
+    let m = &stats.models[0];
+    assert_eq!(
+        (
+            m.model.as_str(),
+            m.entries,
+            m.hits_l1,
+            m.misses,
+            m.max_entries
+        ),
+        ("simple", 2, 1, 2, 100)
+    );
+    assert!(m.bytes > 0 && !m.shared && m.coalesce, "{m:?}");
+
+    let purged = admin
+        .purge_cache(PurgeCacheRequest {
+            model: "simple".into(),
+        })
+        .await
+        .expect("purged")
+        .into_inner();
+    assert_eq!((purged.l1_entries, purged.l2_keys), (2, 0));
+    let after = admin
+        .cache_stats(CacheStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!((after.models[0].entries, after.models[0].bytes), (0, 0));
+    let (_, served) = ok(gw.addr(), simple_request("d", 1)).await;
+    assert_eq!(served, "miss", "purged entries are gone");
+
+    let unknown = admin
+        .purge_cache(PurgeCacheRequest {
+            model: "nobody".into(),
+        })
+        .await
+        .expect_err("no cache there");
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(unknown.message().contains("nobody"), "{unknown:?}");
+}
