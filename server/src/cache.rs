@@ -790,7 +790,8 @@ impl Lookup<'_> {
             }
         };
         let keep = match &shared {
-            Shared::Answer(payload) => cache
+            // An answer of the fallback model is handed on, not kept as this model's.
+            Shared::Answer(payload) if answered_by(payload, &cache.model) => cache
                 .keep(self.key, payload, cache.ttl())
                 .then(|| payload.clone()),
             _ => None,
@@ -805,6 +806,19 @@ impl Lookup<'_> {
         }
         Ok(Answer::Forwarded(response))
     }
+}
+
+/// Whether a `ModelInferResponse` names `model` (or no model) as the one that answered.
+fn answered_by(mut payload: &[u8], model: &str) -> bool {
+    let mut named: Option<&[u8]> = None;
+    while !payload.is_empty() {
+        match next_field(&mut payload) {
+            Some((1, value)) => named = Some(value),
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    named.is_none_or(|n| n == model.as_bytes())
 }
 
 /// A leader's failure that says nothing about the request itself.
@@ -1128,6 +1142,14 @@ mod tests {
                 response(id)
             );
         }
+    }
+
+    #[test]
+    fn an_answer_is_kept_only_as_the_model_that_gave_it() {
+        let payload = response("x").encode_to_vec();
+        assert!(answered_by(&payload, "simple"));
+        assert!(!answered_by(&payload, "primary"), "a fallback's answer");
+        assert!(answered_by(&[], "simple"), "no model named");
     }
 
     #[test]

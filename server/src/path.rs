@@ -8,6 +8,8 @@
 //! 2. read: exactly one gRPC message, within `max_message_bytes`, never decoded (`wire`);
 //! 3. route: peek model, version and id from the bytes; find the model's route (`pool`);
 //! 4. deadline: the caller's `grpc-timeout`, else the model's default, cut to its maximum;
+//!    then, for `ModelInfer` of a model with a cache, the response cache (`cache`): a
+//!    hit or an identical call's answer ends the call here; a miss leads steps 5-9;
 //! 5. bulkhead: a slot in the model's bounded concurrency, or a bounded wait (`bulkhead`);
 //! 6. retry: attempts within the retry budget, each on a different backend where one
 //!    exists, with backoff, while the deadline leaves room for a whole try (`retry`);

@@ -189,25 +189,30 @@ async fn fifty_identical_calls_make_one_backend_call_each_with_its_own_id() {
 async fn a_waiter_past_its_deadline_gets_deadline_exceeded_while_the_others_get_the_answer() {
     let sim = sim("gpu-0", |_| {});
     sim.control().set_extra_latency_ms(800);
-    let gw = gateway(cached(sim.addr(), |_| {})).await;
+    // The short deadline is the model's default, which only the gateway keeps (a
+    // grpc-timeout would also arm the client's own timer, which may fire first).
+    let mut cfg = cached(sim.addr(), |_| {});
+    if let Some(model) = cfg.models.get_mut("simple") {
+        model.deadline_default_ms = Some(150);
+    }
+    let gw = gateway(cfg).await;
     let addr = gw.addr();
-    let leader = tokio::spawn(async move { ok(addr, simple_request("leader", 9)).await });
+    let long = Some(Duration::from_secs(10));
+    let patient_call = move |id: String| async move {
+        call(addr, simple_request(&id, 9), long)
+            .await
+            .expect("the call succeeds")
+    };
+    let leader = tokio::spawn(patient_call("leader".into()));
     eventually(
         "the leader reaches the backend",
         Duration::from_secs(5),
         || sim.control().in_flight() == 1,
     )
     .await;
-    let short = tokio::spawn(async move {
-        call(
-            addr,
-            simple_request("short", 9),
-            Some(Duration::from_millis(150)),
-        )
-        .await
-    });
+    let short = tokio::spawn(async move { call(addr, simple_request("short", 9), None).await });
     let patient: Vec<_> = (0..5)
-        .map(|i| tokio::spawn(async move { ok(addr, simple_request(&format!("w-{i}"), 9)).await }))
+        .map(|i| tokio::spawn(patient_call(format!("w-{i}"))))
         .collect();
     let status = short.await.expect("joined").expect_err("past its deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -344,4 +349,22 @@ async fn the_admin_api_shows_and_purges_the_cache() {
         .expect_err("no cache there");
     assert_eq!(unknown.code(), Code::NotFound);
     assert!(unknown.message().contains("nobody"), "{unknown:?}");
+}
+
+#[tokio::test]
+async fn a_shared_cache_whose_redis_is_away_is_a_miss_not_a_failure() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = free.local_addr().expect("address").port();
+    drop(free);
+    let sim = sim("gpu-0", |_| {});
+    let mut cfg = cached(sim.addr(), |c| c.shared = true);
+    cfg.redis.url = Some(format!("redis://127.0.0.1:{port}"));
+    cfg.redis.timeout_ms = 50;
+    let gw = gateway(cfg).await;
+    let (first, served) = ok(gw.addr(), simple_request("a", 8)).await;
+    assert_eq!((first.id.as_str(), served.as_str()), ("a", "miss"));
+    // L1 still serves.
+    let (second, served) = ok(gw.addr(), simple_request("b", 8)).await;
+    assert_eq!((second.id.as_str(), served.as_str()), ("b", "hit"));
+    assert_eq!(sim.control().started(), 1);
 }
