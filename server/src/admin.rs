@@ -400,6 +400,61 @@ impl Admin for AdminService {
         let model = request.into_inner().model;
         Ok(Response::new(sequences(&self.control, &model)))
     }
+
+    async fn cache_stats(
+        &self,
+        _request: Request<CacheStatsRequest>,
+    ) -> Result<Response<CacheStatsResponse>, Status> {
+        let models = self
+            .control
+            .gateway()
+            .cache
+            .stats()
+            .into_iter()
+            .map(cache_stats)
+            .collect();
+        Ok(Response::new(CacheStatsResponse { models }))
+    }
+
+    async fn purge_cache(
+        &self,
+        request: Request<PurgeCacheRequest>,
+    ) -> Result<Response<PurgeCacheResponse>, Status> {
+        let model = request.into_inner().model;
+        let cache = &self.control.gateway().cache;
+        if !model.is_empty() && cache.model(&model).is_none() {
+            return Err(Status::not_found(format!(
+                "model '{}' has no response cache ([models.{}] cache)",
+                crate::wire::shown(&model),
+                crate::wire::shown(&model)
+            )));
+        }
+        let purged = cache.purge(&model).await.map_err(Status::unavailable)?;
+        Ok(Response::new(PurgeCacheResponse {
+            l1_entries: purged.l1,
+            l2_keys: purged.l2,
+        }))
+    }
+}
+
+fn cache_stats(s: crate::cache::ModelStats) -> ModelCacheStats {
+    ModelCacheStats {
+        model: s.model,
+        entries: s.entries,
+        bytes: s.bytes,
+        hits_l1: s.hits_l1,
+        hits_l2: s.hits_l2,
+        misses: s.misses,
+        coalesced: s.coalesced,
+        evictions: s.evictions,
+        expirations: s.expirations,
+        ttl_ms: s.config.ttl_ms,
+        max_entries: s.config.max_entries,
+        max_bytes: s.config.max_bytes,
+        max_entry_bytes: s.config.max_entry_bytes as u64,
+        shared: s.config.shared,
+        coalesce: s.config.coalesce,
+    }
 }
 
 /// The pinned sequences, grouped by backend (by address, then model and id).

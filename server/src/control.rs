@@ -489,6 +489,7 @@ impl Control {
             .models
             .replace_config(&next)
             .map_err(ControlError::Invalid)?;
+        self.gateway.cache.reconfigure(&next);
         if let Ok(mut config) = self.config.write() {
             *config = next.clone();
         }

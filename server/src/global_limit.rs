@@ -60,6 +60,24 @@ end
 return {1, 0, 0}
 "#;
 
+/// A managed connection to the Redis `redis` names: multiplexed, made on first use and
+/// re-made in the background with backoff, so no caller waits for a reconnect.
+pub fn connect(redis: &RedisConfig) -> Result<ConnectionManager, String> {
+    let url = redis
+        .url
+        .as_deref()
+        .ok_or("redis.url: global rate limits and shared caches need a Redis")?;
+    let client = redis::Client::open(url).map_err(|e| format!("redis.url `{url}`: {e}"))?;
+    let timeout = Duration::from_millis(redis.timeout_ms);
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(timeout.max(Duration::from_millis(50))))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| format!("redis.url `{url}`: {e}"))
+}
+
 /// The shared limiter of one gateway.
 pub struct GlobalLimiter {
     connection: ConnectionManager,
@@ -99,19 +117,8 @@ impl GlobalLimiter {
         redis: &RedisConfig,
         events: EventBus,
     ) -> Result<GlobalLimiter, String> {
-        let url = redis
-            .url
-            .as_deref()
-            .ok_or("redis.url: global rate limits need a Redis")?;
-        let client = redis::Client::open(url).map_err(|e| format!("redis.url `{url}`: {e}"))?;
+        let connection = connect(redis)?;
         let timeout = Duration::from_millis(redis.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(timeout.max(Duration::from_millis(50))))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis.url `{url}`: {e}"))?;
         let fallback = LocalRateLimiter::new(limits.global_as_local(redis.replicas_hint))?;
         Ok(GlobalLimiter {
             connection,
@@ -125,6 +132,12 @@ impl GlobalLimiter {
             without_store: AtomicU64::new(0),
             events,
         })
+    }
+
+    /// The managed connection (multiplexed, re-made in the background), for other
+    /// users of the same Redis (the shared response cache).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
     }
 
     /// Decisions made so far without an answer from Redis.

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
+pub mod cache;
 pub mod capacity;
 pub mod clock;
 pub mod codes;

@@ -4,8 +4,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use infergate::config::{
-    BackendConfig, BackendTlsConfig, Bucket, BulkheadConfig, Config, DnsConfig, ModelConfig,
-    PolicyKind, PrefixConfig, TlsConfig,
+    BackendConfig, BackendTlsConfig, Bucket, BulkheadConfig, CacheConfig, Config, DnsConfig,
+    ModelConfig, PolicyKind, PrefixConfig, TlsConfig,
 };
 use infergate::{demo, server, sim, trace};
 use std::net::SocketAddr;
@@ -483,6 +483,7 @@ fn example_config(defaults: &Config) -> Config {
             triton_timeout_parameter: false,
             no_response: Some(defaults.no_response.clone()),
             sequence_idle_ms: Some(1000),
+            cache: Some(CacheConfig::default()),
         },
     );
     c

@@ -8,6 +8,8 @@
 //! 2. read: exactly one gRPC message, within `max_message_bytes`, never decoded (`wire`);
 //! 3. route: peek model, version and id from the bytes; find the model's route (`pool`);
 //! 4. deadline: the caller's `grpc-timeout`, else the model's default, cut to its maximum;
+//!    then, for `ModelInfer` of a model with a cache, the response cache (`cache`): a
+//!    hit or an identical call's answer ends the call here; a miss leads steps 5-9;
 //! 5. bulkhead: a slot in the model's bounded concurrency, or a bounded wait (`bulkhead`);
 //! 6. retry: attempts within the retry budget, each on a different backend where one
 //!    exists, with backoff, while the deadline leaves room for a whole try (`retry`);
@@ -34,6 +36,7 @@
 use crate::attempt::{Attempt, Outcome};
 use crate::auth::ApiKeys;
 use crate::bulkhead::Slot;
+use crate::cache::{self, ResponseCache};
 use crate::config::LoadConfig;
 use crate::config::TenantConfig;
 use crate::endpoint::Endpoint;
@@ -151,6 +154,8 @@ pub struct Gateway {
     pub deadline_margin: Duration,
     /// Stateful sequences pinned to their backends.
     pub sequences: Sequences,
+    /// Response caches of the models that have one, and identical calls in flight.
+    pub cache: ResponseCache,
     shutting_down: AtomicBool,
 }
 
@@ -201,8 +206,10 @@ impl Gateway {
         } else {
             None
         };
+        let cache = ResponseCache::new(config, global.as_ref().map(|g| g.connection()))?;
         Ok(Arc::new(Gateway {
             keys: ApiKeys::new(&config.tenants)?,
+            cache,
             global,
             pool,
             max_message_bytes: config.max_message_bytes,
@@ -385,74 +392,99 @@ impl Gateway {
         self.rate_limit(&caller, &route.model).await?;
         // 4. deadline
         let deadline = deadline(&parts.headers, &policy, started);
-        // 5. bulkhead
-        let wait = span.child("bulkhead");
-        let cost = crate::bulkhead::cost_of(&payload);
-        let admitted = self.bulkhead(&policy, &caller, cost, deadline).await;
-        wait.set_attr(
-            attr::QUEUE_WAIT_MS,
-            started.elapsed().as_secs_f64() * 1000.0,
-        );
-        wait.end(if admitted.is_ok() {
-            Code::Ok
-        } else {
-            Code::ResourceExhausted
-        });
-        let (slot, route, policy, fallback) = match admitted {
-            Ok(slot) => (slot, route, policy, None),
-            // A sequence's state is on its model's backend: it never falls back.
-            Err(rejected)
-                if policy.fallback_when_full
-                    && policy.fallback.is_some()
-                    && key.sequence.is_none() =>
-            {
-                let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
-                let slot = self
-                    .bulkhead(&policy, &caller, cost, deadline)
-                    .await
-                    .map_err(rejected_status)?;
-                let name = route.model.clone();
-                (slot, route, policy, Some(name))
+        // 4b. response cache (cache.rs): a hit, or the answer of an identical call in
+        // flight, costs no bulkhead slot, no backend call and no retry budget.
+        let lookup = (rpc == Forwarded::ModelInfer)
+            .then(|| self.cache.lookup(&route.model, &key.version, &payload))
+            .flatten();
+        let cached = lookup.is_some();
+        let forward = async {
+            if cached {
+                span.set_attr(attr::CACHE, cache::Served::Miss.as_str());
             }
-            Err(rejected) => return Err(rejected_status(rejected)),
-        };
-        // 6.-9. retries, pick, per-try timeout, endpoint
-        let call = Call {
-            rpc,
-            headers: &parts.headers,
-            message: &message,
-            deadline,
-            span,
-            tenant: &caller.tenant,
-            failed_with: AtomicI32::new(-1),
-            sequence: key.sequence.as_ref(),
-        };
-        let result = match deadline {
-            Some(d) => {
-                match tokio::time::timeout_at(
-                    self.answer_by(d),
-                    self.attempts(&call, route, policy, fallback),
-                )
-                .await
+            // 5. bulkhead
+            let wait = span.child("bulkhead");
+            let cost = crate::bulkhead::cost_of(&payload);
+            let admitted = self.bulkhead(&policy, &caller, cost, deadline).await;
+            wait.set_attr(
+                attr::QUEUE_WAIT_MS,
+                started.elapsed().as_secs_f64() * 1000.0,
+            );
+            wait.end(if admitted.is_ok() {
+                Code::Ok
+            } else {
+                Code::ResourceExhausted
+            });
+            let (slot, route, policy, fallback) = match admitted {
+                Ok(slot) => (slot, route, policy, None),
+                // A sequence's state is on its model's backend: it never falls back.
+                Err(rejected)
+                    if policy.fallback_when_full
+                        && policy.fallback.is_some()
+                        && key.sequence.is_none() =>
                 {
-                    Ok(r) => r,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "deadline of {} ms exceeded before a backend answered (model {})",
-                        d.saturating_duration_since(started).as_millis(),
-                        wire::shown(&key.model)
-                    ))),
+                    let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
+                    let slot = self
+                        .bulkhead(&policy, &caller, cost, deadline)
+                        .await
+                        .map_err(rejected_status)?;
+                    let name = route.model.clone();
+                    (slot, route, policy, Some(name))
                 }
-            }
-            None => self.attempts(&call, route, policy, fallback).await,
+                Err(rejected) => return Err(rejected_status(rejected)),
+            };
+            // 6.-9. retries, pick, per-try timeout, endpoint
+            let call = Call {
+                rpc,
+                headers: &parts.headers,
+                message: &message,
+                deadline,
+                span,
+                tenant: &caller.tenant,
+                failed_with: AtomicI32::new(-1),
+                sequence: key.sequence.as_ref(),
+            };
+            let result = match deadline {
+                Some(d) => {
+                    match tokio::time::timeout_at(
+                        self.answer_by(d),
+                        self.attempts(&call, route, policy, fallback),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(Status::deadline_exceeded(format!(
+                            "deadline of {} ms exceeded before a backend answered (model {})",
+                            d.saturating_duration_since(started).as_millis(),
+                            wire::shown(&key.model)
+                        ))),
+                    }
+                }
+                None => self.attempts(&call, route, policy, fallback).await,
+            };
+            let (response, attempt) = result?;
+            Ok(wrap_response(
+                response,
+                attempt,
+                &self.load,
+                deadline,
+                call_end(rpc, started, label.clone(), slot, std::mem::take(span)),
+            ))
         };
-        let (response, attempt) = result?;
-        Ok(wrap_response(
-            response,
-            attempt,
-            &self.load,
-            deadline,
-            call_end(rpc, started, label.clone(), slot, std::mem::take(span)),
-        ))
+        let Some(lookup) = lookup else {
+            return forward.await;
+        };
+        let wait = cache::Wait {
+            answer_by: deadline.map(|d| self.answer_by(d)),
+            deadline: deadline.map(|d| d.saturating_duration_since(started)),
+        };
+        let answer = lookup.serve(wait, forward).await?;
+        let served = answer.served();
+        if served != cache::Served::Miss {
+            span.set_attr(attr::CACHE, served.as_str());
+            call_end(rpc, started, label.clone(), None, std::mem::take(span))(Some(Code::Ok));
+        }
+        Ok(answer.into_response(&key.id))
     }
 
     /// When the gateway answers a call whose deadline is `d`: a margin before it, since

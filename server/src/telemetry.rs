@@ -194,6 +194,32 @@ pub fn describe() {
         "Calls refused by a rate limit, by model and the bucket that ran dry (tenant, model; \
          tenant_tokens: a stream refused or ended by its tenant's tokens_per_second)."
     );
+    // Response cache (cache.rs).
+    describe_counter!(
+        "infergate_cache_hits_total",
+        Unit::Count,
+        "ModelInfer calls answered from the response cache, by model and level (l1: this process, l2: Redis)."
+    );
+    describe_counter!(
+        "infergate_cache_misses_total",
+        Unit::Count,
+        "Response cache lookups that found nothing, by model and level (l1, l2)."
+    );
+    describe_counter!(
+        "infergate_cache_evictions_total",
+        Unit::Count,
+        "Entries removed from the in-process cache, by model, level and reason (size: to stay within max_entries/max_bytes; expired: ttl_ms passed)."
+    );
+    describe_gauge!(
+        "infergate_cache_bytes",
+        Unit::Bytes,
+        "Bytes of answers held by the in-process response cache, by model and level."
+    );
+    describe_counter!(
+        "infergate_cache_coalesced_total",
+        Unit::Count,
+        "ModelInfer calls answered by an identical call in flight (no backend call of their own), by model and level."
+    );
     describe_counter!(
         "infergate_retries_total",
         Unit::Count,

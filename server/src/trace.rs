@@ -93,6 +93,8 @@ pub mod attr {
     pub const HEDGE: &str = "infergate.hedge";
     /// The simulator's name, on the simulator's spans.
     pub const SIM: &str = "infergate.sim";
+    /// How the response cache served the call: `hit`, `miss` or `coalesced`.
+    pub const CACHE: &str = "infergate.cache";
 }
 
 /// Instrumentation scope of the gateway's spans.

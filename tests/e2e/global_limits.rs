@@ -12,15 +12,15 @@ use tokio::time::Instant;
 use tonic::Code;
 
 /// A `redis-server` child process on 127.0.0.1, stopped when dropped.
-struct Redis {
+pub(crate) struct Redis {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Redis {
     /// Starts one on `port` (0: a free one) and waits until it answers PING. None when
     /// the binary is missing outside CI (CI must have it: `.ci/run` installs it).
-    async fn start(port: u16) -> Option<Redis> {
+    pub(crate) async fn start(port: u16) -> Option<Redis> {
         let port = if port == 0 {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
             probe.local_addr().expect("address").port()
@@ -57,7 +57,7 @@ impl Redis {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 

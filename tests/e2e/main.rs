@@ -12,6 +12,7 @@ mod common;
 
 mod admin;
 mod balancing;
+mod cache;
 mod dns;
 mod gateway;
 mod global_limits;

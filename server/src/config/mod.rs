@@ -5,6 +5,7 @@
 //! runs after that, so a bad flag is reported the same way as a bad file.
 
 mod affinity;
+mod cache;
 mod limits;
 mod load;
 mod net;
@@ -12,6 +13,7 @@ mod resilience;
 mod sequence;
 
 pub use affinity::{PrefixConfig, MAX_PREFIX_BYTES};
+pub use cache::{CacheConfig, MAX_CACHE_ENTRY_BYTES, MAX_CACHE_TTL_MS};
 pub use limits::{
     Bucket, OnRedisError, RateLimitConfig, RedisConfig, Scope, TenantWeights, TokenRate,
 };
@@ -516,6 +518,9 @@ pub struct ModelConfig {
     /// A sequence of this model stays pinned to its backend this long without a
     /// request; absent = `[sequences] idle_ms`.
     pub sequence_idle_ms: Option<u64>,
+    /// The response cache of this model (answers reused for identical requests,
+    /// identical calls in flight coalesced); absent = off.
+    pub cache: Option<crate::config::CacheConfig>,
 }
 
 /// `[admin]`
@@ -809,6 +814,15 @@ impl Config {
             }
             if let Some(p) = &model.prefix {
                 sub(&format!("{section}.prefix"), p.validate())?;
+            }
+            if let Some(c) = &model.cache {
+                sub(&format!("{section}.cache"), c.validate())?;
+                if c.shared && self.redis.url.is_none() {
+                    return Err(err(
+                        format!("{section}.cache.shared"),
+                        "a shared cache is kept in Redis: set redis.url (or --redis URL)".into(),
+                    ));
+                }
             }
             for (field, value) in [
                 ("deadline_default_ms", model.deadline_default_ms),

@@ -13,10 +13,10 @@ use futures_util::StreamExt;
 use infergate_client::{connect_channel, parse_header, ClientError};
 use infergate_proto::admin::admin_client::AdminClient;
 use infergate_proto::admin::{
-    AddBackendRequest, DrainBackendRequest, EjectBackendRequest, GetConfigRequest,
-    ListBackendsRequest, ListModelsRequest, ListSequencesRequest, ReadmitBackendRequest,
-    ReloadConfigRequest, RemoveBackendRequest, SetWeightRequest, UpdateModelRequest,
-    WatchEventsRequest,
+    AddBackendRequest, CacheStatsRequest, DrainBackendRequest, EjectBackendRequest,
+    GetConfigRequest, ListBackendsRequest, ListModelsRequest, ListSequencesRequest,
+    PurgeCacheRequest, ReadmitBackendRequest, ReloadConfigRequest, RemoveBackendRequest,
+    SetWeightRequest, UpdateModelRequest, WatchEventsRequest,
 };
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
@@ -82,6 +82,24 @@ pub enum AdminCommand {
         /// What to do.
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Show or empty the response caches ([models.NAME] cache)
+    Cache {
+        /// What to do.
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+/// `admin cache` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Entries, bytes, hits by level, misses, coalesced calls and evictions per model
+    Stats,
+    /// Empty a model's cache, in the gateway and (for a shared cache) in Redis
+    Purge {
+        /// The model whose cache to empty
+        model: String,
     },
 }
 
@@ -458,6 +476,37 @@ async fn execute(
                 emit(&view::sequences_table(&resp))?;
             }
         }
+        AdminCommand::Cache {
+            command: CacheCommand::Stats,
+        } => {
+            let req = admin.request(CacheStatsRequest {});
+            let resp = admin.client.cache_stats(req).await?.into_inner();
+            if json {
+                emit_json(&view::CacheJson::new(&resp))?;
+            } else {
+                emit(&view::cache_table(&resp))?;
+            }
+        }
+        AdminCommand::Cache {
+            command: CacheCommand::Purge { model },
+        } => {
+            let req = admin.request(PurgeCacheRequest {
+                model: model.clone(),
+            });
+            let resp = admin.client.purge_cache(req).await?.into_inner();
+            if json {
+                emit_json(&view::PurgedJson {
+                    model: model.clone(),
+                    l1_entries: resp.l1_entries,
+                    l2_keys: resp.l2_keys,
+                })?;
+            } else {
+                emit(&format!(
+                    "purged the cache of {model}: {} entries here, {} keys in Redis\n",
+                    resp.l1_entries, resp.l2_keys
+                ))?;
+            }
+        }
         AdminCommand::Drain(d) => {
             let req = admin.request(DrainBackendRequest {
                 address: d.address.clone(),
@@ -653,6 +702,16 @@ mod tests {
         assert!(a.json);
         assert_eq!(a.address(), "h:1");
         assert!(matches!(a.command, AdminCommand::Models));
+        assert!(matches!(
+            admin(&["cache", "stats"]).command,
+            AdminCommand::Cache {
+                command: CacheCommand::Stats
+            }
+        ));
+        let p = admin(&["cache", "purge", "simple"]);
+        assert!(
+            matches!(&p.command, AdminCommand::Cache { command: CacheCommand::Purge { model } } if model == "simple")
+        );
         let s = admin(&["sequences", "--model", "accumulate"]);
         assert!(
             matches!(&s.command, AdminCommand::Sequences { model } if model.as_deref() == Some("accumulate"))

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use infergate_proto::admin::{
-    Backend, Bulkhead, DrainBackendResponse, Event, GetConfigResponse, ListSequencesResponse,
-    Model, ReloadConfigResponse, RemoveBackendResponse,
+    Backend, Bulkhead, CacheStatsResponse, DrainBackendResponse, Event, GetConfigResponse,
+    ListSequencesResponse, Model, ReloadConfigResponse, RemoveBackendResponse,
 };
 use serde::Serialize;
 
@@ -564,6 +564,118 @@ pub fn sequences_table(r: &ListSequencesResponse) -> String {
         })
         .collect();
     render_table(&["BACKEND", "MODEL", "SEQUENCE", "IDLE", "LOST"], &rows)
+}
+
+/// `CacheStatsResponse`, for JSON: one object per model.
+#[derive(Debug, Serialize)]
+pub struct CacheJson {
+    pub models: Vec<CacheModelJson>,
+}
+
+/// One model's cache, for JSON.
+#[derive(Debug, Serialize)]
+pub struct CacheModelJson {
+    pub model: String,
+    pub entries: u64,
+    pub bytes: u64,
+    pub hits_l1: u64,
+    pub hits_l2: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+    pub ttl_ms: u64,
+    pub max_entries: u64,
+    pub max_bytes: u64,
+    pub max_entry_bytes: u64,
+    pub shared: bool,
+    pub coalesce: bool,
+}
+
+impl CacheJson {
+    pub fn new(r: &CacheStatsResponse) -> Self {
+        let models = r
+            .models
+            .iter()
+            .map(|m| CacheModelJson {
+                model: m.model.clone(),
+                entries: m.entries,
+                bytes: m.bytes,
+                hits_l1: m.hits_l1,
+                hits_l2: m.hits_l2,
+                misses: m.misses,
+                coalesced: m.coalesced,
+                evictions: m.evictions,
+                expirations: m.expirations,
+                ttl_ms: m.ttl_ms,
+                max_entries: m.max_entries,
+                max_bytes: m.max_bytes,
+                max_entry_bytes: m.max_entry_bytes,
+                shared: m.shared,
+                coalesce: m.coalesce,
+            })
+            .collect();
+        CacheJson { models }
+    }
+}
+
+/// What `admin cache purge --json` prints.
+#[derive(Debug, Serialize)]
+pub struct PurgedJson {
+    pub model: String,
+    pub l1_entries: u64,
+    pub l2_keys: u64,
+}
+
+/// The `admin cache stats` table: one row per model with a cache.
+pub fn cache_table(r: &CacheStatsResponse) -> String {
+    if r.models.is_empty() {
+        return "no model has a response cache ([models.NAME] cache)\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = r
+        .models
+        .iter()
+        .map(|m| {
+            let lookups = m.hits_l1 + m.hits_l2 + m.misses + m.coalesced;
+            let hit_rate = if lookups == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.1}%",
+                    100.0 * (m.hits_l1 + m.hits_l2 + m.coalesced) as f64 / lookups as f64
+                )
+            };
+            vec![
+                m.model.clone(),
+                format!("{}/{}", m.entries, m.max_entries),
+                format!("{}/{}", m.bytes, m.max_bytes),
+                m.hits_l1.to_string(),
+                m.hits_l2.to_string(),
+                m.misses.to_string(),
+                m.coalesced.to_string(),
+                hit_rate,
+                format!("{}/{}", m.evictions, m.expirations),
+                human_ms(m.ttl_ms),
+                if m.shared { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "MODEL",
+            "ENTRIES",
+            "BYTES",
+            "HITS L1",
+            "HITS L2",
+            "MISSES",
+            "COALESCED",
+            "SERVED",
+            "EVICTED/EXPIRED",
+            "TTL",
+            "SHARED",
+        ],
+        &rows,
+    )
 }
 
 /// One sentence on a backend an admin call returned: `VERB ADDRESS: weight N, STATE`.
