@@ -23,7 +23,7 @@ fn sims(path: Path) -> Vec<SimHandle> {
         .map(|i| {
             sim(&format!("gpu-{i}"), |c: &mut SimConfig| {
                 c.slots = 4;
-                c.latency_ms = 4.0;
+                c.latency_ms = 12.0;
                 c.seed = 1 + i as u64;
                 // gpu-0 has 3 of its 4 slots taken by work nobody routes through us.
                 c.hidden_load = if i == 0 { 0.75 } else { 0.0 };
@@ -107,6 +107,16 @@ async fn busy_backend_gets_less(path: Path) {
     let counts: Vec<u64> = total.iter().zip(&learned).map(|(t, l)| t - l).collect();
     let others = (counts[1] + counts[2]) as f64 / 2.0;
     println!("calls per backend (gpu-0 busy), after {learned:?} to learn: {counts:?}");
+    let now = tokio::time::Instant::now();
+    for e in gw.pool().endpoints() {
+        println!(
+            "  {}: reading {:?}, per call {:?}, service time {:?} ms",
+            e.address(),
+            e.load().read(now),
+            e.per_call_utilization(),
+            e.service_time_ms(now, std::time::Duration::from_secs(3)),
+        );
+    }
     assert!(
         (counts[0] as f64) < others * 0.5,
         "the busy backend should get well under half of its peers' share: {counts:?}"
