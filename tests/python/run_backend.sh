@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# MLServer as a backend behind the gateway: installs requirements-mlserver.txt into
-# .venv-mlserver/ when missing or changed, then runs `pytest -m mlserver` against the
-# built gateway (run after scripts/test.sh or `cargo build`). About 20 s once installed;
-# the first install takes about 70 s and 550 MB.
+# A real model server as a backend behind the gateway: installs
+# tests/python/requirements-NAME.txt into .venv-NAME/ when missing or changed, then runs
+# `pytest -m NAME tests/python/test_NAME.py` against the built gateway (run after
+# scripts/test.sh or `cargo build`).
 #
-#   tests/python/run_mlserver.sh [pytest args]
+#   tests/python/run_backend.sh NAME [pytest args]
+#
+#   mlserver  MLServer + mlserver-sklearn: first install 70-140 s and 570 MB, then
+#             about 10 s a run.
+#   kserve    KServe's Python model server: first install 100-140 s and 500 MB, then
+#             about 5 s a run.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), INFERGATE_BIN,
 # CARGO_TARGET_DIR, PYTEST_ADDOPTS.
@@ -13,13 +18,20 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 
-PYTHON="${PYTHON:-python3}"
-VENV="$ROOT/.venv-mlserver"
-REQUIREMENTS="$ROOT/tests/python/requirements-mlserver.txt"
-STAMP="$VENV/.infergate-requirements.txt"
-
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+NAME="${1:-}"
+[[ -n "$NAME" ]] || die "usage: tests/python/run_backend.sh NAME [pytest args] (NAME: mlserver or kserve)"
+shift
+REQUIREMENTS="$ROOT/tests/python/requirements-$NAME.txt"
+TESTS="tests/python/test_$NAME.py"
+[[ -f "$REQUIREMENTS" && -f "$ROOT/$TESTS" ]] \
+    || die "unknown backend '$NAME': needs tests/python/requirements-$NAME.txt and $TESTS"
+
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv-$NAME"
+STAMP="$VENV/.infergate-requirements.txt"
 
 if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     rm -rf "$VENV"
@@ -29,7 +41,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     say "creating $VENV"
     "$PYTHON" -m venv "$VENV" || die "'$PYTHON -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
 fi
-# Both files count: requirements-mlserver.txt includes requirements.txt.
+# Keeps git from listing the venv (what Python 3.13's venv writes itself).
+[[ -f "$VENV/.gitignore" ]] || printf '*\n' > "$VENV/.gitignore"
+# Both files count: requirements-NAME.txt includes requirements.txt.
 WANT="$(cat "$REQUIREMENTS" "$ROOT/tests/python/requirements.txt")"
 if [[ ! -f "$STAMP" ]] || [[ "$(cat "$STAMP")" != "$WANT" ]]; then
     say "installing $(basename "$REQUIREMENTS") into $VENV"
@@ -44,5 +58,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export INFERGATE_BIN="${INFERGATE_BIN:-$TARGET_DIR/debug/infergate}"
 [[ -x "$INFERGATE_BIN" ]] || die "built binary not found at $INFERGATE_BIN (cargo build --bin infergate)"
 
-say "pytest -m mlserver tests/python/test_mlserver.py"
-timeout 600 "$VENV/bin/python" -m pytest -q -rxX -m mlserver tests/python/test_mlserver.py "$@"
+say "pytest -m $NAME $TESTS"
+started=$SECONDS
+timeout 600 "$VENV/bin/python" -m pytest -q -rxX -m "$NAME" "$TESTS" "$@"
+say "$NAME suite passed in $((SECONDS - started)) s"
