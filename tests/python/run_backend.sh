@@ -8,7 +8,7 @@
 #
 #   mlserver  MLServer + mlserver-sklearn: first install 70-140 s and 570 MB, then
 #             about 10 s a run.
-#   kserve    KServe's Python model server: first install 100-140 s and 500 MB, then
+#   kserve    KServe's Python model server: first install 80-140 s and 500 MB, then
 #             about 5 s a run.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), INFERGATE_BIN,
