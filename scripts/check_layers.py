@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Checks that every module of server/src imports only modules of lower layers.
 
+Also checks the workspace's crates: each crate's Cargo.toml may name (as a normal
+dependency) only the workspace crates its row of the table between
+`<!-- crates: begin -->` and `<!-- crates: end -->` lists, so the simulator and the
+base crate can never come to depend on the gateway.
+
 The layers are written once, in docs/ARCHITECTURE.md, between the lines
 `<!-- layers: begin -->` and `<!-- layers: end -->`: one line per layer, top first,
 `NAME: module, module  # why`. A module's imports are its `crate::NAME` references
@@ -56,10 +61,44 @@ def imports():
     return found
 
 
+def crates():
+    """(bad, checked) for the crate table against each member's [dependencies]."""
+    text = open(DOC, encoding="utf-8").read()
+    m = re.search(r"<!-- crates: begin -->(.*?)<!-- crates: end -->", text, re.S)
+    if not m:
+        sys.exit(f"{DOC}: no crate table between <!-- crates: begin --> and <!-- crates: end -->")
+    allowed = {}
+    for row in m.group(1).splitlines():
+        row = row.split("#")[0].strip()
+        if not row or row.startswith("```"):
+            continue
+        name, _, deps = row.partition(":")
+        allowed[name.strip()] = {d.strip() for d in deps.split(",") if d.strip()}
+    bad = checked = 0
+    for folder in (".", "base", "sim", "server", "client"):
+        manifest = os.path.join(ROOT, folder, "Cargo.toml")
+        body = open(manifest, encoding="utf-8").read()
+        pkg = re.search(r'\[package\][^\[]*?name = "([^"]+)"', body, re.S)
+        deps = re.search(r"\n\[dependencies\]\n(.*?)(\n\[|\Z)", body, re.S)
+        if not pkg:
+            continue
+        name = pkg.group(1)
+        if name not in allowed:
+            print(f"FAIL {manifest}: crate {name} is not in the crate table of docs/ARCHITECTURE.md")
+            bad += 1
+            continue
+        used = set(re.findall(r"^(infergate[a-z-]*)", deps.group(1), re.M)) if deps else set()
+        for dep in sorted(used):
+            checked += 1
+            if dep not in allowed[name]:
+                print(f"FAIL {manifest}: {name} depends on {dep}, which its row does not allow")
+                bad += 1
+    return bad, checked
+
+
 def main():
     rank = layers()
-    bad = 0
-    checked = 0
+    bad, checked = crates()
     for module, deps in sorted(imports().items()):
         if module not in rank:
             print(f"FAIL {module}: not in the layer table of docs/ARCHITECTURE.md")

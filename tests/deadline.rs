@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use infergate::sim::SimConfig;
+use infergate_sim::SimConfig;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;

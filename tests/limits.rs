@@ -30,7 +30,7 @@ async fn limited(
     tweak: impl FnOnce(&mut infergate::config::Config),
 ) -> (
     tokio::sync::MutexGuard<'static, ()>,
-    infergate::sim::SimHandle,
+    infergate_sim::SimHandle,
     infergate::server::GatewayHandle,
 ) {
     let serial = serial().await;

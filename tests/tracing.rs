@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{config, gateway, sim, simple_request};
-use infergate::trace::{self, SamplerKind, TraceConfig, TraceGuard};
+use infergate_base::trace::{self, SamplerKind, TraceConfig, TraceGuard};
 use infergate_client::Client;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use otlp::{Receiver, Span};

@@ -1,5 +1,5 @@
 //! End-to-end tests of the client library and the `infergate-cli` binary against the real
-//! parts: simulated GPU backends (`infergate::sim`) and a real gateway
+//! parts: simulated GPU backends (`infergate_sim`) and a real gateway
 //! (`infergate::server::start`), all in-process on 127.0.0.1:0. Nothing here sleeps to
 //! synchronise: the gateway learns its pool before `start` returns, and anything else that
 //! must be waited for is polled with a deadline.
@@ -13,12 +13,12 @@ use futures_util::StreamExt;
 use infergate::config::{BackendConfig, Config};
 use infergate::endpoint::Health;
 use infergate::server::GatewayHandle;
-use infergate::sim::{self, SimConfig, SimHandle};
 use infergate_client::bench::{self, BenchConfig, BACKEND_HEADER};
 use infergate_client::{
     build_request, decode_outputs, generate_request, read_stream_response, Client, ClientError,
     Tensor, TensorData,
 };
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 
 /// The models every simulator serves by default.
 const MODELS: [&str; 4] = ["accumulate", "identity_fp32", "simple", "tiny_llm"];

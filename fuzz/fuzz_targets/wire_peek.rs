@@ -1,8 +1,9 @@
-//! `wire::peek_route`, `wire::peek_int_parameter` and `wire::shown` on any bytes: they
+//! `wire::peek_route`, `wire::peek_int_parameter` and `text::shown` on any bytes: they
 //! read request payloads straight from callers, so they must never panic.
 #![no_main]
 
 use infergate::wire;
+use infergate_base::text;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,6 +17,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = wire::peek_int_parameter(data, name);
     }
     let text = String::from_utf8_lossy(data);
-    let shown = wire::shown(&text);
-    assert!(shown.chars().count() <= wire::SHOWN_CHARS + 32);
+    let shown = text::shown(&text);
+    assert!(shown.chars().count() <= text::SHOWN_CHARS + 32);
 });

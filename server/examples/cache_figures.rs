@@ -18,9 +18,9 @@
 
 use infergate::config::{BackendConfig, CacheConfig, Config, ModelConfig};
 use infergate::server::{self, GatewayHandle};
-use infergate::sim::{self, SimConfig, SimHandle};
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::ModelInferRequest;
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -12,8 +12,8 @@
 //! count; everything on 127.0.0.1.
 
 use infergate::config::{BackendConfig, Config};
-use infergate::sim::{self, SimConfig, SimHandle};
 use infergate_client::bench::{self, BenchConfig};
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;

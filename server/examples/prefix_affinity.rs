@@ -29,8 +29,8 @@
 use hdrhistogram::Histogram;
 use infergate::config::{BackendConfig, Config, ModelConfig, PolicyKind, PrefixConfig};
 use infergate::server::{self, GatewayHandle};
-use infergate::sim::{self, PrefixCacheConfig, SimConfig, SimHandle};
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use infergate_sim::{self as sim, PrefixCacheConfig, SimConfig, SimHandle};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -35,8 +35,8 @@
 use hdrhistogram::Histogram;
 use infergate::config::{BackendConfig, Config, PolicyKind};
 use infergate::server::{self, GatewayHandle};
-use infergate::sim::{self, SimConfig, SimHandle};
 use infergate_client::bench::{self, BenchConfig, BenchReport};
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -425,8 +425,8 @@ impl Admin for AdminService {
         if !model.is_empty() && cache.model(&model).is_none() {
             return Err(Status::not_found(format!(
                 "model '{}' has no response cache ([models.{}] cache)",
-                crate::wire::shown(&model),
-                crate::wire::shown(&model)
+                infergate_base::text::shown(&model),
+                infergate_base::text::shown(&model)
             )));
         }
         let purged = cache.purge(&model).await.map_err(Status::unavailable)?;

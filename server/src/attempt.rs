@@ -32,7 +32,7 @@
 use crate::breaker::{Outcome as BreakerOutcome, PermitGuard};
 use crate::endpoint::{Endpoint, InFlightGuard};
 use crate::pool::{Picked, Pool};
-use crate::trace::CallSpan;
+use infergate_base::trace::CallSpan;
 
 use std::sync::Arc;
 use std::time::Duration;

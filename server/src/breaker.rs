@@ -55,9 +55,9 @@
 //! Time is only ever read by the caller (`now` is an argument everywhere), so the logic
 //! is deterministic and tests step time by hand.
 
-use crate::codes::CodeSet;
 use crate::config::{BreakerConfig, WindowKind};
 use crate::ratio::{pct, ratio};
+use infergate_base::codes::CodeSet;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -205,7 +205,7 @@ impl fmt::Display for Rejected {
             } => write!(
                 f,
                 "model {model}: tenant {} holds its bulkhead queue share ({waiting} waiting, tenant_share {share} of max_queue {max_queue}); retry in {} ms",
-                crate::wire::shown(tenant),
+                infergate_base::text::shown(tenant),
                 ceil_ms(*pushback)
             ),
             Rejected::QueueTimeout {

@@ -621,7 +621,10 @@ impl ResponseCache {
             Err(_) => Vec::new(),
         };
         if targets.is_empty() && !model.is_empty() {
-            return Err(format!("model '{}' has no cache", wire::shown(model)));
+            return Err(format!(
+                "model '{}' has no cache",
+                infergate_base::text::shown(model)
+            ));
         }
         let mut purged = Purged::default();
         for cache in &targets {
@@ -752,7 +755,7 @@ impl Lookup<'_> {
                 Status::deadline_exceeded(format!(
                     "deadline of {} ms exceeded while waiting for an identical call in flight (model {})",
                     wait.deadline.unwrap_or_default().as_millis(),
-                    wire::shown(&self.cache.model)
+                    infergate_base::text::shown(&self.cache.model)
                 ))
             }),
         }

@@ -10,8 +10,8 @@
 
 use crate::config::{BackendConfig, Config};
 use crate::server::{self, GatewayHandle, StartError};
-use crate::sim::{self, SimConfig, SimHandle};
-use crate::trace::{self, TraceConfig, TraceGuard};
+use infergate_base::trace::{self, TraceConfig, TraceGuard};
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 use opentelemetry::global::{BoxedTracer, GlobalTracerProvider};
 use opentelemetry::InstrumentationScope;
 use std::collections::HashMap;

@@ -454,7 +454,7 @@ impl Endpoint {
                 metrics::counter!(
                     "infergate_backend_attempts_total",
                     "backend" => self.address.clone(),
-                    "code" => code.map(crate::codes::name).unwrap_or("TRANSPORT_ERROR")
+                    "code" => code.map(infergate_base::codes::name).unwrap_or("TRANSPORT_ERROR")
                 )
             })
             .increment(1);

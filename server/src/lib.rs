@@ -14,7 +14,8 @@
 //!   [`endpoint`]: one backend, its connection and in-flight accounting;
 //! - beside the path: [`health`] (active checks), [`discovery`] (who serves what),
 //!   [`telemetry`] (metrics), [`admin`] (control plane), [`config`];
-//! - [`server`]: starting and stopping it all; [`sim`]: the simulated GPU backend;
+//! - [`server`]: starting and stopping it all (the simulated GPU backend is the
+//!   `infergate-sim` crate, the leaves both share are `infergate-base`);
 //!   [`demo`]: gateway + three simulated backends with nothing to configure.
 #![forbid(unsafe_code)]
 
@@ -28,7 +29,6 @@ pub mod bulkhead;
 pub mod cache;
 pub mod capacity;
 pub mod clock;
-pub mod codes;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -40,7 +40,6 @@ pub mod front;
 pub mod gauges;
 pub mod global_limit;
 pub mod health;
-pub mod http1;
 pub mod load;
 pub mod load_report;
 pub mod models;
@@ -53,8 +52,6 @@ pub mod ratio;
 pub mod retry;
 pub mod sequence;
 pub mod server;
-pub mod sim;
 pub mod telemetry;
 pub mod tls;
-pub mod trace;
 pub mod wire;

@@ -404,7 +404,7 @@ async fn fetch_metrics(address: &str, timeout: Duration) -> Result<String, Strin
         Some((host, path)) => (host, format!("/{path}")),
         None => (address, "/metrics".to_owned()),
     };
-    crate::http1::get(host, &path, MAX_METRICS_BYTES, timeout).await
+    infergate_base::http1::get(host, &path, MAX_METRICS_BYTES, timeout).await
 }
 
 /// Where the label set `{...}` at the start of `text` ends (the byte after its `}`),

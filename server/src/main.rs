@@ -7,7 +7,9 @@ use infergate::config::{
     BackendConfig, BackendTlsConfig, Bucket, BulkheadConfig, CacheConfig, Config, DnsConfig,
     ModelConfig, PolicyKind, PrefixConfig, TlsConfig,
 };
-use infergate::{demo, server, sim, trace};
+use infergate::{demo, server};
+use infergate_base::trace;
+use infergate_sim as sim;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,11 +9,11 @@
 
 use crate::bulkhead::Bulkhead;
 use crate::clock;
-use crate::codes::CodeSet;
 use crate::config::{BulkheadConfig, HedgeConfig, RetryConfig};
 use crate::config::{Config, ModelConfig};
 use crate::endpoint::Endpoint;
 use crate::retry::{LatencyTracker, NoResponseBound, RetryBudget};
+use infergate_base::codes::CodeSet;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -56,9 +56,9 @@
 //! Everything is sync and takes `now` from the caller; the owner keeps the detector
 //! behind a short `std::sync::Mutex` and never holds it across an await.
 
-use crate::codes::CodeSet;
 use crate::config::{OutlierConfig, MAX_EJECTION_MS};
 use crate::ratio::{pct, ratio};
+use infergate_base::codes::CodeSet;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;

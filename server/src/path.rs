@@ -50,12 +50,12 @@ use crate::ratelimit::{RateKey, RateLimiter};
 use crate::retry::{self, Failure};
 use crate::sequence::Sequences;
 use crate::telemetry;
-use crate::trace::{self, attr, CallSpan};
 use crate::wire::{self, Deframer, Message, RouteKey};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
+use infergate_base::trace::{self, attr, CallSpan};
 use infergate_proto::inference::{ModelInferResponse, ModelStreamInferResponse};
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -376,7 +376,7 @@ impl Gateway {
             return Err(Status::invalid_argument(format!(
                 "model '{}' is decoupled (it may answer a request with many responses or none): \
                  ModelInfer cannot carry that; use ModelStreamInfer",
-                wire::shown(&key.model)
+                infergate_base::text::shown(&key.model)
             )));
         }
         let policy = self.models.get(&route.model);
@@ -456,7 +456,7 @@ impl Gateway {
                         Err(_) => Err(Status::deadline_exceeded(format!(
                             "deadline of {} ms exceeded before a backend answered (model {})",
                             d.saturating_duration_since(started).as_millis(),
-                            wire::shown(&key.model)
+                            infergate_base::text::shown(&key.model)
                         ))),
                     }
                 }

@@ -67,7 +67,7 @@ impl fmt::Display for RouteError {
             RouteError::UnknownModel { model, backends } => write!(
                 f,
                 "unknown model '{}': none of the {backends} backends in the pool serves it",
-                crate::wire::shown(model)
+                infergate_base::text::shown(model)
             ),
             RouteError::NoneEligible { model, summary } => {
                 write!(f, "model {model}: no backend can take the call ({summary})")

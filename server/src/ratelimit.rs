@@ -149,7 +149,7 @@ impl fmt::Display for Limited {
             return write!(
                 f,
                 "tenant {}: stream token limit tokens_per_second {} (burst {}) exceeded; retry in {} ms",
-                crate::wire::shown(&self.key),
+                infergate_base::text::shown(&self.key),
                 self.rate,
                 self.burst,
                 self.retry_after.as_nanos().div_ceil(1_000_000)
@@ -159,7 +159,7 @@ impl fmt::Display for Limited {
             f,
             "{} {}: rate limit {}/s (burst {}) exceeded; retry in {} ms",
             self.scope.as_str(),
-            crate::wire::shown(&self.key),
+            infergate_base::text::shown(&self.key),
             self.rate,
             self.burst,
             self.retry_after.as_nanos().div_ceil(1_000_000)

@@ -37,9 +37,9 @@
 //! }
 //! ```
 
-use crate::codes::CodeSet;
 use crate::config::NoResponseConfig;
 use crate::config::{HedgeConfig, RetryConfig};
+use infergate_base::codes::CodeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -63,7 +63,7 @@ impl fmt::Display for Failure {
         match self {
             Failure::Connect => f.write_str("connect error"),
             Failure::NoResponse => f.write_str("no response"),
-            Failure::Status(code) => write!(f, "status {}", crate::codes::name(*code)),
+            Failure::Status(code) => write!(f, "status {}", infergate_base::codes::name(*code)),
         }
     }
 }

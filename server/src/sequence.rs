@@ -134,7 +134,7 @@ impl Refused {
                 "sequence {id} of model '{}' was pinned to backend {backend}, which {why}: \
                  the sequence's state is lost and it is not moved to another backend; \
                  start it again with sequence_start",
-                crate::wire::shown(model)
+                infergate_base::text::shown(model)
             )),
             Refused::Busy {
                 id,
@@ -144,7 +144,7 @@ impl Refused {
             } => tonic::Status::unavailable(format!(
                 "sequence {id} of model '{}' is pinned to backend {backend}, which cannot \
                  take a call now ({why}); the sequence stays there: try again",
-                crate::wire::shown(model)
+                infergate_base::text::shown(model)
             )),
             Refused::OtherStream {
                 id,
@@ -154,7 +154,7 @@ impl Refused {
             } => tonic::Status::failed_precondition(format!(
                 "sequence {id} of model '{}' is pinned to backend {pinned}, but this stream \
                  is open on backend {stream}: send it on a stream of its own",
-                crate::wire::shown(model)
+                infergate_base::text::shown(model)
             )),
             Refused::NoneEligible => {
                 tonic::Status::unavailable("no backend can take the sequence's first request")

@@ -264,7 +264,7 @@ pub fn call_started(method: &'static str) {
 pub fn call_ended(method: &'static str, model: &str, code: Option<Code>, elapsed: Duration) {
     let code = code.unwrap_or(Code::Cancelled);
     let Some(h) = handles() else {
-        let name = crate::codes::name(code);
+        let name = infergate_base::codes::name(code);
         metrics::gauge!("infergate_requests_in_flight", "method" => method).decrement(1.0);
         metrics::counter!("infergate_requests_total", "model" => model.to_owned(), "method" => method, "code" => name)
             .increment(1);
@@ -329,7 +329,7 @@ impl CallHandles {
                 "infergate_requests_total",
                 "model" => self.model.clone(),
                 "method" => self.method,
-                "code" => crate::codes::name(code)
+                "code" => infergate_base::codes::name(code)
             )
         })
     }
@@ -422,12 +422,12 @@ pub async fn serve_with_hook(
             }
         }
     });
-    let handler: crate::http1::Handler = Arc::new(move |method, path, _query| {
+    let handler: infergate_base::http1::Handler = Arc::new(move |method, path, _query| {
         if path != "/metrics" {
-            return crate::http1::Reply::text(404, "only /metrics is served here\n");
+            return infergate_base::http1::Reply::text(404, "only /metrics is served here\n");
         }
         if method != "GET" && method != "HEAD" {
-            return crate::http1::Reply::text(405, "GET /metrics\n");
+            return infergate_base::http1::Reply::text(405, "GET /metrics\n");
         }
         // The hook runs first: gauges it sets through the recorder show in this
         // render; the text it writes goes after.
@@ -438,9 +438,9 @@ pub async fn serve_with_hook(
         handle.run_upkeep();
         let mut body = handle.render();
         body.push_str(&extra);
-        crate::http1::Reply::prometheus(body)
+        infergate_base::http1::Reply::prometheus(body)
     });
-    crate::http1::serve(listener, handler, shutdown).await;
+    infergate_base::http1::serve(listener, handler, shutdown).await;
 }
 
 /// Binds the metrics listener (kept separate so callers learn the port before serving).

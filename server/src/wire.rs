@@ -12,7 +12,7 @@
 //! connection, so a flood of messages that never complete is refused, not held.
 
 use bytes::{Buf, Bytes, BytesMut};
-use std::borrow::Cow;
+use infergate_base::text::shown;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -374,19 +374,6 @@ impl Deframer {
 impl Drop for Deframer {
     fn drop(&mut self) {
         self.release();
-    }
-}
-
-/// Longest a name echoed in a message ([`shown`]) is kept, in characters.
-pub const SHOWN_CHARS: usize = 200;
-
-/// `name` as it may be echoed in a status message or a log line: whole when short,
-/// else its first [`SHOWN_CHARS`] characters, an ellipsis and its full length, so that
-/// a caller's 100 KB model name cannot blow up the trailer that reports it.
-pub fn shown(name: &str) -> Cow<'_, str> {
-    match name.char_indices().nth(SHOWN_CHARS) {
-        None => Cow::Borrowed(name),
-        Some((cut, _)) => Cow::Owned(format!("{}… ({} bytes)", &name[..cut], name.len())),
     }
 }
 
@@ -1500,22 +1487,5 @@ mod tests {
             .await;
         assert_eq!(seen, (MIN_BUFFER.min(261), Some(Duration::from_millis(5))));
         assert_eq!(connection.used(), 0, "given back when the deframer dropped");
-    }
-
-    #[test]
-    fn long_names_are_cut_for_messages() {
-        assert_eq!(shown("simple"), "simple");
-        let exact = "m".repeat(SHOWN_CHARS);
-        assert!(matches!(shown(&exact), Cow::Borrowed(_)));
-        let long = "x".repeat(100 * 1024);
-        let cut = shown(&long);
-        assert!(cut.starts_with(&"x".repeat(SHOWN_CHARS)));
-        assert!(cut.ends_with("… (102400 bytes)"), "{cut}");
-        assert!(cut.len() < 240);
-        // Cut on a character boundary, whatever the characters.
-        let wide = "é".repeat(300);
-        let cut = shown(&wide);
-        assert!(cut.starts_with(&"é".repeat(SHOWN_CHARS)));
-        assert!(cut.ends_with("(600 bytes)"), "{cut}");
     }
 }

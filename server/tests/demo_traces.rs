@@ -11,7 +11,7 @@ mod otlp;
 use common::{client, loopback, simple_request};
 use infergate::config::Config;
 use infergate::demo;
-use infergate::trace::{self, SamplerKind, TraceConfig};
+use infergate_base::trace::{self, SamplerKind, TraceConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

@@ -4,10 +4,10 @@
 
 use infergate::config::{BackendConfig, Config};
 use infergate::server::{self, GatewayHandle};
-use infergate::sim::{self, SimConfig, SimHandle};
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::model_infer_request::InferInputTensor;
 use infergate_proto::inference::{InferTensorContents, ModelInferRequest};
+use infergate_sim::{SimConfig, SimHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -26,7 +26,7 @@ pub fn sim(name: &str, tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
         ..SimConfig::default()
     };
     tweak(&mut cfg);
-    sim::spawn(cfg).expect("simulated backend starts")
+    infergate_sim::spawn(cfg).expect("simulated backend starts")
 }
 
 /// A gateway config over `backends` with every port on 127.0.0.1:0 and fast checks.

@@ -50,7 +50,7 @@ async fn admin(gw: &infergate::server::GatewayHandle) -> Admin {
 async fn setup(
     n: usize,
 ) -> (
-    Vec<infergate::sim::SimHandle>,
+    Vec<infergate_sim::SimHandle>,
     infergate::server::GatewayHandle,
 ) {
     let sims: Vec<_> = (0..n).map(|i| sim(&format!("gpu-{i}"), |_| {})).collect();

@@ -6,7 +6,7 @@
 use crate::common::*;
 use infergate::config::{Config, PolicyKind};
 use infergate::load::Source;
-use infergate::sim::{SimConfig, SimHandle};
+use infergate_sim::{SimConfig, SimHandle};
 use std::time::Duration;
 
 /// How each simulator reports load.

@@ -293,7 +293,7 @@ async fn an_unreachable_name_server_is_an_error_not_an_empty_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_adds_and_drains_backends_as_records_change() {
     // Three simulated backends on 127.0.0.1, .2 and .3, all on one port.
-    let first = infergate::sim::spawn(infergate::sim::SimConfig {
+    let first = infergate_sim::spawn(infergate_sim::SimConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         name: "dns-1".into(),
         latency_ms: 1.0,
@@ -302,7 +302,7 @@ async fn the_gateway_adds_and_drains_backends_as_records_change() {
     .expect("sim on 127.0.0.1");
     let port = first.addr().port();
     let at = |ip: [u8; 4], n: &str| {
-        infergate::sim::spawn(infergate::sim::SimConfig {
+        infergate_sim::spawn(infergate_sim::SimConfig {
             listen: SocketAddr::from((ip, port)),
             name: n.into(),
             latency_ms: 1.0,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 async fn pool_of_three() -> (
-    Vec<infergate::sim::SimHandle>,
+    Vec<infergate_sim::SimHandle>,
     infergate::server::GatewayHandle,
 ) {
     let sims: Vec<_> = (0..3).map(|i| sim(&format!("gpu-{i}"), |_| {})).collect();

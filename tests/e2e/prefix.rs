@@ -5,10 +5,10 @@
 
 use crate::common::*;
 use infergate::config::{ModelConfig, PolicyKind, PrefixConfig};
-use infergate::sim::{SimConfig, SimHandle};
 use infergate_client::generate_request;
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::ModelStreamInferResponse;
+use infergate_sim::{SimConfig, SimHandle};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Streaming;

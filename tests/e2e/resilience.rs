@@ -5,9 +5,9 @@
 
 use crate::common::*;
 use infergate::config::{Config, ModelConfig};
-use infergate::sim::{SimConfig, SimHandle};
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::*;
+use infergate_sim::{SimConfig, SimHandle};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +111,7 @@ async fn killed_backend_is_ejected_fast_and_readmitted_when_back() {
     );
 
     // Bring it back on the same port: readmitted by the health checks.
-    let revived = infergate::sim::spawn(SimConfig {
+    let revived = infergate_sim::spawn(SimConfig {
         listen: victim_addr,
         name: "victim".into(),
         latency_ms: 1.0,

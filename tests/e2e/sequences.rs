@@ -5,12 +5,12 @@
 
 use crate::common::*;
 use futures_util::StreamExt;
-use infergate::sim::SimHandle;
 use infergate_proto::admin::admin_client::AdminClient;
 use infergate_proto::admin::{DrainBackendRequest, ListSequencesRequest};
 use infergate_proto::inference::infer_parameter::ParameterChoice;
 use infergate_proto::inference::model_infer_request::InferInputTensor;
 use infergate_proto::inference::*;
+use infergate_sim::SimHandle;
 use std::time::Duration;
 use tonic::Code;
 

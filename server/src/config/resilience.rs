@@ -2,7 +2,7 @@
 //! detection, retries and hedging, bulkheads, and the no-response bound.
 
 use super::FieldError;
-use crate::codes::CodeSet;
+use infergate_base::codes::CodeSet;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tonic::Code;

@@ -21,13 +21,13 @@
 //!
 //! Tracing: `ModelInfer` and `ModelStreamInfer` continue the caller's W3C trace with a
 //! SERVER span and `queue`/`execute` children, through the global tracer provider when
-//! [`crate::trace::init`] has installed one (a spawned simulator initialises nothing, so
+//! [`infergate_base::trace::init`] has installed one (a spawned simulator initialises nothing, so
 //! it shares its process's exporter); [`run_cli`] initialises it from the `OTEL_*`
 //! variables.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use infergate::sim::{spawn, SimConfig};
+//! use infergate_sim::{spawn, SimConfig};
 //! let sim = spawn(SimConfig { slots: 2, latency_ms: 20.0, ..SimConfig::default() })?;
 //! let url = format!("http://{}", sim.addr());
 //! sim.control().set_error_rate(0.1);
@@ -596,8 +596,8 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
     let cfg = args.into_config();
     let engine = build(&cfg)?;
     // A standalone simulator exports its own spans when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let traces =
-        crate::trace::TraceConfig::from_env_for("infergate-sim").and_then(crate::trace::init)?;
+    let traces = infergate_base::trace::TraceConfig::from_env_for("infergate-sim")
+        .and_then(infergate_base::trace::init)?;
     engine.ctl.set_hang(hang);
     engine.ctl.set_refuse(refuse);
 

@@ -22,7 +22,7 @@
 //!
 //! ```no_run
 //! # async fn demo(request: http::Request<()>, mut backend: http::HeaderMap) {
-//! use infergate::trace::{self, attr, TraceConfig};
+//! use infergate_base::trace::{self, attr, TraceConfig};
 //! let cfg = TraceConfig::from_env().unwrap_or_default();
 //! let guard = trace::init(cfg).expect("tracing starts"); // inside a tokio runtime
 //!

@@ -44,7 +44,7 @@ impl std::fmt::Display for SeqId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SeqId::Int(v) => write!(f, "{v}"),
-            SeqId::Text(s) => write!(f, "'{}'", crate::wire::shown(s)),
+            SeqId::Text(s) => write!(f, "'{}'", infergate_base::text::shown(s)),
         }
     }
 }

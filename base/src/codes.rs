@@ -7,7 +7,7 @@
 //! `UNAVAILABLE`), and a number is read as the code it is (`14`).
 //!
 //! ```
-//! use infergate::codes::{parse, CodeSet};
+//! use infergate_base::codes::{parse, CodeSet};
 //! use tonic::Code;
 //! assert_eq!(parse(" unavailable "), Ok(Code::Unavailable));
 //! assert_eq!(parse("4"), Ok(Code::DeadlineExceeded));

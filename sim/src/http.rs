@@ -1,7 +1,7 @@
 //! The simulator's small HTTP/1.1 side door: `GET /metrics` (Prometheus text, Triton's
 //! metric names) and `GET /control?...` (the same fault knobs as [`SimControl`]).
 //!
-//! Served with hyper (through [`crate::http1`]), so scripts, curl, the demo and the
+//! Served with hyper (through [`infergate_base::http1`]), so scripts, curl, the demo and the
 //! gateway's Prometheus fallback drive and scrape it with any HTTP/1.1 client.
 
 use std::fmt::Write as _;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::http1::{self, Reply};
+use infergate_base::http1::{self, Reply};
 
 use super::control::{clamp_fraction, FailReason, SimControl};
 use super::models::{Model, VERSION};
@@ -92,9 +92,9 @@ pub(crate) fn apply_control(ctl: &SimControl, query: &str) -> Result<bool, Strin
         let (k, v) = (percent_decode(k), percent_decode(v));
         let action = match k.as_str() {
             "error_rate" => Action::ErrorRate(parse_fraction(&k, &v)?),
-            "error_code" => {
-                Action::ErrorCode(crate::codes::parse(&v).map_err(|e| format!("{k}: {e}"))?)
-            }
+            "error_code" => Action::ErrorCode(
+                infergate_base::codes::parse(&v).map_err(|e| format!("{k}: {e}"))?,
+            ),
             "hidden_load" => Action::HiddenLoad(parse_fraction(&k, &v)?),
             "hang" => Action::Hang(parse_bool(&k, &v)?),
             "refuse" => Action::Refuse(parse_bool(&k, &v)?),

@@ -36,7 +36,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::control::{FailReason, ModelStats, SimControl};
 use super::models::{self, InvalidInput, Model};
-use crate::trace::{self, attr, CallSpan};
+use infergate_base::trace::{self, attr, CallSpan};
 
 const RELAXED: Ordering = Ordering::Relaxed;
 

@@ -158,7 +158,7 @@ impl Model {
             }],
             dynamic_batching: None,
             sequence_batching: (self == Model::Accumulate).then(|| ModelSequenceBatching {
-                max_sequence_idle_microseconds: crate::sim::sequence::DEFAULT_IDLE
+                max_sequence_idle_microseconds: crate::sequence::DEFAULT_IDLE
                     .as_micros()
                     .try_into()
                     .unwrap_or(u64::MAX),
