@@ -997,6 +997,7 @@ mod tests {
             true,
             &Default::default(),
             &Default::default(),
+            None,
         )
         .expect("endpoint");
         new.set_health(Health::Ready);

@@ -108,8 +108,8 @@ impl Control {
         backend: BackendConfig,
         source: &str,
     ) -> Result<Arc<Endpoint>, ControlError> {
-        crate::config::parse_host_port(&backend.address).map_err(ControlError::Invalid)?;
-        if self.pool.endpoint(&backend.address).is_some() {
+        crate::config::parse_host_port(backend.host_port()).map_err(ControlError::Invalid)?;
+        if self.pool.endpoint(backend.host_port()).is_some() {
             return Err(ControlError::Invalid(format!(
                 "backend `{}` is already in the pool",
                 backend.address
@@ -121,6 +121,7 @@ impl Control {
             true,
             self.pool.breaker_config(),
             self.pool.connection_config(),
+            self.pool.backend_tls_config(),
         )
         .map_err(ControlError::Invalid)?;
         self.pool.add(Arc::clone(&endpoint));

@@ -2,13 +2,19 @@
 //! backends on free loopback ports, with nothing to configure. This is the first thing a
 //! new user runs.
 //!
+//! `infergate demo --tls` runs every hop over TLS instead: it makes a CA and one
+//! certificate for `localhost` and 127.0.0.1 on the spot (rcgen), writes them to a
+//! fresh folder, and serves the front door, the admin port and the simulated backends
+//! with it; the gateway dials the backends checking their certificate against the CA.
+//! The banner says where the CA is and how to call the gateway with it.
+//!
 //! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, [`init_traces`] exports the gateway's spans as
 //! `service.name` `infergate` (or `OTEL_SERVICE_NAME`) and each simulated backend's as its
 //! own name (`gpu-0`, `gpu-1`, ...), as if each ran in its own process: one exporter per
 //! service, and a global tracer provider that hands out the tracer of the simulator whose
 //! thread asks ([`sim::current_name`]).
 
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, BackendTlsConfig, Config, TlsConfig};
 use crate::server::{self, GatewayHandle, StartError};
 use infergate_base::trace::{self, TraceConfig, TraceGuard};
 use infergate_sim::{self as sim, SimConfig, SimHandle};
@@ -16,6 +22,7 @@ use opentelemetry::global::{BoxedTracer, GlobalTracerProvider};
 use opentelemetry::InstrumentationScope;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// How many simulated backends the demo runs.
 pub const SIMS: usize = 3;
@@ -31,11 +38,49 @@ pub struct Demo {
     pub sims: Vec<SimHandle>,
     /// The gateway.
     pub gateway: GatewayHandle,
+    /// With `--tls`: the folder of the certificates, and the CA file in it.
+    pub tls: Option<DemoTls>,
+}
+
+/// The certificates `demo --tls` made.
+#[derive(Debug, Clone)]
+pub struct DemoTls {
+    /// The folder they were written to.
+    pub folder: PathBuf,
+    /// The CA every certificate chains to (what a client trusts).
+    pub ca: PathBuf,
+    /// The certificate (for `localhost` and 127.0.0.1) and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl DemoTls {
+    /// A CA and one leaf for `localhost` and 127.0.0.1, written to a new folder under
+    /// the system's temporary folder.
+    pub fn make() -> Result<DemoTls, String> {
+        let folder =
+            std::env::temp_dir().join(format!("infergate-demo-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        let ca = crate::tls::MadeCa::new("infergate demo CA")?;
+        let leaf = ca.leaf(&["localhost", "127.0.0.1"], None, "infergate demo")?;
+        let write = |name: &str, text: &str| -> Result<PathBuf, String> {
+            let path = folder.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(path)
+        };
+        Ok(DemoTls {
+            ca: write("ca.pem", &ca.cert_pem)?,
+            cert: write("demo.pem", &leaf.cert_pem)?,
+            key: write("demo.key", &leaf.key_pem)?,
+            folder,
+        })
+    }
 }
 
 /// Starts three simulated backends and a gateway over them, listening where `config`
-/// says (its backends are replaced by the simulated ones).
-pub async fn start(mut config: Config) -> Result<Demo, StartError> {
+/// says (its backends are replaced by the simulated ones); with `tls`, every hop runs
+/// over TLS with the certificates it holds.
+pub async fn start(mut config: Config, tls: Option<DemoTls>) -> Result<Demo, StartError> {
     let mut sims = Vec::new();
     for i in 0..SIMS {
         let cfg = SimConfig {
@@ -43,6 +88,11 @@ pub async fn start(mut config: Config) -> Result<Demo, StartError> {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             name: sim_name(i),
             seed: 1 + i as u64,
+            tls: tls.as_ref().map(|t| sim::SimTls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: None,
+            }),
             ..SimConfig::default()
         };
         let sim =
@@ -56,8 +106,20 @@ pub async fn start(mut config: Config) -> Result<Demo, StartError> {
             ..BackendConfig::new(s.addr().to_string())
         })
         .collect();
+    if let Some(t) = &tls {
+        config.tls = TlsConfig {
+            cert: Some(t.cert.clone()),
+            key: Some(t.key.clone()),
+            ..TlsConfig::default()
+        };
+        config.backend_tls = Some(BackendTlsConfig {
+            ca: Some(t.ca.clone()),
+            server_name: Some("localhost".into()),
+            ..BackendTlsConfig::default()
+        });
+    }
     let gateway = server::start(config, "demo").await?;
-    Ok(Demo { sims, gateway })
+    Ok(Demo { sims, gateway, tls })
 }
 
 impl Demo {
@@ -84,10 +146,22 @@ impl Demo {
         out.push_str(
             "models: simple, identity_fp32, tiny_llm (decoupled, streaming), accumulate (stateful: sequence_id)\n",
         );
-        out.push_str(&format!(
-            "try:  cargo run --release --bin infergate-cli -- --addr {} infer --model simple\n",
-            self.gateway.addr()
-        ));
+        match &self.tls {
+            None => out.push_str(&format!(
+                "try:  cargo run --release --bin infergate-cli -- --addr {} infer --model simple\n",
+                self.gateway.addr()
+            )),
+            Some(t) => {
+                let port = self.gateway.addr().port();
+                out.push_str(&format!(
+                    "TLS on every hop; the CA is {ca} (certificates in {folder})\n\
+                     try:  buf curl --protocol grpc --cacert {ca} https://localhost:{port}/inference.GRPCInferenceService/ServerLive\n\
+                     \x20     python3 -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"localhost:{port}\", ssl=True, root_certificates=\"{ca}\").is_server_live())'\n",
+                    ca = t.ca.display(),
+                    folder = t.folder.display(),
+                ));
+            }
+        }
         out.push_str("stop: Ctrl-C\n");
         out
     }

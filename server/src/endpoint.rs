@@ -9,7 +9,7 @@
 use crate::breaker::{BreakerState, SharedBreaker};
 use crate::clock;
 use crate::config::BackendConfig;
-use crate::config::{BreakerConfig, ConnectionConfig, ScrapeConfig};
+use crate::config::{BackendTlsConfig, BreakerConfig, ConnectionConfig, ScrapeConfig};
 use crate::load::{Load, LoadState, Source};
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
@@ -47,6 +47,9 @@ pub struct Endpoint {
     address: String,
     source: String,
     channel: Channel,
+    /// Why its last health check failed (None once one passes): the reason a caller
+    /// is told when no backend can take a call.
+    check_failure: Mutex<Option<String>>,
     health: AtomicU8,
     draining: AtomicBool,
     weight: AtomicU32,
@@ -150,24 +153,29 @@ impl Endpoint {
             false,
             &BreakerConfig::default(),
             &ConnectionConfig::default(),
+            None,
         )
     }
 
     /// A backend as `[[backends]]` describes it; `slow_start` when it joins a pool
-    /// that already takes traffic.
+    /// that already takes traffic; `backend_tls` the pool's `[backend_tls]`, which with
+    /// the backend's own `tls` and `https://` decides whether its channel dials TLS.
     pub fn from_config(
         config: &BackendConfig,
         source: &str,
         slow_start: bool,
         breaker: &BreakerConfig,
         connection: &ConnectionConfig,
+        backend_tls: Option<&BackendTlsConfig>,
     ) -> Result<Arc<Endpoint>, String> {
         let breaker_config = breaker.clone();
         let breaker = Arc::new(SharedBreaker::new(breaker).map_err(|e| format!("breaker.{e}"))?);
-        let address = config.address.as_str();
+        let address = config.host_port();
         let models = config.models.clone();
         let weight = config.weight;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        let tls = config.uses_tls(backend_tls.is_some());
+        let scheme = if tls { "https" } else { "http" };
+        let builder = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| format!("backend `{address}`: {e}"))?
             .connect_timeout(Duration::from_millis(connection.connect_timeout_ms))
             .tcp_nodelay(true)
@@ -175,14 +183,30 @@ impl Endpoint {
             .initial_connection_window_size(16 << 20)
             .http2_keep_alive_interval(Duration::from_millis(connection.keepalive_interval_ms))
             .keep_alive_timeout(Duration::from_millis(connection.keepalive_timeout_ms))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = if tls {
+            let client = crate::tls::client_config(backend_tls)
+                .map_err(|e| format!("backend `{address}`: {e}"))?;
+            let (host, _) = crate::config::parse_host_port(address)
+                .map_err(|e| format!("backend `{address}`: {e}"))?;
+            let name = config
+                .server_name
+                .clone()
+                .or_else(|| backend_tls.and_then(|t| t.server_name.clone()))
+                .unwrap_or(host);
+            let connector = crate::tls::BackendConnector::new(client, &name, address)
+                .map_err(|e| format!("backend `{address}`: server_name: {e}"))?;
+            builder.connect_with_connector_lazy(connector)
+        } else {
+            builder.connect_lazy()
+        };
         let models_pinned = !models.is_empty();
         Ok(Arc::new(Endpoint {
             address: address.to_owned(),
             source: source.to_owned(),
             channel,
             health: AtomicU8::new(Health::Unknown as u8),
+            check_failure: Mutex::new(None),
             draining: AtomicBool::new(false),
             weight: AtomicU32::new(weight.max(1)),
             capacity: AtomicU32::new(config.capacity.unwrap_or(0)),
@@ -217,6 +241,20 @@ impl Endpoint {
     /// Where the backend came from (`config`, `flag`, `demo`, ...).
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Records why the last health check failed, or that it passed (None).
+    pub fn set_check_failure(&self, reason: Option<&str>) {
+        if let Ok(mut last) = self.check_failure.lock() {
+            if last.as_deref() != reason {
+                *last = reason.map(str::to_owned);
+            }
+        }
+    }
+
+    /// Why the last health check failed; None when it passed or none ran yet.
+    pub fn check_failure(&self) -> Option<String> {
+        self.check_failure.lock().ok().and_then(|last| last.clone())
     }
 
     /// A handle on the connection (cheap to clone).

@@ -70,7 +70,7 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     match health {
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
         Ok(Err(status)) if status.code() == Code::Unavailable || status.code() == Code::Unknown => {
-            Err(format!("backend unreachable: {}", status.message()))
+            Err(format!("backend unreachable: {}", with_causes(&status)))
         }
         Ok(Ok(response)) => {
             let status = response.into_inner().status();
@@ -101,6 +101,23 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
             status.message()
         )),
     }
+}
+
+/// A failed check's status message with the errors under it: a transport error's own
+/// message is only "transport error", the cause (refused, reset, a certificate the CA
+/// did not sign) is in its sources.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 /// Keeps the gateway's own `grpc.health.v1` entries in step with the pool; an entry is
@@ -376,6 +393,7 @@ impl EndpointCheck {
         cfg: &HealthConfig,
         result: Result<(), String>,
     ) -> bool {
+        e.set_check_failure(result.as_ref().err().map(String::as_str));
         self.unreachable_streak = match &result {
             Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => {
                 self.unreachable_streak + 1

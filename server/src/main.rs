@@ -37,7 +37,7 @@ enum Command {
     /// Run the gateway in front of the backends given by --config and/or --backend.
     Serve(ServeArgs),
     /// Run the gateway on its default ports in front of three simulated GPU backends.
-    Demo(Ports),
+    Demo(DemoArgs),
     /// Run one simulated GPU inference backend (a KServe v2 gRPC server).
     Sim(sim::SimArgs),
     /// Check a config file, or print one with every default.
@@ -73,6 +73,16 @@ struct Ports {
     /// Tokio worker threads [default: one per core].
     #[arg(long)]
     worker_threads: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct DemoArgs {
+    /// Every hop over TLS, with a CA and a certificate for localhost made on the spot
+    /// (the banner says where they are and how to call the gateway).
+    #[arg(long)]
+    tls: bool,
+    #[command(flatten)]
+    ports: Ports,
 }
 
 #[derive(Args, Debug)]
@@ -172,7 +182,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Demo(ports) => run_demo(ports),
+        Command::Demo(args) => run_demo(args),
         Command::Sim(args) => runtime(None)
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(sim::run_cli(args)).map_err(|e| e.to_string())),
@@ -253,20 +263,24 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         })
 }
 
-fn run_demo(ports: Ports) -> Result<(), String> {
+fn run_demo(args: DemoArgs) -> Result<(), String> {
     let mut config = Config::default();
-    ports.apply(&mut config);
+    args.ports.apply(&mut config);
+    let tls = args.tls.then(demo::DemoTls::make).transpose()?;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     runtime(config.worker_threads)
         .map_err(|e| e.to_string())?
         .block_on(async move {
             // Each simulated backend exports its spans as its own service (gpu-0, ...).
             let traces = demo::init_traces(trace::TraceConfig::from_env()?)?;
-            let demo = demo::start(config).await.map_err(|e| e.to_string())?;
+            let demo = demo::start(config, tls).await.map_err(|e| e.to_string())?;
             println!("{}", demo.banner());
             stop_signal().await;
             demo.gateway.shutdown(grace).await;
             drop(demo.sims);
+            if let Some(t) = &demo.tls {
+                let _ = std::fs::remove_dir_all(&t.folder);
+            }
             traces.shutdown().await?;
             Ok(())
         })

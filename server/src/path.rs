@@ -1702,6 +1702,13 @@ fn in_stream_error(key: &RouteKey, status: &Status) -> Frame<Bytes> {
 /// Maps a routing failure to the status a caller sees.
 pub fn route_status(err: RouteError) -> Status {
     match err {
+        // When no backend could be asked, nobody said the model does not exist: a
+        // retry may find it.
+        RouteError::UnknownModel {
+            backends,
+            unreachable: Some((n, _)),
+            ..
+        } if n >= backends => Status::unavailable(err.to_string()),
         RouteError::UnknownModel { .. } => Status::not_found(err.to_string()),
         RouteError::NoBackends | RouteError::NoneEligible { .. } => {
             Status::unavailable(err.to_string())

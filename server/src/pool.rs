@@ -11,7 +11,7 @@
 
 use crate::balance::{Policy, PolicyParams};
 use crate::breaker::PermitGuard;
-use crate::config::{BreakerConfig, ConnectionConfig};
+use crate::config::{BackendTlsConfig, BreakerConfig, ConnectionConfig};
 use crate::config::{Config, PolicyKind, PrefixConfig};
 use crate::discovery;
 use crate::endpoint::{Endpoint, Health, Unavailable};
@@ -50,6 +50,9 @@ pub enum RouteError {
         model: String,
         /// How many backends were asked.
         backends: usize,
+        /// Backends whose last health check failed, so that the answer may be wrong:
+        /// how many, and the first one's address and reason.
+        unreachable: Option<(usize, String)>,
     },
     /// Backends serve the model but none can take a call now.
     NoneEligible {
@@ -64,16 +67,40 @@ impl fmt::Display for RouteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteError::NoBackends => f.write_str("no backends are registered with the gateway"),
-            RouteError::UnknownModel { model, backends } => write!(
-                f,
-                "unknown model '{}': none of the {backends} backends in the pool serves it",
-                infergate_base::text::shown(model)
-            ),
+            RouteError::UnknownModel {
+                model,
+                backends,
+                unreachable,
+            } => {
+                write!(
+                    f,
+                    "unknown model '{}': none of the {backends} backends in the pool serves it",
+                    infergate_base::text::shown(model)
+                )?;
+                match unreachable {
+                    Some((n, first)) => write!(
+                        f,
+                        "; {n} of them could not be asked (last check of {first})"
+                    ),
+                    None => Ok(()),
+                }
+            }
             RouteError::NoneEligible { model, summary } => {
                 write!(f, "model {model}: no backend can take the call ({summary})")
             }
         }
     }
+}
+
+/// The backends whose last health check failed: how many, and the first one's address
+/// and reason (None when every check passed or none has run yet).
+fn unreachable(endpoints: &[Arc<Endpoint>]) -> Option<(usize, String)> {
+    let mut failed = endpoints
+        .iter()
+        .filter(|e| e.health() != Health::Ready)
+        .filter_map(|e| Some(format!("{}: {}", e.address(), e.check_failure()?)));
+    let first = failed.next()?;
+    Some((1 + failed.count(), first))
 }
 
 /// Settings the pool reads from [`Config`].
@@ -106,6 +133,7 @@ pub struct Pool {
     any_policy: Policy,
     breaker: BreakerConfig,
     connection: ConnectionConfig,
+    backend_tls: Option<BackendTlsConfig>,
     outlier: Mutex<OutlierDetector>,
     rng: Mutex<fastrand::Rng>,
     panic: AtomicBool,
@@ -199,6 +227,7 @@ impl Pool {
             ),
             breaker: config.breaker.clone(),
             connection: config.backend_connection.clone(),
+            backend_tls: config.backend_tls.clone(),
             outlier: Mutex::new(
                 OutlierDetector::new(&config.outlier).map_err(|e| format!("outlier.{e}"))?,
             ),
@@ -215,6 +244,7 @@ impl Pool {
                 false,
                 &config.breaker,
                 &config.backend_connection,
+                config.backend_tls.as_ref(),
             )?);
         }
         Ok(pool)
@@ -276,6 +306,11 @@ impl Pool {
     /// How connections to backends are held (PING keepalive).
     pub fn connection_config(&self) -> &ConnectionConfig {
         &self.connection
+    }
+
+    /// `[backend_tls]` as the pool was started with (backends added later dial with it).
+    pub fn backend_tls_config(&self) -> Option<&BackendTlsConfig> {
+        self.backend_tls.as_ref()
     }
 
     /// The event bus.
@@ -545,6 +580,7 @@ impl Pool {
         let unknown = || RouteError::UnknownModel {
             model: model.to_owned(),
             backends: endpoints.len(),
+            unreachable: unreachable(&endpoints),
         };
         if self.recently_missed(model) {
             return Err(unknown());
@@ -663,11 +699,17 @@ impl Pool {
         let now = Instant::now();
         let mut reasons: BTreeMap<Unavailable, usize> = BTreeMap::new();
         let mut ejection: Option<String> = None;
+        let mut failed_check: Option<String> = None;
         for e in endpoints {
             if let Err(why) = e.availability(model, now, false) {
                 *reasons.entry(why).or_default() += 1;
                 if why == Unavailable::Ejected && ejection.is_none() {
                     ejection = self.ejection_reason(e.address());
+                }
+                if why == Unavailable::NotReady && failed_check.is_none() {
+                    failed_check = e
+                        .check_failure()
+                        .map(|reason| format!("{}: {reason}", e.address()));
                 }
             }
         }
@@ -681,6 +723,11 @@ impl Pool {
             if why == Unavailable::Ejected {
                 if let Some(reason) = &ejection {
                     part.push_str(&format!(" (outlier: {reason})"));
+                }
+            }
+            if why == Unavailable::NotReady {
+                if let Some(reason) = &failed_check {
+                    part.push_str(&format!(" (last check of {reason})"));
                 }
             }
             parts.push(part);

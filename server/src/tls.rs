@@ -22,9 +22,13 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use tokio::net::TcpStream;
 
 /// The system's CA bundle, used toward backends when `[backend_tls]` names no `ca`.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -294,6 +298,62 @@ pub fn client_config(cfg: Option<&BackendTlsConfig>) -> Result<Arc<ClientConfig>
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Dials one backend over TLS: TCP without Nagle, then the rustls handshake, checking
+/// the backend's certificate against `name`. It is the connector of the backend's
+/// tonic channel, so every use of that channel (forwarded calls, health checks, ORCA
+/// streams, discovery probes) goes through the same handshake. Each new connection
+/// starts from the client config it was built with.
+#[derive(Clone)]
+pub struct BackendConnector {
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    shown_name: String,
+    address: String,
+}
+
+impl BackendConnector {
+    /// `address` is `host:port`; `name` the DNS name or IP the certificate must carry.
+    pub fn new(
+        config: Arc<ClientConfig>,
+        name: &str,
+        address: &str,
+    ) -> Result<BackendConnector, String> {
+        let server_name = ServerName::try_from(name.to_owned())
+            .map_err(|_| format!("`{name}` is not a DNS name or IP address"))?;
+        Ok(BackendConnector {
+            tls: tokio_rustls::TlsConnector::from(config),
+            name: server_name,
+            shown_name: name.to_owned(),
+            address: address.to_owned(),
+        })
+    }
+}
+
+impl tower::Service<http::Uri> for BackendConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&this.address).await?;
+            tcp.set_nodelay(true)?;
+            let stream = this.tls.connect(this.name, tcp).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("TLS handshake as `{}` failed: {e}", this.shown_name),
+                )
+            })?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
 
 /// Who a client certificate names: its first SAN URI (a SPIFFE ID), else its first

@@ -33,7 +33,7 @@ async fn each_simulated_backend_is_its_own_service() {
         shutdown_drain_ms: 0,
         ..Config::default()
     };
-    let running = demo::start(config).await.expect("demo starts");
+    let running = demo::start(config, None).await.expect("demo starts");
 
     // Calls until every backend has served one (the pick spreads them).
     let mut calls = client(running.gateway.addr()).await;

@@ -42,6 +42,7 @@ mod http;
 mod models;
 mod prefix;
 pub(crate) mod sequence;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use control::SimControl;
 pub use prefix::PrefixCacheConfig;
+pub use tls::SimTls;
 
 use grpc::{Engine, InferenceSvc, OrcaSvc, Timing, TrailerLayer};
 use http::ExitHook;
@@ -101,6 +103,8 @@ pub struct SimConfig {
     pub sequence_idle_ms: u64,
     /// `tiny_llm`'s prompt-prefix cache (see [`PrefixCacheConfig`]).
     pub prefix_cache: PrefixCacheConfig,
+    /// TLS on the gRPC port (None: plaintext).
+    pub tls: Option<SimTls>,
 }
 
 impl Default for SimConfig {
@@ -121,6 +125,7 @@ impl Default for SimConfig {
             models: Vec::new(),
             sequence_idle_ms: 1000,
             prefix_cache: PrefixCacheConfig::default(),
+            tls: None,
         }
     }
 }
@@ -277,6 +282,16 @@ pub struct SimArgs {
     /// tiny_llm: leading prompt bytes that make a prefix.
     #[arg(long, default_value = "256")]
     pub prefix_bytes: usize,
+    /// Serve gRPC over TLS with this certificate chain (PEM; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Ask clients for a certificate that chains to this CA (PEM), and refuse those
+    /// without one.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 impl SimArgs {
@@ -304,6 +319,11 @@ impl SimArgs {
                 speedup: self.prefix_speedup,
                 bytes: self.prefix_bytes,
             },
+            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| SimTls {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
         }
     }
 }
@@ -341,6 +361,7 @@ fn build(cfg: &SimConfig) -> Result<Arc<Engine>, String> {
 async fn serve<F>(
     engine: Arc<Engine>,
     orca_oob: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
     listener: TcpListener,
     metrics: Option<TcpListener>,
     exit: ExitHook,
@@ -360,22 +381,11 @@ where
         background.spawn(http::serve(metrics, ctl.clone(), exit));
     }
 
-    // Accepted connections, minus the ones refused on purpose.
-    let incoming = futures_util::stream::unfold((listener, ctl.clone()), |(l, ctl)| async move {
-        loop {
-            match l.accept().await {
-                Ok((sock, _)) if ctl.refuse() => drop(sock),
-                Ok((sock, _)) => {
-                    let _ = sock.set_nodelay(true);
-                    return Some((Ok::<_, std::io::Error>(sock), (l, ctl)));
-                }
-                Err(e) => {
-                    tracing::warn!(sim = ctl.name(), error = %e, "sim accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    });
+    // Accepted connections, minus the ones refused on purpose; TLS handshakes run in
+    // tasks of their own.
+    let (conns, incoming) = mpsc::channel::<std::io::Result<tls::Conn>>(64);
+    background.spawn(accept(listener, ctl.clone(), tls, conns));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
 
     let inference = GrpcInferenceServiceServer::from_arc(Arc::new(InferenceSvc {
         engine: engine.clone(),
@@ -406,6 +416,53 @@ where
     tokio::select! {
         res = server => res,
         () = grace => Ok(()),
+    }
+}
+
+/// Accepts connections until `conns` closes; `tls` makes each one a TLS stream first.
+async fn accept(
+    listener: TcpListener,
+    ctl: Arc<SimControl>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    conns: mpsc::Sender<std::io::Result<tls::Conn>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let sock = match listener.accept().await {
+            Ok((sock, _)) if ctl.refuse() => {
+                drop(sock);
+                continue;
+            }
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(sim = ctl.name(), error = %e, "sim accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        match &acceptor {
+            None => {
+                if conns.send(Ok(tls::Conn::Plain(sock))).await.is_err() {
+                    return;
+                }
+            }
+            Some(acceptor) => {
+                let (acceptor, conns, name) =
+                    (acceptor.clone(), conns.clone(), ctl.name().to_owned());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(tls::HANDSHAKE, acceptor.accept(sock)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = conns.send(Ok(tls::Conn::Tls(Box::new(stream)))).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(sim = %name, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(sim = %name, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -500,6 +557,12 @@ fn invalid(msg: String) -> std::io::Error {
 /// once its listeners are bound. Callable from async code: it blocks only for the bind.
 pub fn spawn(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let engine = build(&cfg).map_err(invalid)?;
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(SimTls::server_config)
+        .transpose()
+        .map_err(invalid)?;
     let control = engine.ctl.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -534,8 +597,9 @@ pub fn spawn(cfg: SimConfig) -> std::io::Result<SimHandle> {
                 let shutdown = async move {
                     let _ = grace_rx.await;
                 };
-                let mut server =
-                    tokio::spawn(serve(engine, orca_oob, listener, metrics, exit, shutdown));
+                let mut server = tokio::spawn(serve(
+                    engine, orca_oob, tls, listener, metrics, exit, shutdown,
+                ));
                 tokio::select! {
                     stop = stop_rx.recv() => {
                         if let Some(Stop::Graceful) = stop {
@@ -595,6 +659,7 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
     let (hang, refuse) = (args.hang, args.refuse);
     let cfg = args.into_config();
     let engine = build(&cfg)?;
+    let tls = cfg.tls.as_ref().map(SimTls::server_config).transpose()?;
     // A standalone simulator exports its own spans when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let traces = infergate_base::trace::TraceConfig::from_env_for("infergate-sim")
         .and_then(infergate_base::trace::init)?;
@@ -618,7 +683,16 @@ pub async fn run_cli(args: SimArgs) -> Result<(), Box<dyn std::error::Error + Se
         None => println!("sim {} listening on {addr}", cfg.name),
     }
     let exit: ExitHook = Arc::new(|| std::process::exit(1));
-    let served = serve(engine, cfg.orca_oob, listener, metrics, exit, termination()).await;
+    let served = serve(
+        engine,
+        cfg.orca_oob,
+        tls,
+        listener,
+        metrics,
+        exit,
+        termination(),
+    )
+    .await;
     if let Err(e) = traces.shutdown().await {
         tracing::warn!(error = %e, "trace export did not finish");
     }

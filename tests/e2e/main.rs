@@ -11,6 +11,7 @@
 mod common;
 
 mod admin;
+mod backend_tls;
 mod balancing;
 mod cache;
 mod dns;

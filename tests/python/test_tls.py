@@ -1,9 +1,12 @@
-"""Stock ``tritonclient.grpc`` over TLS (ssl=True, root certificates) against a real
-``infergate serve --tls-cert/--tls-key`` in front of a real ``infergate sim``: unary and
-streaming calls work, and a plaintext client is not served.
+"""Stock ``tritonclient.grpc`` over TLS (ssl=True, root certificates), unary and
+streaming, and a plaintext client not served, against two real set-ups:
 
-The certificate is made by the ``openssl`` command line for the test's own temporary
-directory. Run with the rest: ``bash scripts/test.sh``.
+- ``serve``: ``infergate serve --tls-cert/--tls-key`` in front of a plaintext
+  ``infergate sim``, with a certificate the ``openssl`` command line makes;
+- ``demo``: ``infergate demo --tls``, TLS on every hop (the gateway dials its simulated
+  backends over TLS too), with the CA it makes and writes on the spot.
+
+Run with the rest: ``bash scripts/test.sh``.
 """
 
 import os
@@ -33,11 +36,9 @@ def _free_ports(n):
     return ports
 
 
-@pytest.fixture(scope="module")
-def tls_gateway():
+def _serve_setup(tmp):
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make the test certificate")
-    tmp = Path(tempfile.mkdtemp(prefix="infergate-tls-"))
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -54,8 +55,33 @@ def tls_gateway():
          "--metrics-listen", f"127.0.0.1:{metrics}",
          "--tls-cert", str(cert), "--tls-key", str(key)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs, port, cert
+
+
+def _demo_setup(tmp):
+    port, admin, metrics = _free_ports(3)
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen(
+        [BIN, "demo", "--tls", "--listen", f"127.0.0.1:{port}",
+         "--admin-listen", f"127.0.0.1:{admin}", "--metrics-listen", f"127.0.0.1:{metrics}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    # The demo writes its CA to TMPDIR/infergate-demo-tls-PID/ca.pem before it serves.
+    ca = tmp / f"infergate-demo-tls-{proc.pid}" / "ca.pem"
+    deadline = time.monotonic() + 30
+    while not ca.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"infergate demo --tls wrote no CA at {ca}")
+        time.sleep(0.05)
+    return [proc], port, ca
+
+
+@pytest.fixture(scope="module", params=["serve", "demo"])
+def tls_gateway(request):
+    tmp = Path(tempfile.mkdtemp(prefix="infergate-tls-"))
+    procs, port, root = (_serve_setup if request.param == "serve" else _demo_setup)(tmp)
     client = grpcclient.InferenceServerClient(
-        f"localhost:{port}", ssl=True, root_certificates=str(cert))
+        f"localhost:{port}", ssl=True, root_certificates=str(root))
     deadline = time.monotonic() + 30
     while True:
         try:
