@@ -15,6 +15,7 @@ mod backend_tls;
 mod balancing;
 mod cache;
 mod dns;
+mod front_tls;
 mod gateway;
 mod global_limits;
 mod introspection;
