@@ -193,8 +193,29 @@ impl Checker {
     }
 
     /// Starts one checking loop per backend; they end on shutdown or when the backend
-    /// leaves the pool.
+    /// leaves the pool. Also republishes whenever the pool's routes change, so a model
+    /// learned after start (a backend that came up after the gateway, a model a
+    /// backend loaded) has its health entry as soon as it has a route.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let (pool, publisher, mut stop) = (
+            Arc::clone(&self.pool),
+            Arc::clone(&self.publisher),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut routes = pool.routes_changed();
+            loop {
+                tokio::select! {
+                    changed = routes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        publisher.publish(&pool).await;
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        });
         for endpoint in self.pool.endpoints() {
             spawn_for(&self.pool, &endpoint, &self.cfg, &self.publisher, &shutdown);
         }

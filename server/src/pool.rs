@@ -128,6 +128,9 @@ pub struct Pool {
     /// name wait on its lock and then find the answer cached; different names never
     /// wait for each other.
     probes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped each time the routes are rebuilt (a model appears or goes, a backend
+    /// joins or leaves), so the gateway's own health can follow models it learns.
+    routes_changed: tokio::sync::watch::Sender<u64>,
     /// Bounds how many names are probed at once.
     probe_permits: tokio::sync::Semaphore,
     any_policy: Policy,
@@ -220,6 +223,7 @@ impl Pool {
             policies: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
+            routes_changed: tokio::sync::watch::Sender::new(0),
             probe_permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES),
             any_policy: Policy::new(
                 config.balancer.policy,
@@ -847,6 +851,12 @@ impl Pool {
         if let Ok(mut current) = self.routes.write() {
             *current = routes;
         }
+        self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes each time the routes are rebuilt.
+    pub fn routes_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.routes_changed.subscribe()
     }
 }
 

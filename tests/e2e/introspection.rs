@@ -249,6 +249,45 @@ async fn every_advertised_service_resolves_through_both_versions_on_both_ports()
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_learned_after_start_gets_its_health_entry() {
+    // The gateway starts before its backend (a rollout where the gateway is up first):
+    // the backend's port is reserved, then served once the gateway runs.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut cfg = config(&[port]);
+    cfg.discovery.refresh_interval_ms = 100;
+    let gw = gateway(cfg).await;
+    let mut health = HealthClient::new(channel(gw.addr()).await);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let before = health.check(check("simple")).await;
+    assert!(
+        before
+            .as_ref()
+            .map_or(true, |r| r.get_ref().status() != ServingStatus::Serving),
+        "no backend yet, yet `simple` is SERVING: {before:?}"
+    );
+    let _backend = sim("late", |c| c.listen = port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = health.check(check("simple")).await;
+        if now
+            .as_ref()
+            .is_ok_and(|r| r.get_ref().status() == ServingStatus::Serving)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`simple` never became SERVING once its backend came up: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn health_follows_the_pool_with_check_and_watch() {
     let s = sim("gpu-0", |_| {});
