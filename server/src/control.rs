@@ -337,9 +337,8 @@ impl Control {
                         "the gateway was started without --config: send the TOML to apply".into(),
                     )
                 })?;
-                let t = std::fs::read_to_string(path).map_err(|e| {
-                    ControlError::Invalid(format!("{}: cannot read the file: {e}", path.display()))
-                })?;
+                let t =
+                    Config::read_file(path).map_err(|e| ControlError::Invalid(e.to_string()))?;
                 (t, path.display().to_string())
             }
         };
