@@ -383,6 +383,11 @@ impl Control {
             ("backend_connection", next.backend_connection != current.backend_connection),
             ("redis", next.redis != current.redis),
             (
+                "admin.token, admin.allowed_identities",
+                next.admin.token != current.admin.token
+                    || next.admin.allowed_identities != current.admin.allowed_identities,
+            ),
+            (
                 "sequences.max_pinned, sequences.hash_seed",
                 next.sequences.max_pinned != current.sequences.max_pinned
                     || next.sequences.hash_seed != current.sequences.hash_seed,

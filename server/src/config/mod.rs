@@ -828,6 +828,7 @@ impl Config {
         if let Some(t) = &self.admin.tls {
             sub("admin.tls", t.validate())?;
         }
+        sub("admin", self.validate_admin_identities())?;
         if let Some(t) = &self.backend_tls {
             sub("backend_tls", t.validate())?;
         }
@@ -963,6 +964,44 @@ impl Config {
 }
 
 impl Config {
+    /// The TLS of the admin port: `[admin.tls]` when it turns TLS on, else `[tls]`.
+    pub fn admin_tls(&self) -> &TlsConfig {
+        match &self.admin.tls {
+            Some(t) if t.enabled() => t,
+            _ => &self.tls,
+        }
+    }
+
+    /// Whether admin calls need credentials: a token (`token`: set in the file or the
+    /// environment) or a client certificate with an allowed identity. Off loopback the
+    /// admin port must need them.
+    pub fn admin_guarded(&self, token: bool) -> bool {
+        token || !self.admin.allowed_identities.is_empty()
+    }
+
+    /// `allowed_identities` are read from client certificates, so the admin port must
+    /// ask for them.
+    fn validate_admin_identities(&self) -> Result<(), FieldError> {
+        let identities = &self.admin.allowed_identities;
+        if let Some(i) = identities.iter().position(String::is_empty) {
+            return Err(FieldError::new(
+                format!("allowed_identities[{i}]"),
+                "is empty (an identity is a SAN URI, SAN DNS name or CN)",
+            ));
+        }
+        let tls = self.admin_tls();
+        let asks_for_certificates = tls.enabled() && tls.client_ca.is_some();
+        if !identities.is_empty() && !asks_for_certificates {
+            return Err(FieldError::new(
+                "allowed_identities",
+                "lists client-certificate identities, but the admin port takes no client \
+                 certificates: set cert, key and client_ca in [admin.tls] (or in [tls], which \
+                 the admin port uses without [admin.tls])",
+            ));
+        }
+        Ok(())
+    }
+
     /// The limits toward clients: buffers, timeouts, streams, headers, connections.
     fn validate_client_limits(&self) -> Result<(), FieldError> {
         let one_message = self.max_message_bytes.saturating_add(5);
@@ -1419,5 +1458,29 @@ mod tests {
             config.validate("gw.toml").expect("valid at the limit");
             assert_eq!(config.models.len() + config.backends.len(), limit);
         }
+    }
+
+    #[test]
+    fn allowed_identities_need_client_certificates_on_the_admin_port() {
+        let check = |text: &str| {
+            Config::parse(text, "gw.toml")
+                .expect("parses")
+                .validate("gw.toml")
+        };
+        let admin = "[admin]\nallowed_identities = [\"spiffe://example.org/ops\"]\n";
+        let err = check(admin).expect_err("no TLS at all");
+        assert_eq!(err.field, "admin.allowed_identities");
+        assert!(err.reason.contains("client_ca"), "{err}");
+        let tls = "cert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let err = check(&format!("{admin}[tls]\n{tls}")).expect_err("TLS without client_ca");
+        assert_eq!(err.field, "admin.allowed_identities");
+        let mtls = format!("{tls}client_ca = \"ca.pem\"\n");
+        check(&format!("{admin}[tls]\n{mtls}")).expect("[tls] with client_ca");
+        check(&format!("{admin}[admin.tls]\n{mtls}")).expect("[admin.tls] with client_ca");
+        // The admin port's own TLS without client_ca replaces [tls]'s.
+        let err = check(&format!("{admin}[admin.tls]\n{tls}[tls]\n{mtls}")).expect_err("own TLS");
+        assert_eq!(err.field, "admin.allowed_identities");
+        let err = check("[admin]\nallowed_identities = [\"\"]\n").expect_err("empty");
+        assert_eq!(err.field, "admin.allowed_identities[0]");
     }
 }
