@@ -3,8 +3,9 @@
 //! and every change goes through [`Control`], the one path for changes.
 //!
 //! Every call must carry `authorization: Bearer TOKEN` when a token is configured
-//! (`[admin].token` or `INFERGATE_ADMIN_TOKEN`); health and reflection on the same port
-//! stay open for probes.
+//! (`[admin].token` or `INFERGATE_ADMIN_TOKEN`), or come over mTLS with a client
+//! certificate whose identity is in `[admin] allowed_identities`; health and reflection
+//! on the same port stay open for probes.
 
 use crate::config::PolicyKind;
 use crate::control::{Control, ControlError};
@@ -25,59 +26,92 @@ pub struct AdminService {
     control: Arc<Control>,
 }
 
-/// Checks the bearer token on every admin call.
+/// Checks every admin call: it carries the bearer token, or comes over mTLS with a
+/// client certificate whose identity is in `[admin] allowed_identities`.
 #[derive(Clone)]
-pub struct TokenCheck {
+pub struct AdminAuth {
     token: Option<Arc<str>>,
+    identities: Arc<[String]>,
 }
 
-impl tonic::service::Interceptor for TokenCheck {
+impl tonic::service::Interceptor for AdminAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else {
+        if self.token.is_none() && self.identities.is_empty() {
             return Ok(request);
-        };
+        }
         let given = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
+        let identity = request
+            .extensions()
+            .get::<crate::tls::PeerIdentity>()
+            .map(|id| id.0.as_str());
         let refused = |reason: &'static str, status: Status| {
             let peer = request
                 .remote_addr()
                 .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-            tracing::warn!(%peer, reason, "admin call refused");
+            let identity = identity.map(infergate_base::text::shown);
+            tracing::warn!(%peer, ?identity, reason, "admin call refused");
             metrics::counter!("infergate_admin_auth_failures_total", "reason" => reason)
                 .increment(1);
             Err(status)
         };
-        match given {
-            Some(given) if crate::auth::secrets_equal(given.as_bytes(), token.as_bytes()) => {
-                Ok(request)
+        let token = self.token.as_deref();
+        match (given, token) {
+            (Some(given), Some(token))
+                if crate::auth::secrets_equal(given.as_bytes(), token.as_bytes()) =>
+            {
+                return Ok(request)
             }
-            Some(_) => refused(
-                "wrong_token",
-                Status::unauthenticated("the admin token is wrong"),
-            ),
-            None => refused(
-                "no_token",
-                Status::unauthenticated(
-                    "the admin API needs `authorization: Bearer TOKEN` (the token set by [admin].token or INFERGATE_ADMIN_TOKEN)",
-                ),
-            ),
+            (Some(_), Some(_)) => {
+                return refused(
+                    "wrong_token",
+                    Status::unauthenticated("the admin token is wrong"),
+                )
+            }
+            _ => {}
         }
+        if let Some(identity) = identity {
+            if self.identities.iter().any(|allowed| allowed == identity) {
+                return Ok(request);
+            }
+            if !self.identities.is_empty() {
+                return refused(
+                    "identity_not_allowed",
+                    Status::permission_denied(format!(
+                        "the client certificate's identity `{}` is not in [admin].allowed_identities{}",
+                        infergate_base::text::shown(identity),
+                        if token.is_some() { " (or send the admin token)" } else { "" }
+                    )),
+                );
+            }
+        }
+        let expected = match (token.is_some(), self.identities.is_empty()) {
+            (true, true) => "`authorization: Bearer TOKEN` (the token set by [admin].token or INFERGATE_ADMIN_TOKEN)",
+            (true, false) => "`authorization: Bearer TOKEN` (the token set by [admin].token or INFERGATE_ADMIN_TOKEN), or a client certificate whose identity is in [admin].allowed_identities",
+            (false, _) => "a client certificate whose identity is in [admin].allowed_identities (no admin token is set)",
+        };
+        refused(
+            "no_token",
+            Status::unauthenticated(format!("the admin API needs {expected}")),
+        )
     }
 }
 
 impl AdminService {
-    /// The tonic server for the admin API, behind the token check.
+    /// The tonic server for the admin API, behind the token and identity check.
     pub fn server(
         control: Arc<Control>,
         token: Option<String>,
-    ) -> InterceptedService<AdminServer<AdminService>, TokenCheck> {
+        allowed_identities: &[String],
+    ) -> InterceptedService<AdminServer<AdminService>, AdminAuth> {
         AdminServer::with_interceptor(
             AdminService { control },
-            TokenCheck {
+            AdminAuth {
                 token: token.map(Arc::from),
+                identities: allowed_identities.into(),
             },
         )
     }

@@ -338,9 +338,8 @@ impl Control {
                         "the gateway was started without --config: send the TOML to apply".into(),
                     )
                 })?;
-                let t = std::fs::read_to_string(path).map_err(|e| {
-                    ControlError::Invalid(format!("{}: cannot read the file: {e}", path.display()))
-                })?;
+                let t =
+                    Config::read_file(path).map_err(|e| ControlError::Invalid(e.to_string()))?;
                 (t, path.display().to_string())
             }
         };
@@ -384,6 +383,11 @@ impl Control {
             ),
             ("backend_connection", next.backend_connection != current.backend_connection),
             ("redis", next.redis != current.redis),
+            (
+                "admin.token, admin.allowed_identities",
+                next.admin.token != current.admin.token
+                    || next.admin.allowed_identities != current.admin.allowed_identities,
+            ),
             (
                 "sequences.max_pinned, sequences.hash_seed",
                 next.sequences.max_pinned != current.sequences.max_pinned

@@ -295,12 +295,13 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
     // supply the token).
     let env_token = std::env::var("INFERGATE_ADMIN_TOKEN").is_ok_and(|t| !t.is_empty());
     let token = config.admin.token.is_some() || env_token;
-    if !token && !config.admin_listen.ip().is_loopback() {
+    if !config.admin_guarded(token) && !config.admin_listen.ip().is_loopback() {
         return Err(format!(
             "{}: field `admin_listen`: {} is not a loopback address and no token is set \
-             ([admin].token or INFERGATE_ADMIN_TOKEN)",
+             ({})",
             path.display(),
-            config.admin_listen
+            config.admin_listen,
+            infergate::server::ADMIN_GUARDS,
         ));
     }
     print!(
@@ -308,6 +309,16 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         check_summary(&path.display().to_string(), &config, token)
     );
     Ok(())
+}
+
+/// How the admin port is guarded, for `config check`.
+fn admin_guard(config: &Config, token: bool) -> String {
+    let token = if token { "token set" } else { "no token" };
+    match config.admin.allowed_identities.len() {
+        0 => token.to_owned(),
+        1 => format!("{token}, 1 client identity allowed"),
+        n => format!("{token}, {n} client identities allowed"),
+    }
 }
 
 fn check_summary(source: &str, config: &Config, token: bool) -> String {
@@ -321,7 +332,7 @@ fn check_summary(source: &str, config: &Config, token: bool) -> String {
         "  listen     {} (inference), {} (admin, {}), metrics {metrics}\n",
         config.listen,
         config.admin_listen,
-        if token { "token set" } else { "no token" },
+        admin_guard(config, token),
     ));
     out.push_str(&format!(
         "  policy     {} for every model without its own\n",

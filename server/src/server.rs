@@ -59,6 +59,10 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, S
     })
 }
 
+/// What guards an admin port off loopback, for the messages that ask for it.
+pub const ADMIN_GUARDS: &str = "set [admin].token or INFERGATE_ADMIN_TOKEN, or [admin] \
+    allowed_identities with client certificates ([admin.tls] or [tls] client_ca)";
+
 /// Starts a gateway with `config`; `source` tags its backends (`config`, `flag`, `demo`).
 pub async fn start(config: Config, source: &str) -> Result<GatewayHandle, StartError> {
     start_with_file(config, source, None).await
@@ -75,9 +79,11 @@ pub async fn start_with_file(
             config.admin.token = Some(token);
         }
     }
-    if config.admin.token.is_none() && !config.admin_listen.ip().is_loopback() {
+    if !config.admin_guarded(config.admin.token.is_some())
+        && !config.admin_listen.ip().is_loopback()
+    {
         return Err(StartError(format!(
-            "the admin API would listen on {} without a token: set [admin].token or INFERGATE_ADMIN_TOKEN, \
+            "the admin API would listen on {} without a token: {ADMIN_GUARDS}, \
              or keep --admin-listen on a loopback address",
             config.admin_listen
         )));
@@ -267,6 +273,7 @@ pub async fn start_with_file(
         .add_service(AdminService::server(
             Arc::clone(&control),
             config.admin.token.clone(),
+            &config.admin.allowed_identities,
         ))
         .serve_with_incoming_shutdown(
             conn::Incoming::new(admin_listener, Arc::clone(&client_limits), admin_tls),

@@ -7,6 +7,8 @@ use futures_util::StreamExt;
 use infergate_proto::admin::admin_client::AdminClient;
 use infergate_proto::admin::*;
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -547,5 +549,163 @@ async fn get_config_reloads_to_itself_and_reload_drops_a_removed_fallback() {
         listed(&mut adm).await.as_deref(),
         Some(""),
         "the same policy as a fresh start"
+    );
+}
+
+/// Certificates for the admin mTLS test, written to a scratch folder removed on drop.
+struct Certs {
+    dir: std::path::PathBuf,
+    ca: infergate::tls::MadeCa,
+}
+
+impl Certs {
+    fn new(name: &str) -> Certs {
+        let dir =
+            std::env::temp_dir().join(format!("infergate-admin-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        let ca = infergate::tls::MadeCa::new("admin ca").expect("ca");
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write ca");
+        Certs { dir, ca }
+    }
+
+    /// Writes a leaf (SAN DNS `dns`, SAN URI `uri`) as NAME.pem and NAME.key.
+    fn leaf(&self, name: &str, dns: &[&str], uri: Option<&str>) -> (PathBuf, PathBuf) {
+        let leaf = self.ca.leaf(dns, uri, name).expect("leaf");
+        let (cert, key) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, leaf.cert_pem).expect("write cert");
+        std::fs::write(&key, leaf.key_pem).expect("write key");
+        (cert, key)
+    }
+
+    /// The admin port's TLS: the gateway's pair, client certificates asked for (not
+    /// required, so that a caller with only the token can still connect).
+    fn server(&self) -> infergate::config::TlsConfig {
+        let (cert, key) = self.leaf("gateway", &["localhost"], None);
+        infergate::config::TlsConfig {
+            cert: Some(cert),
+            key: Some(key),
+            client_ca: Some(self.dir.join("ca.pem")),
+            ..infergate::config::TlsConfig::default()
+        }
+    }
+
+    /// A TLS channel to `addr` presenting `pair` (none: no client certificate).
+    async fn channel(&self, addr: SocketAddr, pair: Option<(PathBuf, PathBuf)>) -> Channel {
+        let (cert, key) = pair.unzip();
+        let tls = infergate::tls::client_config(Some(&infergate::config::BackendTlsConfig {
+            ca: Some(self.dir.join("ca.pem")),
+            cert,
+            key,
+            server_name: None,
+        }))
+        .expect("client tls");
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let tls = Arc::clone(&tls);
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
+            .await
+            .expect("tls connect")
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The refusal `result` must be: its code, and what its message names; the message.
+fn refused(result: Result<usize, tonic::Status>, code: Code, names: &[&str]) -> String {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    for name in names {
+        assert!(status.message().contains(name), "{name}: {status:?}");
+    }
+    status.message().to_owned()
+}
+
+/// `[admin] allowed_identities` under mTLS: an allowed client certificate is served
+/// without the token, another identity is PERMISSION_DENIED by name, the token still
+/// works, and nothing at all is UNAUTHENTICATED saying what is expected. Off loopback,
+/// identities and mTLS stand in for the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_mtls_identities_are_served_without_the_token() {
+    const OPS: &str = "spiffe://example.org/ops";
+    const INTRUDER: &str = "spiffe://example.org/intruder";
+    let certs = Certs::new("mtls");
+    let ops = certs.leaf("ops", &[], Some(OPS));
+    let intruder = certs.leaf("intruder", &[], Some(INTRUDER));
+    let sims = [sim("gpu-0", |_| {})];
+    let mut cfg = config(&[sims[0].addr()]);
+    cfg.admin.token = Some(TOKEN.into());
+    cfg.admin.allowed_identities = vec![OPS.into()];
+    cfg.admin.tls = Some(certs.server());
+    let gw = gateway(cfg.clone()).await;
+    // ListBackends over TLS to `addr`, with the certificate `pair` and maybe the token.
+    let list = |addr: SocketAddr, pair: Option<(PathBuf, PathBuf)>, token: bool| {
+        let channel = certs.channel(addr, pair);
+        async move {
+            let interceptor =
+                move |r: tonic::Request<()>| if token { with_token(r) } else { Ok(r) };
+            AdminClient::with_interceptor(channel.await, interceptor)
+                .list_backends(ListBackendsRequest {})
+                .await
+                .map(|r| r.into_inner().backends.len())
+        }
+    };
+    let at = gw.admin_addr();
+
+    let served = list(at, Some(ops.clone()), false).await;
+    assert_eq!(served.expect("an allowed identity, no token"), 1);
+    let denied = list(at, Some(intruder.clone()), false).await;
+    refused(
+        denied,
+        Code::PermissionDenied,
+        &[INTRUDER, "allowed_identities"],
+    );
+    let served = list(at, Some(intruder), true).await;
+    assert_eq!(served.expect("the token, whatever the certificate"), 1);
+    let served = list(at, None, true).await;
+    assert_eq!(served.expect("the token without a certificate"), 1);
+    let neither = list(at, None, false).await;
+    let message = refused(
+        neither,
+        Code::Unauthenticated,
+        &["Bearer", "allowed_identities"],
+    );
+    assert!(!message.contains(TOKEN), "the token is never shown");
+    gw.shutdown(Duration::from_secs(1)).await;
+
+    // Off loopback without a token: identities under mTLS are enough to start...
+    cfg.admin.token = None;
+    cfg.admin_listen = "0.0.0.0:0".parse().expect("address");
+    let gw = gateway(cfg.clone()).await;
+    let at = SocketAddr::from(([127, 0, 0, 1], gw.admin_addr().port()));
+    let served = list(at, Some(ops), false).await;
+    assert_eq!(served.expect("an allowed identity"), 1);
+    let anonymous = list(at, None, false).await;
+    refused(anonymous, Code::Unauthenticated, &["client certificate"]);
+    gw.shutdown(Duration::from_secs(1)).await;
+    // ...and without them it does not.
+    cfg.admin.allowed_identities.clear();
+    let Err(refused) = infergate::server::start(cfg, "test").await else {
+        panic!("no token, no identities, off loopback: the gateway must not start");
+    };
+    assert!(
+        refused.to_string().contains("allowed_identities"),
+        "{refused}"
     );
 }

@@ -642,15 +642,45 @@ impl Config {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = Config::read_file(path)?;
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source: source.clone(),
-            field: String::new(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
         let config = Config::parse(&text, &source)?;
         config.validate(&source)?;
         Ok(config)
+    }
+
+    /// The text of the config file at `path`, read only up to [`MAX_CONFIG_BYTES`]: a
+    /// longer file is refused, naming its size and the limit, after reading at most one
+    /// byte past the limit.
+    pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+        use std::io::Read;
+        let error = |reason: String| ConfigError {
+            source: path.display().to_string(),
+            field: String::new(),
+            reason,
+        };
+        let cannot = |e: std::io::Error| error(format!("cannot read the file: {e}"));
+        let file = std::fs::File::open(path).map_err(cannot)?;
+        let mut bytes = Vec::new();
+        (&file)
+            .take(MAX_CONFIG_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(cannot)?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            // The size on disk when there is one (not for a pipe, or a file still growing).
+            let size = file
+                .metadata()
+                .map(|m| m.len())
+                .ok()
+                .filter(|&n| n > MAX_CONFIG_BYTES as u64)
+                .map_or_else(
+                    || format!("more than {MAX_CONFIG_BYTES}"),
+                    |n| n.to_string(),
+                );
+            return Err(error(too_big("file", &size)));
+        }
+        String::from_utf8(bytes)
+            .map_err(|e| error(format!("cannot read the file: it is not UTF-8 text ({e})")))
     }
 
     /// Parses TOML text; `source` names it in errors.
@@ -667,11 +697,38 @@ impl Config {
                 })
                 .unwrap_or_default()
         };
-        let document = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        let refused = |field: &str, reason: String| ConfigError {
             source: source.to_owned(),
-            field: String::new(),
-            reason: format!("{}{}", e.message(), located(&e)),
-        })?;
+            field: field.to_owned(),
+            reason,
+        };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(refused("", too_big("text", &text.len().to_string())));
+        }
+        let document = toml::de::DeTable::parse(text)
+            .map_err(|e| refused("", format!("{}{}", e.message(), located(&e))))?;
+        // Counted on the parsed document, before a typed table is built for each entry.
+        for (key, what, limit) in [
+            ("models", "tables", MAX_MODELS),
+            ("backends", "entries", MAX_BACKENDS),
+        ] {
+            let count = document
+                .get_ref()
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == key)
+                .map_or(0, |(_, v)| match v.get_ref() {
+                    toml::de::DeValue::Table(t) => t.len(),
+                    toml::de::DeValue::Array(a) => a.len(),
+                    _ => 0,
+                });
+            if count > limit {
+                return Err(refused(
+                    key,
+                    format!("{count} {what}, over the limit of {limit}"),
+                ));
+            }
+        }
+        let document = toml::Deserializer::from(document);
         serde_path_to_error::deserialize(document).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.inner();
@@ -771,6 +828,7 @@ impl Config {
         if let Some(t) = &self.admin.tls {
             sub("admin.tls", t.validate())?;
         }
+        sub("admin", self.validate_admin_identities())?;
         if let Some(t) = &self.backend_tls {
             sub("backend_tls", t.validate())?;
         }
@@ -906,6 +964,44 @@ impl Config {
 }
 
 impl Config {
+    /// The TLS of the admin port: `[admin.tls]` when it turns TLS on, else `[tls]`.
+    pub fn admin_tls(&self) -> &TlsConfig {
+        match &self.admin.tls {
+            Some(t) if t.enabled() => t,
+            _ => &self.tls,
+        }
+    }
+
+    /// Whether admin calls need credentials: a token (`token`: set in the file or the
+    /// environment) or a client certificate with an allowed identity. Off loopback the
+    /// admin port must need them.
+    pub fn admin_guarded(&self, token: bool) -> bool {
+        token || !self.admin.allowed_identities.is_empty()
+    }
+
+    /// `allowed_identities` are read from client certificates, so the admin port must
+    /// ask for them.
+    fn validate_admin_identities(&self) -> Result<(), FieldError> {
+        let identities = &self.admin.allowed_identities;
+        if let Some(i) = identities.iter().position(String::is_empty) {
+            return Err(FieldError::new(
+                format!("allowed_identities[{i}]"),
+                "is empty (an identity is a SAN URI, SAN DNS name or CN)",
+            ));
+        }
+        let tls = self.admin_tls();
+        let asks_for_certificates = tls.enabled() && tls.client_ca.is_some();
+        if !identities.is_empty() && !asks_for_certificates {
+            return Err(FieldError::new(
+                "allowed_identities",
+                "lists client-certificate identities, but the admin port takes no client \
+                 certificates: set cert, key and client_ca in [admin.tls] (or in [tls], which \
+                 the admin port uses without [admin.tls])",
+            ));
+        }
+        Ok(())
+    }
+
     /// The limits toward clients: buffers, timeouts, streams, headers, connections.
     fn validate_client_limits(&self) -> Result<(), FieldError> {
         let one_message = self.max_message_bytes.saturating_add(5);
@@ -955,6 +1051,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The largest config file the gateway reads, and the largest text ReloadConfig takes:
+/// 4 MiB, some hundred times a large real config. Bounded so that a file cannot make the
+/// gateway parse for seconds or hold gigabytes.
+pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+/// The most `[models.NAME]` tables a config may have. Each configured model costs the
+/// running gateway about 24 KB (its registry entry, policy and counters): 10,000 of them
+/// about 240 MB.
+pub const MAX_MODELS: usize = 10_000;
+/// The most `[[backends]]` entries a config may have.
+pub const MAX_BACKENDS: usize = 10_000;
+
+/// The reason a config `what` (file or text) of `size` bytes is refused.
+fn too_big(what: &str, size: &str) -> String {
+    format!("the {what} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file")
 }
 
 /// Checks a `host:port` string; returns the reason when it is not one.
@@ -1269,5 +1381,106 @@ mod tests {
         let err =
             Config::parse("[balancer]\npolicy = \"fastest\"\n", "gw.toml").expect_err("bad policy");
         assert!(err.reason.contains("fastest"), "{err}");
+    }
+
+    /// A file of `len` bytes: `[[backends]]` then comment lines padding it out.
+    fn padded_file(name: &str, len: usize) -> std::path::PathBuf {
+        let mut text = String::from("[[backends]]\naddress = \"127.0.0.1:9000\"\n");
+        let line = format!("#{}\n", "x".repeat(1022));
+        while text.len() + line.len() <= len {
+            text.push_str(&line);
+        }
+        text.push_str(&"#".repeat(len - text.len()));
+        assert_eq!(text.len(), len);
+        let path = std::env::temp_dir().join(format!(
+            "infergate-config-{name}-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).expect("write the test file");
+        path
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_naming_its_size_and_the_limit() {
+        let over = padded_file("over", MAX_CONFIG_BYTES + 1);
+        let err = Config::load(&over).expect_err("one byte over the limit");
+        let _ = std::fs::remove_file(&over);
+        assert_eq!(err.source, over.display().to_string());
+        assert_eq!(
+            err.reason,
+            format!(
+                "the file is {} bytes, over the 4194304-byte limit for a config file",
+                MAX_CONFIG_BYTES + 1
+            )
+        );
+        assert!(err.to_string().starts_with(&err.source), "{err}");
+
+        let at = padded_file("at", MAX_CONFIG_BYTES);
+        let loaded = Config::load(&at);
+        let _ = std::fs::remove_file(&at);
+        let config = loaded.expect("a file at the limit loads");
+        assert_eq!(config.backends.len(), 1);
+
+        // ReloadConfig sends text, not a file: the same limit.
+        let text = " ".repeat(MAX_CONFIG_BYTES + 1);
+        let err = Config::parse(&text, "ReloadConfig").expect_err("text over the limit");
+        assert_eq!(
+            err.to_string(),
+            "ReloadConfig: the text is 4194305 bytes, over the 4194304-byte limit for a config file"
+        );
+    }
+
+    #[test]
+    fn too_many_models_or_backends_are_refused_with_the_count() {
+        fn model(i: usize) -> String {
+            format!("[models.m{i}]\n")
+        }
+        fn backend(i: usize) -> String {
+            format!(
+                "[[backends]]\naddress = \"10.0.{}.{}:8001\"\n",
+                i / 250,
+                i % 250
+            )
+        }
+        type Entry = fn(usize) -> String;
+        let cases: [(Entry, usize, &str); 2] = [
+            (model, MAX_MODELS, "`models`: 10001 tables"),
+            (backend, MAX_BACKENDS, "`backends`: 10001 entries"),
+        ];
+        for (entry, limit, found) in cases {
+            let text = |n: usize| (0..n).map(entry).collect::<String>();
+            let err = Config::parse(&text(limit + 1), "gw.toml").expect_err("over the limit");
+            assert_eq!(
+                err.to_string(),
+                format!("gw.toml: field {found}, over the limit of 10000")
+            );
+            let config = Config::parse(&text(limit), "gw.toml").expect("at the limit");
+            config.validate("gw.toml").expect("valid at the limit");
+            assert_eq!(config.models.len() + config.backends.len(), limit);
+        }
+    }
+
+    #[test]
+    fn allowed_identities_need_client_certificates_on_the_admin_port() {
+        let check = |text: &str| {
+            Config::parse(text, "gw.toml")
+                .expect("parses")
+                .validate("gw.toml")
+        };
+        let admin = "[admin]\nallowed_identities = [\"spiffe://example.org/ops\"]\n";
+        let err = check(admin).expect_err("no TLS at all");
+        assert_eq!(err.field, "admin.allowed_identities");
+        assert!(err.reason.contains("client_ca"), "{err}");
+        let tls = "cert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let err = check(&format!("{admin}[tls]\n{tls}")).expect_err("TLS without client_ca");
+        assert_eq!(err.field, "admin.allowed_identities");
+        let mtls = format!("{tls}client_ca = \"ca.pem\"\n");
+        check(&format!("{admin}[tls]\n{mtls}")).expect("[tls] with client_ca");
+        check(&format!("{admin}[admin.tls]\n{mtls}")).expect("[admin.tls] with client_ca");
+        // The admin port's own TLS without client_ca replaces [tls]'s.
+        let err = check(&format!("{admin}[admin.tls]\n{tls}[tls]\n{mtls}")).expect_err("own TLS");
+        assert_eq!(err.field, "admin.allowed_identities");
+        let err = check("[admin]\nallowed_identities = [\"\"]\n").expect_err("empty");
+        assert_eq!(err.field, "admin.allowed_identities[0]");
     }
 }
