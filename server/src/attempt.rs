@@ -149,6 +149,9 @@ pub struct Attempt {
     /// The failure this call already got from another backend, if any: the same answer
     /// twice is the request's doing, not this backend's.
     repeat_of: Option<Code>,
+    /// The caller's tenant (`blame::Blame::key`), when known: a tenant whose calls alone
+    /// fail on a backend that serves the others is not the backend's failure.
+    tenant: Option<u64>,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -190,7 +193,13 @@ impl Attempt {
             policy,
             bound,
             repeat_of: None,
+            tenant: None,
         }
+    }
+
+    /// The call is `tenant`'s (see `blame`).
+    pub fn for_tenant(&mut self, tenant: &str) {
+        self.tenant = Some(crate::blame::Blame::key(tenant));
     }
 
     /// Another backend already answered this same request with `code` (a failure): if
@@ -251,6 +260,17 @@ impl Attempt {
         let verdict = match outcome {
             Outcome::Answered(code) if self.repeat_of == Some(code) => Verdict::Neutral,
             _ => verdict(outcome, elapsed, self.answered.is_some(), self.bound),
+        };
+        let now = Instant::now();
+        let verdict = match (verdict, self.tenant) {
+            (Verdict::Failure { .. }, Some(tenant)) if !endpoint.blamed(tenant, now) => {
+                Verdict::Neutral
+            }
+            (Verdict::Success, Some(tenant)) => {
+                endpoint.credit(tenant, now);
+                verdict
+            }
+            _ => verdict,
         };
         let breaker_code = match verdict {
             Verdict::Success => Some(Code::Ok),

@@ -49,6 +49,8 @@ pub struct Endpoint {
     channel: Channel,
     /// Why its last health check failed (None once one passes): the reason a caller
     /// is told when no backend can take a call.
+    /// Whose failures count against it (`blame`).
+    blame: Mutex<crate::blame::Blame>,
     check_failure: Mutex<Option<String>>,
     health: AtomicU8,
     draining: AtomicBool,
@@ -207,6 +209,7 @@ impl Endpoint {
             channel,
             health: AtomicU8::new(Health::Unknown as u8),
             check_failure: Mutex::new(None),
+            blame: Mutex::new(crate::blame::Blame::default()),
             draining: AtomicBool::new(false),
             weight: AtomicU32::new(weight.max(1)),
             capacity: AtomicU32::new(config.capacity.unwrap_or(0)),
@@ -241,6 +244,23 @@ impl Endpoint {
     /// Where the backend came from (`config`, `flag`, `demo`, ...).
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// `tenant`'s call succeeded here (see `blame`). A success that finds the state
+    /// busy is not noted (the request path never waits for it); that only makes the
+    /// rule blame the backend a little more readily.
+    pub fn credit(&self, tenant: u64, now: Instant) {
+        if let Ok(mut blame) = self.blame.try_lock() {
+            blame.success(tenant, now);
+        }
+    }
+
+    /// `tenant`'s call failed here in a way that would count against the backend: true
+    /// if it does (false: the failure is that tenant's own, see `blame`).
+    pub fn blamed(&self, tenant: u64, now: Instant) -> bool {
+        self.blame
+            .lock()
+            .map_or(true, |mut blame| blame.failure(tenant, now))
     }
 
     /// Records why the last health check failed, or that it passed (None).

@@ -24,6 +24,7 @@ pub mod affinity;
 pub mod attempt;
 pub mod auth;
 pub mod balance;
+pub mod blame;
 pub mod breaker;
 pub mod bulkhead;
 pub mod cache;

@@ -857,6 +857,7 @@ impl Gateway {
             bound,
         );
         attempt.repeats(call.failed_with());
+        attempt.for_tenant(call.tenant);
         let endpoint = Arc::clone(attempt.endpoint());
         let began = attempt.began();
         let mut headers = proxy::forwarded_headers(call.headers);
@@ -1233,6 +1234,7 @@ impl Gateway {
                 Some(Arc::clone(&policy)),
                 bound,
             );
+            attempt.for_tenant(&caller.tenant);
             let endpoint = Arc::clone(attempt.endpoint());
             let mut headers = proxy::forwarded_headers(headers);
             self.keys.outgoing(&mut headers, &caller.tenant);

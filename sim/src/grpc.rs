@@ -231,6 +231,15 @@ impl Engine {
                 FailReason::Backend,
             ));
         }
+        if let Some(code) = asked_failure(req) {
+            return Err(Failure::Status(
+                Status::new(
+                    code,
+                    "failure asked for by the request's sim_fail parameter",
+                ),
+                FailReason::Backend,
+            ));
+        }
         Ok(model)
     }
 
@@ -853,6 +862,16 @@ fn undecodable_is_invalid_argument(map: &mut http::HeaderMap) {
 /// turns a codec's decode failure into INVALID_ARGUMENT.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TrailerLayer;
+
+/// The request's `sim_fail` string parameter, a gRPC code name: the simulator answers
+/// that request with it, as a model that crashes on some inputs (and only those) does.
+fn asked_failure(req: &ModelInferRequest) -> Option<tonic::Code> {
+    use infergate_proto::inference::infer_parameter::ParameterChoice;
+    match req.parameters.get("sim_fail")?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(name) => infergate_base::codes::parse(name).ok(),
+        _ => None,
+    }
+}
 
 impl<S> tower::Layer<S> for TrailerLayer {
     type Service = TrailerService<S>;

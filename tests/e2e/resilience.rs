@@ -5,6 +5,7 @@
 
 use crate::common::*;
 use infergate::config::{Config, ModelConfig};
+use infergate::server::GatewayHandle;
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate_proto::inference::*;
 use infergate_sim::{SimConfig, SimHandle};
@@ -544,16 +545,43 @@ async fn a_frozen_backend_is_out_fast_and_back_when_it_thaws() {
     assert_eq!(failed, 0, "no call was lost to the frozen backend");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_bad_calls_takes_no_backend_out() {
+/// Two backends of `latency_ms`, a gateway with the defaults, and a caller's steady
+/// load of two workers through it.
+async fn two_backends_under_load(
+    latency_ms: f64,
+) -> (
+    [SimHandle; 2],
+    Vec<std::net::SocketAddr>,
+    GatewayHandle,
+    Load,
+) {
     let sims = [
-        sim("a", |c| c.latency_ms = 20.0),
-        sim("b", |c| c.latency_ms = 20.0),
+        sim("a", |c| c.latency_ms = latency_ms),
+        sim("b", |c| c.latency_ms = latency_ms),
     ];
     let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
     let gw = gateway(default_config(&addrs)).await;
     let good = client(gw.addr()).await;
     let load = Load::start(&good, 2);
+    (sims, addrs, gw, load)
+}
+
+/// Every backend at `addrs` is in: not ejected, its circuit closed.
+fn all_in(gw: &GatewayHandle, addrs: &[std::net::SocketAddr]) {
+    for addr in addrs {
+        let e = gw.pool().endpoint(&addr.to_string()).expect("endpoint");
+        assert!(!e.is_ejected(Instant::now()), "{addr} ejected");
+        assert_eq!(
+            e.breaker().state(),
+            infergate::breaker::BreakerState::Closed,
+            "{addr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_calls_takes_no_backend_out() {
+    let (_sims, addrs, gw, load) = two_backends_under_load(20.0).await;
     let mut bad = client(gw.addr()).await;
     let raw = channel(gw.addr()).await;
     let mut broken = vec![0x0a, 0x06];
@@ -593,16 +621,58 @@ async fn a_flood_of_bad_calls_takes_no_backend_out() {
     println!("good caller: {ok} ok, {failed} failed");
     assert_eq!(failed, 0);
     assert!(ok > 10, "{ok}");
+    all_in(&gw, &addrs);
     for addr in &addrs {
         let e = gw.pool().endpoint(&addr.to_string()).expect("endpoint");
-        assert!(!e.is_ejected(Instant::now()), "{addr} ejected");
-        assert_eq!(
-            e.breaker().state(),
-            infergate::breaker::BreakerState::Closed,
-            "{addr}"
-        );
         assert_eq!(e.failures_total(), 0, "{addr}: no failure is the backend's");
     }
+}
+
+/// One tenant whose inputs crash the model (the backend answers its calls INTERNAL, a
+/// code that looks like the backend's fault) while another tenant's calls are served:
+/// past a small allowance its failures stop counting, so no backend is ejected or has
+/// its circuit opened, and the other tenant loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_crashing_inputs_take_no_backend_out() {
+    use infergate_proto::inference::{infer_parameter::ParameterChoice, InferParameter};
+    let (_sims, addrs, gw, load) = two_backends_under_load(5.0).await;
+    eventually("the good tenant is served", Duration::from_secs(5), || {
+        load.ok.load(Ordering::Relaxed) > 10
+    })
+    .await;
+    let mut noisy = client(gw.addr()).await;
+    for i in 0..60 {
+        let mut crashing = simple_request(&format!("crash-{i}"), 1);
+        crashing.parameters.insert(
+            "sim_fail".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("INTERNAL".into())),
+            },
+        );
+        let mut request = tonic::Request::new(crashing);
+        request
+            .metadata_mut()
+            .insert("x-infergate-tenant", "noisy".parse().expect("ascii"));
+        let status = noisy.model_infer(request).await.expect_err("crashes");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+    }
+    let (ok, failed) = load.finish().await;
+    let counted: Vec<u64> = addrs
+        .iter()
+        .map(|a| {
+            gw.pool()
+                .endpoint(&a.to_string())
+                .expect("endpoint")
+                .failures_total()
+        })
+        .collect();
+    println!("good tenant: {ok} ok, {failed} failed; failures counted per backend: {counted:?}");
+    assert_eq!(failed, 0, "the other tenant lost calls");
+    all_in(&gw, &addrs);
+    assert!(
+        counted.iter().sum::<u64>() <= 2 * (u64::from(infergate::blame::Blame::ALLOWANCE) + 1),
+        "beyond the allowance the noisy tenant's failures count: {counted:?}"
+    );
 }
 
 /// Issue 13: the same failure from a second backend is the request's. Three backends
