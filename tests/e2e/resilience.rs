@@ -151,7 +151,7 @@ async fn hung_backend_is_ejected_by_per_try_timeouts() {
     let gw = gateway(cfg).await;
     let c = client(gw.addr()).await;
     let load = Load::start(&c, 4);
-    eventually("steady traffic", Duration::from_secs(5), || {
+    eventually("steady traffic", Duration::from_secs(15), || {
         hung.control().completed() > 10
     })
     .await;
@@ -468,7 +468,7 @@ async fn a_silent_backend_costs_no_call_with_the_defaults() {
     let gw = gateway(default_config(&[a.addr(), b.addr(), hung.addr()])).await;
     let c = client(gw.addr()).await;
     let load = Load::start(&c, 4);
-    eventually("steady traffic", Duration::from_secs(5), || {
+    eventually("steady traffic", Duration::from_secs(15), || {
         hung.control().completed() > 30
     })
     .await;
@@ -503,7 +503,7 @@ async fn a_frozen_backend_is_out_fast_and_back_when_it_thaws() {
     let gw = gateway(default_config(&[a.addr(), b.addr(), proxy.addr()])).await;
     let c = client(gw.addr()).await;
     let load = Load::start(&c, 4);
-    eventually("steady traffic", Duration::from_secs(5), || {
+    eventually("steady traffic", Duration::from_secs(15), || {
         victim.control().completed() > 30
     })
     .await;
@@ -564,6 +564,19 @@ async fn two_backends_under_load(
     let good = client(gw.addr()).await;
     let load = Load::start(&good, 2);
     (sims, addrs, gw, load)
+}
+
+/// The failures each backend at `addrs` was blamed for.
+fn failures_counted(gw: &GatewayHandle, addrs: &[std::net::SocketAddr]) -> Vec<u64> {
+    addrs
+        .iter()
+        .map(|a| {
+            gw.pool()
+                .endpoint(&a.to_string())
+                .expect("endpoint")
+                .failures_total()
+        })
+        .collect()
 }
 
 /// Every backend at `addrs` is in: not ejected, its circuit closed.
@@ -657,15 +670,7 @@ async fn one_tenants_crashing_inputs_take_no_backend_out() {
         assert_eq!(status.code(), Code::Internal, "{status:?}");
     }
     let (ok, failed) = load.finish().await;
-    let counted: Vec<u64> = addrs
-        .iter()
-        .map(|a| {
-            gw.pool()
-                .endpoint(&a.to_string())
-                .expect("endpoint")
-                .failures_total()
-        })
-        .collect();
+    let counted = failures_counted(&gw, &addrs);
     println!("good tenant: {ok} ok, {failed} failed; failures counted per backend: {counted:?}");
     assert_eq!(failed, 0, "the other tenant lost calls");
     all_in(&gw, &addrs);
@@ -694,14 +699,6 @@ async fn a_failure_repeated_by_a_second_backend_is_the_requests() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let started: u64 = sims.iter().map(|s| s.control().started()).sum();
     assert_eq!(started, 2, "tried on two backends, not three");
-    let failures: u64 = addrs
-        .iter()
-        .map(|a| {
-            gw.pool()
-                .endpoint(&a.to_string())
-                .expect("endpoint")
-                .failures_total()
-        })
-        .sum();
+    let failures: u64 = failures_counted(&gw, &addrs).iter().sum();
     assert_eq!(failures, 1, "the repeat counts against no backend");
 }
