@@ -7,7 +7,9 @@
 //! 1000. Tenants send Poisson arrivals of cost 1.
 //! - isolation: a light tenant alone, then next to a heavy one sending 10× its rate
 //!   (saturating the model): the light tenant's queue-wait p50 and p99, and the same
-//!   load in one line by arrival (the queue before fair queuing) for comparison;
+//!   load in one line by arrival (the queue before fair queuing) for comparison, and
+//!   next to heavy again with `tenant_share` 0.5 (no tenant holds more than one of the
+//!   two slots, so one is always there for the other);
 //! - weights: tenants of weight 3 and 1, both at 600 calls/s, for 10 s: served shares;
 //! - low priority: a busy high priority and a low one, both at 600 calls/s, with
 //!   `min_share_low_priority` 0.1: the low priority's share of the calls served.
@@ -47,7 +49,12 @@ fn exp(rng: &Mutex<fastrand::Rng>, mean_s: f64) -> Duration {
     Duration::from_secs_f64(-(1.0 - u).ln() * mean_s)
 }
 
-async fn run(flows: &[Flow], min_share_low_priority: f64, secs: u64) -> Outcomes {
+async fn run(
+    flows: &[Flow],
+    min_share_low_priority: f64,
+    tenant_share: Option<f64>,
+    secs: u64,
+) -> Outcomes {
     let bulkhead = Arc::new(Bulkhead::new(
         "llm".into(),
         BulkheadConfig {
@@ -55,6 +62,7 @@ async fn run(flows: &[Flow], min_share_low_priority: f64, secs: u64) -> Outcomes
             max_queue: 1024,
             queue_timeout_ms: 1000,
             min_share_low_priority,
+            tenant_share,
             ..BulkheadConfig::default()
         },
     ));
@@ -152,12 +160,15 @@ fn main() {
     rt.block_on(async {
         println!("isolation (20 s virtual; capacity ~200/s; heavy sends 10x the light rate)");
         println!(
-            "  {:>10} {:>16} {:>22} {:>8} {:>26}",
+            "  {:>10} {:>16} {:>22} {:>8} {:>26} {:>22} {:>8} {:>14}",
             "light /s",
             "alone p50/p99",
             "next to heavy p50/p99",
             "ratio",
-            "one shared line p50/p99"
+            "one shared line p50/p99",
+            "share 0.5 p50/p99",
+            "ratio",
+            "heavy served"
         );
         for rate in [10.0, 20.0, 60.0] {
             let light = Flow {
@@ -176,15 +187,22 @@ fn main() {
                 tenant: "light",
                 ..heavy
             };
-            let (a50, a99, _) = light_waits(&run(&[light], 0.1, 20).await);
-            let (m50, m99, _) = light_waits(&run(&[light, heavy], 0.1, 20).await);
-            let (f50, f99, _) = light_waits(&run(&[light, heavy_in_line], 0.1, 20).await);
+            let (a50, a99, _) = light_waits(&run(&[light], 0.1, None, 20).await);
+            let (m50, m99, _) = light_waits(&run(&[light, heavy], 0.1, None, 20).await);
+            let (f50, f99, _) =
+                light_waits(&run(&[light, heavy_in_line], 0.1, None, 20).await);
+            let capped = run(&[light, heavy], 0.1, Some(0.5), 20).await;
+            let (c50, c99, _) = light_waits(&capped);
+            let heavy_served = capped.lock().expect("outcomes")["heavy"].served;
             println!(
-                "  {rate:>10} {:>16} {:>22} {:>7.2}x {:>26}",
+                "  {rate:>10} {:>16} {:>22} {:>7.2}x {:>26} {:>22} {:>7.2}x {:>14}",
                 format!("{a50:.0}/{a99:.0} ms"),
                 format!("{m50:.0}/{m99:.0} ms"),
                 m99 / a99.max(1.0),
-                format!("{f50:.0}/{f99:.0} ms")
+                format!("{f50:.0}/{f99:.0} ms"),
+                format!("{c50:.0}/{c99:.0} ms"),
+                c99 / a99.max(1.0),
+                heavy_served
             );
         }
 
@@ -200,7 +218,7 @@ fn main() {
             weight: 1.0,
             ..a
         };
-        for (tenant, served, share, refused) in shares(&run(&[a, b], 0.1, 10).await) {
+        for (tenant, served, share, refused) in shares(&run(&[a, b], 0.1, None, 10).await) {
             println!("  {tenant}: served {served:5}  share {share:.3}  (refused {refused})");
         }
 
@@ -216,7 +234,7 @@ fn main() {
             priority: 0,
             ..high
         };
-        for (tenant, served, share, refused) in shares(&run(&[high, low], 0.1, 10).await) {
+        for (tenant, served, share, refused) in shares(&run(&[high, low], 0.1, None, 10).await) {
             println!("  {tenant}: served {served:5}  share {share:.3}  (refused {refused})");
         }
     });
