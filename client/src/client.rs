@@ -1,6 +1,8 @@
 //! `Client`: a typed KServe v2 gRPC client over one tonic `Channel`, with headers added to
 //! every call.
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,11 +41,46 @@ pub struct Client {
     peer: Option<Peer>,
 }
 
-/// Turns `127.0.0.1:8001` or `http://host:port` into an endpoint URI string.
+/// TLS toward the server: the CA its certificate must chain to (default: the system's
+/// bundle), a client certificate and key to show when it asks, and the name to check
+/// (default: the address's host).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates (PEM) the server's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM), with `key`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    pub server_name: Option<String>,
+}
+
+static TLS: OnceLock<TlsOptions> = OnceLock::new();
+
+/// Makes every connection this process opens afterwards use TLS with `options`
+/// (`infergate-cli --tls-ca ...`); the first call wins. Without it, an `https://`
+/// address alone turns TLS on, trusting the system's CAs.
+pub fn use_tls(options: TlsOptions) {
+    let _ = TLS.set(options);
+}
+
+fn tls_for(addr: &str) -> Option<TlsOptions> {
+    TLS.get().cloned().or_else(|| {
+        addr.trim()
+            .starts_with("https://")
+            .then(TlsOptions::default)
+    })
+}
+
+/// Turns `127.0.0.1:8001` or `http://host:port` into an endpoint URI string (`https://`
+/// when TLS is on, see [`use_tls`]).
 pub fn endpoint_uri(addr: &str) -> String {
     let addr = addr.trim();
     if addr.contains("://") {
         addr.to_string()
+    } else if TLS.get().is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
@@ -64,10 +101,37 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
         })
 }
 
-/// Opens one HTTP/2 connection to `addr`.
+/// Opens one HTTP/2 connection to `addr`, over TLS when it is on (see [`use_tls`]).
 pub async fn connect_channel(addr: &str) -> Result<Channel, ClientError> {
     let ep = endpoint(addr)?;
-    ep.connect().await.map_err(|source| ClientError::Connect {
+    let connected = match tls_for(addr) {
+        None => ep.connect().await,
+        Some(tls) => {
+            let uri = ep.uri();
+            let (host, port) = (
+                uri.host().unwrap_or_default(),
+                uri.port_u16().unwrap_or(443),
+            );
+            let ca = tls
+                .ca
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(infergate_base::tls::SYSTEM_CA_BUNDLE));
+            let identity = tls.cert.as_deref().zip(tls.key.as_deref());
+            let config = infergate_base::tls::client_config(&ca, identity)
+                .map_err(|e| ClientError::InvalidInput(format!("TLS: {e}")))?;
+            let name = tls
+                .server_name
+                .as_deref()
+                .unwrap_or(host.trim_matches(['[', ']']));
+            let connector =
+                infergate_base::tls::Connector::new(config, name, &format!("{host}:{port}"))
+                    .map_err(|e| {
+                        ClientError::InvalidInput(format!("TLS: --tls-server-name: {e}"))
+                    })?;
+            ep.connect_with_connector(connector).await
+        }
+    };
+    connected.map_err(|source| ClientError::Connect {
         addr: ep.uri().to_string(),
         source,
     })

@@ -25,7 +25,7 @@ pub mod trace;
 
 pub use client::{
     connect_channel, endpoint, endpoint_uri, generate_request, parse_header, read_stream_response,
-    Client, FINAL_RESPONSE_PARAM, MAX_MESSAGE_BYTES,
+    use_tls, Client, TlsOptions, FINAL_RESPONSE_PARAM, MAX_MESSAGE_BYTES,
 };
 pub use error::{code_name, ClientError};
 pub use input::{parse_infer_json, parse_input_flag, InferSpec};

@@ -12,6 +12,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if let Some(tls) = args.tls() {
+        infergate_client::use_tls(tls);
+    }
     // Each call starts a trace when OTEL_EXPORTER_OTLP_ENDPOINT names a collector.
     let traces = match infergate_client::trace::init_from_env("infergate-cli") {
         Ok(traces) => traces,

@@ -63,7 +63,6 @@ async fn run(
             queue_timeout_ms: 1000,
             min_share_low_priority,
             tenant_share,
-            ..BulkheadConfig::default()
         },
     ));
     let outcomes = Outcomes::default();
@@ -189,8 +188,7 @@ fn main() {
             };
             let (a50, a99, _) = light_waits(&run(&[light], 0.1, None, 20).await);
             let (m50, m99, _) = light_waits(&run(&[light, heavy], 0.1, None, 20).await);
-            let (f50, f99, _) =
-                light_waits(&run(&[light, heavy_in_line], 0.1, None, 20).await);
+            let (f50, f99, _) = light_waits(&run(&[light, heavy_in_line], 0.1, None, 20).await);
             let capped = run(&[light, heavy], 0.1, Some(0.5), 20).await;
             let (c50, c99, _) = light_waits(&capped);
             let heavy_served = capped.lock().expect("outcomes")["heavy"].served;

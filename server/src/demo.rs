@@ -58,8 +58,14 @@ impl DemoTls {
     /// A CA and one leaf for `localhost` and 127.0.0.1, written to a new folder under
     /// the system's temporary folder.
     pub fn make() -> Result<DemoTls, String> {
-        let folder =
-            std::env::temp_dir().join(format!("infergate-demo-tls-{}", std::process::id()));
+        DemoTls::make_in(
+            &std::env::temp_dir().join(format!("infergate-demo-tls-{}", std::process::id())),
+        )
+    }
+
+    /// The same, written to `folder` (created if missing).
+    pub fn make_in(folder: &std::path::Path) -> Result<DemoTls, String> {
+        let folder = folder.to_path_buf();
         std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
         let ca = crate::tls::MadeCa::new("infergate demo CA")?;
         let leaf = ca.leaf(&["localhost", "127.0.0.1"], None, "infergate demo")?;
@@ -155,7 +161,8 @@ impl Demo {
                 let port = self.gateway.addr().port();
                 out.push_str(&format!(
                     "TLS on every hop; the CA is {ca} (certificates in {folder})\n\
-                     try:  buf curl --protocol grpc --cacert {ca} https://localhost:{port}/inference.GRPCInferenceService/ServerLive\n\
+                     try:  cargo run --release --bin infergate-cli -- --addr localhost:{port} --tls-ca {ca} infer --model simple\n\
+                     \x20     buf curl --protocol grpc --cacert {ca} https://localhost:{port}/inference.GRPCInferenceService/ServerLive\n\
                      \x20     python3 -c 'import tritonclient.grpc as g; print(g.InferenceServerClient(\"localhost:{port}\", ssl=True, root_certificates=\"{ca}\").is_server_live())'\n",
                     ca = t.ca.display(),
                     folder = t.folder.display(),

@@ -196,7 +196,7 @@ impl Endpoint {
                 .clone()
                 .or_else(|| backend_tls.and_then(|t| t.server_name.clone()))
                 .unwrap_or(host);
-            let connector = crate::tls::BackendConnector::new(client, &name, address)
+            let connector = infergate_base::tls::Connector::new(client, &name, address)
                 .map_err(|e| format!("backend `{address}`: server_name: {e}"))?;
             builder.connect_with_connector_lazy(connector)
         } else {

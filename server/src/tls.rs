@@ -17,26 +17,13 @@
 //! the certificate).
 
 use crate::config::{BackendTlsConfig, TlsConfig, TlsVersion};
-use rustls::crypto::CryptoProvider;
+use infergate_base::tls::{load_certs, load_key, load_roots, provider, SYSTEM_CA_BUNDLE};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use std::future::Future;
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
-use tokio::net::TcpStream;
-
-/// The system's CA bundle, used toward backends when `[backend_tls]` names no `ca`.
-pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// The one crypto provider: ring.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 static FROM_1_2: [&rustls::SupportedProtocolVersion; 2] =
     [&rustls::version::TLS13, &rustls::version::TLS12];
@@ -47,37 +34,6 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
         TlsVersion::V1_2 => &FROM_1_2,
         TlsVersion::V1_3 => &FROM_1_3,
     }
-}
-
-/// The certificates of a PEM file (a chain, leaf first, or a set of CAs).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            path.display()
-        ));
-    }
-    Ok(certs)
-}
-
-/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// The CAs of a PEM file, as a root store.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
-    }
-    Ok(roots)
 }
 
 /// A certificate chain and its key, checked to belong together.
@@ -277,83 +233,13 @@ impl ServerTls {
 }
 
 /// The rustls client config toward backends, from `[backend_tls]` (None: the system
-/// CA bundle, no client certificate).
+/// CA bundle, no client certificate); errors name the field.
 pub fn client_config(cfg: Option<&BackendTlsConfig>) -> Result<Arc<ClientConfig>, String> {
     let ca = cfg
         .and_then(|c| c.ca.clone())
         .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
-    let roots = load_roots(&ca).map_err(|e| format!("backend_tls.ca: {e}"))?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(TlsVersion::V1_2))
-        .map_err(|e| format!("backend_tls: {e}"))?
-        .with_root_certificates(roots);
-    let mut config = match cfg.and_then(|c| c.cert.as_ref().zip(c.key.as_ref())) {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                load_certs(cert).map_err(|e| format!("backend_tls.cert: {e}"))?,
-                load_key(key).map_err(|e| format!("backend_tls.key: {e}"))?,
-            )
-            .map_err(|e| format!("backend_tls.key: {}: {e}", key.display()))?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Dials one backend over TLS: TCP without Nagle, then the rustls handshake, checking
-/// the backend's certificate against `name`. It is the connector of the backend's
-/// tonic channel, so every use of that channel (forwarded calls, health checks, ORCA
-/// streams, discovery probes) goes through the same handshake. Each new connection
-/// starts from the client config it was built with.
-#[derive(Clone)]
-pub struct BackendConnector {
-    tls: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
-    shown_name: String,
-    address: String,
-}
-
-impl BackendConnector {
-    /// `address` is `host:port`; `name` the DNS name or IP the certificate must carry.
-    pub fn new(
-        config: Arc<ClientConfig>,
-        name: &str,
-        address: &str,
-    ) -> Result<BackendConnector, String> {
-        let server_name = ServerName::try_from(name.to_owned())
-            .map_err(|_| format!("`{name}` is not a DNS name or IP address"))?;
-        Ok(BackendConnector {
-            tls: tokio_rustls::TlsConnector::from(config),
-            name: server_name,
-            shown_name: name.to_owned(),
-            address: address.to_owned(),
-        })
-    }
-}
-
-impl tower::Service<http::Uri> for BackendConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect(&this.address).await?;
-            tcp.set_nodelay(true)?;
-            let stream = this.tls.connect(this.name, tcp).await.map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("TLS handshake as `{}` failed: {e}", this.shown_name),
-                )
-            })?;
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
-    }
+    let identity = cfg.and_then(|c| c.cert.as_deref().zip(c.key.as_deref()));
+    infergate_base::tls::client_config(&ca, identity).map_err(|e| format!("backend_tls: {e}"))
 }
 
 /// Who a client certificate names: its first SAN URI (a SPIFFE ID), else its first
@@ -483,6 +369,7 @@ impl MadeCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Dir(PathBuf);

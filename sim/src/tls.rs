@@ -12,9 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -33,34 +31,19 @@ pub struct SimTls {
 impl SimTls {
     /// The rustls server config; errors name the flag and the file.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect())
-            .map_err(|e| format!("--tls-cert {}: {e}", self.cert.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "--tls-cert {}: no certificate in it",
-                self.cert.display()
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| format!("--tls-key {}: {e}", self.key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        use infergate_base::tls::{load_certs, load_key, load_roots, provider};
+        let certs = load_certs(&self.cert).map_err(|e| format!("--tls-cert {e}"))?;
+        let key = load_key(&self.key).map_err(|e| format!("--tls-key {e}"))?;
+        let provider = provider();
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
         let builder = match &self.client_ca {
             Some(ca) => {
-                let shown = || format!("--tls-client-ca {}", ca.display());
-                let mut roots = RootCertStore::empty();
-                for cert in
-                    CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", shown()))?
-                {
-                    let cert = cert.map_err(|e| format!("{}: {e}", shown()))?;
-                    roots.add(cert).map_err(|e| format!("{}: {e}", shown()))?;
-                }
+                let roots = load_roots(ca).map_err(|e| format!("--tls-client-ca {e}"))?;
                 let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                     .build()
-                    .map_err(|e| format!("{}: {e}", shown()))?;
+                    .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),

@@ -5,7 +5,8 @@
 
 use crate::common::*;
 use infergate::config::{BackendTlsConfig, TlsConfig};
-use infergate::tls::{BackendConnector, MadeCa};
+use infergate::tls::MadeCa;
+use infergate_base::tls::Connector;
 use infergate_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -58,7 +59,7 @@ async fn tls_client(
         server_name: None,
     };
     let client = infergate::tls::client_config(Some(&config))?;
-    let connector = BackendConnector::new(client, "localhost", &addr.to_string())?;
+    let connector = Connector::new(client, "localhost", &addr.to_string())?;
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_with_connector(connector)

@@ -28,6 +28,23 @@ pub struct Cli {
     #[arg(long = "header", global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub headers: Vec<(String, String)>,
 
+    /// Talk TLS, trusting the CA certificates in this PEM file (an https:// address
+    /// alone trusts the system's CAs)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate chain (PEM) to show a server that asks (mTLS; with --tls-key)
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Name the server's certificate must carry [default: the address's host]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -66,6 +83,18 @@ impl Cli {
                     .filter(|a| !a.trim().is_empty())
             })
             .unwrap_or_else(|| DEFAULT_ADDR.to_string())
+    }
+
+    /// The TLS flags, when any is given.
+    pub fn tls(&self) -> Option<infergate_client::TlsOptions> {
+        (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_server_name.is_some()).then(
+            || infergate_client::TlsOptions {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                server_name: self.tls_server_name.clone(),
+            },
+        )
     }
 
     /// Connects and applies the --header flags.
