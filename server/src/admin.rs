@@ -138,7 +138,11 @@ fn backend(control: &Control, e: &Endpoint) -> Backend {
     Backend {
         address: e.address().to_owned(),
         models: e.models(),
-        health: e.health().as_str().to_owned(),
+        health: if e.is_unreachable() {
+            "unreachable".to_owned()
+        } else {
+            e.health().as_str().to_owned()
+        },
         in_flight: e.in_flight(),
         requests_total: e.requests_total(),
         failures_total: e.failures_total(),

@@ -52,6 +52,8 @@ pub struct Endpoint {
     /// Whose failures count against it (`blame`).
     blame: Mutex<crate::blame::Blame>,
     check_failure: Mutex<Option<String>>,
+    /// The last check failed because the backend could not be reached.
+    unreachable: AtomicBool,
     health: AtomicU8,
     draining: AtomicBool,
     weight: AtomicU32,
@@ -101,6 +103,9 @@ pub struct Endpoint {
 pub enum Unavailable {
     /// Failed its health checks.
     NotReady,
+    /// Failed its health checks because it could not be reached (refused, reset, a
+    /// handshake that failed, or no answer in time).
+    Unreachable,
     /// Not checked yet.
     Unchecked,
     /// Drained by an operator.
@@ -120,6 +125,7 @@ impl Unavailable {
     pub fn describe(self) -> &'static str {
         match self {
             Unavailable::NotReady => "not ready",
+            Unavailable::Unreachable => "unreachable",
             Unavailable::Unchecked => "not checked yet",
             Unavailable::Draining => "draining",
             Unavailable::Ejected => "ejected",
@@ -209,6 +215,7 @@ impl Endpoint {
             channel,
             health: AtomicU8::new(Health::Unknown as u8),
             check_failure: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
             blame: Mutex::new(crate::blame::Blame::default()),
             draining: AtomicBool::new(false),
             weight: AtomicU32::new(weight.max(1)),
@@ -263,13 +270,22 @@ impl Endpoint {
             .map_or(true, |mut blame| blame.failure(tenant, now))
     }
 
-    /// Records why the last health check failed, or that it passed (None).
-    pub fn set_check_failure(&self, reason: Option<&str>) {
+    /// Records why the last health check failed, or that it passed (None);
+    /// `unreachable` when the backend could not be reached at all.
+    pub fn set_check_failure(&self, reason: Option<&str>, unreachable: bool) {
+        self.unreachable
+            .store(reason.is_some() && unreachable, Ordering::Relaxed);
         if let Ok(mut last) = self.check_failure.lock() {
             if last.as_deref() != reason {
                 *last = reason.map(str::to_owned);
             }
         }
+    }
+
+    /// Out of rotation because its checks cannot reach it (not ready, and the last
+    /// check failed to connect, was refused or timed out).
+    pub fn is_unreachable(&self) -> bool {
+        self.health() == Health::NotReady && self.unreachable.load(Ordering::Relaxed)
     }
 
     /// Why the last health check failed; None when it passed or none ran yet.
@@ -293,6 +309,9 @@ impl Endpoint {
         }
         match self.health() {
             Health::Ready => {}
+            Health::NotReady if self.unreachable.load(Ordering::Relaxed) => {
+                return Err(Unavailable::Unreachable)
+            }
             Health::NotReady => return Err(Unavailable::NotReady),
             Health::Unknown => return Err(Unavailable::Unchecked),
         }

@@ -414,12 +414,15 @@ impl EndpointCheck {
         cfg: &HealthConfig,
         result: Result<(), String>,
     ) -> bool {
-        e.set_check_failure(result.as_ref().err().map(String::as_str));
-        self.unreachable_streak = match &result {
-            Err(reason) if reason.contains("unreachable") || reason.contains("timed out") => {
-                self.unreachable_streak + 1
-            }
-            _ => 0,
+        let unreachable = result
+            .as_ref()
+            .err()
+            .is_some_and(|reason| reason.contains("unreachable") || reason.contains("timed out"));
+        e.set_check_failure(result.as_ref().err().map(String::as_str), unreachable);
+        self.unreachable_streak = if unreachable {
+            self.unreachable_streak + 1
+        } else {
+            0
         };
         match self.thresholds.observe(e.health(), result.is_ok(), cfg) {
             Some(next) => {

@@ -710,7 +710,9 @@ impl Pool {
                 if why == Unavailable::Ejected && ejection.is_none() {
                     ejection = self.ejection_reason(e.address());
                 }
-                if why == Unavailable::NotReady && failed_check.is_none() {
+                if matches!(why, Unavailable::NotReady | Unavailable::Unreachable)
+                    && failed_check.is_none()
+                {
                     failed_check = e
                         .check_failure()
                         .map(|reason| format!("{}: {reason}", e.address()));
@@ -729,7 +731,7 @@ impl Pool {
                     part.push_str(&format!(" (outlier: {reason})"));
                 }
             }
-            if why == Unavailable::NotReady {
+            if matches!(why, Unavailable::NotReady | Unavailable::Unreachable) {
                 if let Some(reason) = &failed_check {
                     part.push_str(&format!(" (last check of {reason})"));
                 }

@@ -169,6 +169,7 @@ fn loss(why: Unavailable) -> Option<&'static str> {
         Unavailable::Draining => Some("is draining"),
         Unavailable::Ejected => Some("was ejected"),
         Unavailable::NotReady => Some("is not ready (failed its health checks)"),
+        Unavailable::Unreachable => Some("is unreachable (its health checks cannot reach it)"),
         Unavailable::ModelNotReady => Some("no longer has the model ready"),
         Unavailable::Unchecked | Unavailable::CircuitOpen | Unavailable::ModelCircuitOpen => None,
     }

@@ -74,9 +74,7 @@ async fn set_backends(zone: &Zone, ips: &[[u8; 4]], serial: u32) {
 
 /// An authoritative server for `zone` on `addr` (UDP, and TCP on the same port).
 async fn serve(addr: SocketAddr, zone: Arc<Zone>) -> (Server<Catalog>, SocketAddr) {
-    let udp = UdpSocket::bind(addr).await.expect("bind DNS/UDP");
-    let addr = udp.local_addr().expect("UDP address");
-    let tcp = TcpListener::bind(addr).await.expect("bind DNS/TCP");
+    let (udp, tcp, addr) = bind_both(addr).await;
     let mut catalog = Catalog::new();
     let handler: Arc<dyn ZoneHandler> = zone;
     catalog.upsert(LowerName::from(name(ORIGIN)), vec![handler]);
@@ -84,6 +82,21 @@ async fn serve(addr: SocketAddr, zone: Arc<Zone>) -> (Server<Catalog>, SocketAdd
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 32);
     (server, addr)
+}
+
+/// A UDP socket and a TCP listener on the same port: `addr`'s, or (port 0) the first
+/// free for both, trying again when another test holds the TCP side of a UDP port.
+async fn bind_both(addr: SocketAddr) -> (UdpSocket, TcpListener, SocketAddr) {
+    for _ in 0..20 {
+        let udp = UdpSocket::bind(addr).await.expect("bind DNS/UDP");
+        let bound = udp.local_addr().expect("UDP address");
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return (udp, tcp, bound),
+            Err(e) if addr.port() != 0 => panic!("bind DNS/TCP on {bound}: {e}"),
+            Err(_) => continue,
+        }
+    }
+    panic!("no port free for both UDP and TCP on {}", addr.ip());
 }
 
 /// A UDP and TCP port on 127.0.0.1 that both were free a moment ago.

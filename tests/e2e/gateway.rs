@@ -407,8 +407,9 @@ async fn no_backend_available_says_why() {
         "{}",
         status.message()
     );
+    // Nothing listens there: out of rotation as unreachable, with the check's reason.
     assert!(
-        status.message().contains("1 not ready"),
+        status.message().contains("1 unreachable (last check of"),
         "{}",
         status.message()
     );

@@ -111,5 +111,7 @@ def test_killed_kserve_is_taken_out(gateway, kserve, via_gateway):
     """Last: KServe dies; the gateway's health turns NOT_SERVING and calls fail fast."""
     x = np.ones((1, 2), dtype=np.float32)
     error = backends.kill_and_expect_unavailable(kserve, gateway, via_gateway, MODEL, fp32_inputs(x))
-    # The cause, by name: "model doubler: no backend can take the call (1 backend, 1 not ready)".
-    assert MODEL in error.message() and "not ready" in error.message(), error
+    # The cause, by name: "model doubler: no backend can take the call (1 backend,
+    # 1 unreachable (last check of ...: connection refused))".
+    assert MODEL in error.message() and (
+        "unreachable" in error.message() or "not ready" in error.message()), error
