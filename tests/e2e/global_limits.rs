@@ -91,6 +91,7 @@ impl Drop for Redis {
 
 fn global_config(backend: std::net::SocketAddr, redis: &Redis, rate: f64, burst: u32) -> Config {
     let mut cfg = config(&[backend]);
+    cfg.redis.lease = 1;
     cfg.redis.url = Some(redis.url());
     cfg.redis.key_prefix = format!("test-{}", redis.port);
     cfg.redis.replicas_hint = 3;
@@ -149,13 +150,25 @@ async fn offer(addr: std::net::SocketAddr, per_second: u64, seconds: u64) -> (u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_global_limit() {
+    three_replicas(1).await;
+}
+
+/// The same with the default lease (4 tokens a round trip, cut to burst / 3 = 3 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_global_limit_with_leases() {
+    three_replicas(infergate::config::RedisConfig::default().lease).await;
+}
+
+async fn three_replicas(lease: u32) {
     let Some(redis) = Redis::start(0).await else {
         return;
     };
     let backend = sim("g", |c| c.slots = 64);
     let mut gateways = Vec::new();
     for _ in 0..3 {
-        gateways.push(gateway(global_config(backend.addr(), &redis, 100.0, 10)).await);
+        let mut cfg = global_config(backend.addr(), &redis, 100.0, 10);
+        cfg.redis.lease = lease;
+        gateways.push(gateway(cfg).await);
     }
     // 300 calls/s offered in all, 100/s to each replica, for 5 s.
     let seconds = 5;
@@ -183,10 +196,28 @@ async fn three_replicas_share_one_global_limit() {
                 .decisions_without_store()
         })
         .sum();
+    let (round_trips, leased) = gateways.iter().fold((0, 0), |(r, l), g| {
+        let global = g.gateway().global.as_ref().expect("global");
+        (r + global.round_trips(), l + global.leased_decisions())
+    });
     println!(
-        "global limit 100/s over 3 replicas: {ok} admitted in {elapsed:.2} s ({rate:.1}/s), \
-         {refused} refused, {without} decisions without Redis"
+        "global limit 100/s over 3 replicas, lease {lease}: {ok} admitted in {elapsed:.2} s \
+         ({rate:.1}/s), {refused} refused, {without} decisions without Redis, \
+         {round_trips} round trips, {leased} decisions from leases"
     );
+    if lease == 1 {
+        assert_eq!(leased, 0, "no lease: every decision asks Redis");
+        assert_eq!(round_trips, ok + refused);
+    } else {
+        // Tokens come in batches and a refusal is kept until a batch fits, so a good
+        // share of the calls ask nobody (measured: about half).
+        let calls = ok + refused;
+        assert!(leased * 4 > calls, "{leased} of {calls} from leases");
+        assert!(
+            round_trips * 4 < calls * 3,
+            "{round_trips} round trips for {calls}"
+        );
+    }
     // 100/s ± 15%, plus the burst of 10 once.
     assert!((85.0..=117.0).contains(&rate), "{rate}/s admitted");
     assert!(refused > 800, "{refused} refused");
@@ -236,4 +267,82 @@ async fn without_redis_the_fallback_applies_at_once_and_limits_resume() {
         let _ = offer(gw.addr(), 50, 1).await;
     }
     drop(redis);
+}
+
+/// A replica spends its leased tokens without asking Redis; the tokens it did not spend
+/// when the lease ran out go back to the shared bucket on its next ask, where another
+/// replica can take them; and a refusal Redis gave is kept until a call fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_tokens_are_spent_locally_and_given_back() {
+    use infergate::global_limit::GlobalLimiter;
+    use infergate::ratelimit::RateKey;
+    let Some(redis) = Redis::start(0).await else {
+        return;
+    };
+    // 0.5/s (an interval of 2 s) with a burst of 10: what refills during the test is
+    // far under one token, so every count below is exact.
+    let limits = RateLimitConfig {
+        per_tenant: Some(Bucket {
+            rate_per_second: 0.5,
+            burst: 10,
+            scope: Scope::Global,
+        }),
+        ..RateLimitConfig::default()
+    };
+    let mut store = infergate::config::RedisConfig {
+        url: Some(redis.url()),
+        key_prefix: format!("lease-{}", redis.port),
+        timeout_ms: 1000,
+        lease: 5,
+        lease_ms: 20,
+        ..Default::default()
+    };
+    let a = GlobalLimiter::new(&limits, &store, Default::default()).expect("replica a");
+    store.lease_ms = 10_000;
+    let b = GlobalLimiter::new(&limits, &store, Default::default()).expect("replica b");
+    let key = RateKey::new("team-a", "simple");
+    let began = Instant::now();
+    let lease = Duration::from_millis(20);
+
+    // One round trip takes 5 tokens; 3 calls spend 3 of them.
+    for _ in 0..3 {
+        a.check(&key).await.expect("admitted");
+    }
+    assert_eq!((a.round_trips(), a.leased_decisions()), (1, 2));
+    // The lease runs out with 2 unspent (the wait is the behaviour under test). The
+    // next call gives them back and takes 5 again: 10 - 3 - 5 = 2 left in Redis...
+    tokio::time::sleep(lease + Duration::from_millis(5)).await;
+    a.check(&key).await.expect("admitted");
+    // ...and again, 4 unspent given back: 10 - 4 - 5 = 1 left. Had they been lost,
+    // this call would find no room (10 - 3 - 5 - 5 < 0).
+    tokio::time::sleep(lease + Duration::from_millis(5)).await;
+    a.check(&key)
+        .await
+        .expect("admitted: the lapsed tokens were given back");
+    assert_eq!(a.round_trips(), 3);
+
+    // Replica b finds the one token left, then is refused, with pushback (until its
+    // batch of 5 fits: about 8 s), and keeps the refusal: its other calls ask nobody.
+    let mut admitted = 0;
+    for _ in 0..20 {
+        match b.check(&key).await {
+            Ok(()) => admitted += 1,
+            Err(limited) => {
+                assert_eq!(limited.key, "team-a");
+                assert!(
+                    limited.retry_after >= Duration::from_millis(1)
+                        && limited.retry_after <= Duration::from_secs(10),
+                    "{limited:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "the counts hold only within one interval"
+    );
+    assert_eq!(admitted, 1, "what a gave back and did not take again");
+    assert_eq!(b.round_trips(), 2, "one admitted, one refused, then kept");
+    assert_eq!(b.leased_decisions(), 18);
+    assert_eq!(a.decisions_without_store() + b.decisions_without_store(), 0);
 }

@@ -66,8 +66,17 @@ pub struct RedisConfig {
     /// What a decision does when Redis does not answer in time. Default `local`.
     pub on_redis_error: OnRedisError,
     /// How many replicas share the global limits, for the local fallback: each then
-    /// allows `rate / replicas_hint`. Default 1.
+    /// allows `rate / replicas_hint`; also caps a lease at `burst / replicas_hint`.
+    /// Default 1.
     pub replicas_hint: u32,
+    /// Tokens one round trip takes from a global bucket: the call's own, and up to
+    /// `lease - 1` more that this replica then spends without asking Redis (never more
+    /// than `burst / replicas_hint`). 1 = every call asks Redis. Default 4.
+    pub lease: u32,
+    /// How long leased tokens, and a refusal Redis gave, are kept by a replica; leased
+    /// tokens unspent by then are given back on the next ask for the same buckets.
+    /// Default 50 ms.
+    pub lease_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -78,11 +87,16 @@ impl Default for RedisConfig {
             timeout_ms: 5,
             on_redis_error: OnRedisError::Local,
             replicas_hint: 1,
+            lease: 4,
+            lease_ms: 50,
         }
     }
 }
 
 impl RedisConfig {
+    /// Most tokens one round trip may lease.
+    pub const MAX_LEASE: u32 = 1000;
+
     /// Checks values serde cannot check; the message names the field.
     pub fn validate(&self) -> Result<(), FieldError> {
         if let Some(url) = &self.url {
@@ -101,6 +115,22 @@ impl RedisConfig {
         }
         if self.replicas_hint == 0 {
             return Err(FieldError::new("replicas_hint", "must be at least 1"));
+        }
+        if self.lease == 0 || self.lease > Self::MAX_LEASE {
+            return Err(FieldError::new(
+                "lease",
+                format!(
+                    "must be between 1 (off: every call asks Redis) and {} tokens, got {}",
+                    Self::MAX_LEASE,
+                    self.lease
+                ),
+            ));
+        }
+        if self.lease_ms == 0 || self.lease_ms > 10_000 {
+            return Err(FieldError::new(
+                "lease_ms",
+                format!("must be between 1 and 10000 ms, got {}", self.lease_ms),
+            ));
         }
         if self.key_prefix.is_empty() {
             return Err(FieldError::new("key_prefix", "must not be empty"));

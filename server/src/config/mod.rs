@@ -1358,6 +1358,28 @@ mod tests {
     }
 
     #[test]
+    fn redis_lease_is_validated_by_name() {
+        let cfg = Config::parse("[redis]\nlease = 8\nlease_ms = 20\n", "gw.toml").expect("parses");
+        cfg.validate("gw.toml").expect("valid");
+        assert_eq!((cfg.redis.lease, cfg.redis.lease_ms), (8, 20));
+        let defaults = RedisConfig::default();
+        assert_eq!((defaults.lease, defaults.lease_ms), (4, 50));
+        for (text, field) in [
+            ("lease = 0", "redis.lease"),
+            ("lease = 1001", "redis.lease"),
+            ("lease_ms = 0", "redis.lease_ms"),
+            ("lease_ms = 10001", "redis.lease_ms"),
+        ] {
+            let cfg = Config::parse(&format!("[redis]\n{text}\n"), "gw.toml").expect(text);
+            let err = cfg.validate("gw.toml").expect_err(text);
+            assert_eq!(err.field, field, "{text}");
+        }
+        // lease = 1 is off, and valid.
+        let cfg = Config::parse("[redis]\nlease = 1\n", "gw.toml").expect("parses");
+        cfg.validate("gw.toml").expect("lease = 1");
+    }
+
+    #[test]
     fn errors_name_file_field_and_reason() {
         let err = Config::parse("[health]\ninterval = 5\n", "gw.toml").expect_err("unknown");
         assert_eq!(err.source, "gw.toml");
