@@ -44,9 +44,11 @@ use tokio::time::Instant;
 /// (the call's own plus those to lease), the leased tokens given back (unspent, their
 /// lease run out), then for each key its interval and its capacity (interval × burst),
 /// in µs. Given-back tokens move each key's TAT back first (never before `now`: a
-/// bucket holds `burst` at most). Returns `{1, taken, 0}` when the call is admitted
-/// (every key moved by `taken` intervals, 1 ≤ taken ≤ wanted: as many as every key has
-/// room for), or `{0, wait_us, i}` when some key has no room for one: the wait until
+/// bucket holds `burst` at most). Returns `{1, taken, wait_us, i}` when the call is
+/// admitted (every key moved by `taken` intervals, 1 ≤ taken ≤ wanted: as many as
+/// every key has room for; `wait_us` > 0 when another batch would not fit now: how long
+/// until it does, limited by key `i`, which is the refusal the replica gives once its
+/// batch is spent), or `{0, wait_us, i}` when some key has no room for one: the wait until
 /// every key has room for all the tokens wanted, naming the key `i` that takes longest
 /// (no key moved but by what was given back). Waiting for a whole batch, not one token,
 /// is what makes a replica under overload ask once per batch instead of once per call.
@@ -78,12 +80,15 @@ if take < 1 then
   end
   return {0, math.ceil(wait), which}
 end
+wait, which = 0, 0
 for i = 1, #KEYS do
   local new = tat[i] + take * interval[i]
   local ttl = math.ceil((new - now) / 1000) + 1
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
+  local over = new + want * interval[i] - now - tonumber(ARGV[2 * i + 2])
+  if over > wait then wait, which = over, i end
 end
-return {1, take, 0}
+return {1, take, math.ceil(wait), which}
 "#;
 
 /// A managed connection to the Redis `redis` names: multiplexed, made on first use and
@@ -122,9 +127,10 @@ pub struct GlobalLimiter {
     store_up: AtomicBool,
     /// Decisions made without Redis (by `on_redis_error`).
     without_store: AtomicU64,
-    /// Script calls made, and decisions answered from a lease (admitted or refused).
+    /// Script calls made, and decisions answered from a lease: admitted, refused.
     round_trips: AtomicU64,
-    leased: AtomicU64,
+    lease_admitted: AtomicU64,
+    lease_refused: AtomicU64,
     events: EventBus,
 }
 
@@ -139,8 +145,9 @@ impl std::fmt::Debug for GlobalLimiter {
 
 /// A decision made by the store, or why there was none.
 enum Decision {
-    /// Admitted; this many tokens were taken (the call's own included).
-    Admitted(u32),
+    /// Admitted; this many tokens were taken (the call's own included), and the
+    /// refusal that holds once they are spent, while another batch would not fit.
+    Admitted(u32, Option<(Limited, Duration)>),
     /// Refused, and how long until one more call fits (µs-exact, for the lease).
     Refused(Limited, Duration),
     NoAnswer(String),
@@ -171,7 +178,8 @@ impl GlobalLimiter {
             store_up: AtomicBool::new(true),
             without_store: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
-            leased: AtomicU64::new(0),
+            lease_admitted: AtomicU64::new(0),
+            lease_refused: AtomicU64::new(0),
             events,
         })
     }
@@ -195,7 +203,12 @@ impl GlobalLimiter {
     /// Decisions answered from this replica's lease so far, with no round trip: calls
     /// admitted on a leased token, and calls refused while a refusal Redis gave holds.
     pub fn leased_decisions(&self) -> u64 {
-        self.leased.load(Ordering::Relaxed)
+        self.leased_admissions() + self.lease_refused.load(Ordering::Relaxed)
+    }
+
+    /// Calls admitted on a leased token so far (no round trip).
+    pub fn leased_admissions(&self) -> u64 {
+        self.lease_admitted.load(Ordering::Relaxed)
     }
 
     /// Whether the last decision reached Redis.
@@ -227,21 +240,21 @@ impl GlobalLimiter {
         if let Some(k) = &lease_key {
             match self.leases.take(k, Instant::now()) {
                 Local::Admitted => {
-                    self.leased.fetch_add(1, Ordering::Relaxed);
+                    self.lease_admitted.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 Local::Refused(limited) => {
-                    self.leased.fetch_add(1, Ordering::Relaxed);
+                    self.lease_refused.fetch_add(1, Ordering::Relaxed);
                     return Err(limited);
                 }
                 Local::Ask { give_back } => back = give_back,
             }
         }
         match self.decide(&buckets, want, back).await {
-            Decision::Admitted(taken) => {
+            Decision::Admitted(taken, then) => {
                 self.mark(true, "");
-                if let (Some(k), true) = (&lease_key, taken > 1) {
-                    self.leases.keep(k, taken - 1, Instant::now());
+                if let Some(k) = &lease_key {
+                    self.leases.keep(k, taken - 1, then, Instant::now());
                 }
                 Ok(())
             }
@@ -289,29 +302,36 @@ impl GlobalLimiter {
         }
         let mut connection = self.connection.clone();
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let answer: Result<redis::RedisResult<(i64, i64, i64)>, _> =
+        let answer: Result<redis::RedisResult<Vec<i64>>, _> =
             tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await;
+        // The refusal of key `which` (1-based) for `wait_us`.
+        let refusal = |wait_us: i64, which: i64| {
+            let i = usize::try_from(which.max(1) - 1)
+                .unwrap_or(0)
+                .min(buckets.len() - 1);
+            let (scope, name, bucket) = buckets[i];
+            let wait = Duration::from_micros(u64::try_from(wait_us.max(1)).unwrap_or(1));
+            let limited = Limited {
+                scope,
+                key: name.to_owned(),
+                rate: bucket.rate_per_second,
+                burst: bucket.burst,
+                retry_after: whole_ms(wait),
+            };
+            (limited, wait)
+        };
         match answer {
-            Ok(Ok((1, taken, _))) => {
-                Decision::Admitted(u32::try_from(taken.max(1)).unwrap_or(1).min(want))
-            }
-            Ok(Ok((_, wait_us, which))) => {
-                let i = usize::try_from(which.max(1) - 1)
-                    .unwrap_or(0)
-                    .min(buckets.len() - 1);
-                let (scope, name, bucket) = buckets[i];
-                let wait = Duration::from_micros(u64::try_from(wait_us.max(1)).unwrap_or(1));
-                Decision::Refused(
-                    Limited {
-                        scope,
-                        key: name.to_owned(),
-                        rate: bucket.rate_per_second,
-                        burst: bucket.burst,
-                        retry_after: whole_ms(wait),
-                    },
-                    wait,
-                )
-            }
+            Ok(Ok(v)) => match v.as_slice() {
+                [1, taken, wait_us, which] => Decision::Admitted(
+                    u32::try_from(*taken).unwrap_or(1).clamp(1, want),
+                    (*wait_us > 0).then(|| refusal(*wait_us, *which)),
+                ),
+                [0, wait_us, which] => {
+                    let (limited, wait) = refusal(*wait_us, *which);
+                    Decision::Refused(limited, wait)
+                }
+                other => Decision::NoAnswer(format!("the limit script answered {other:?}")),
+            },
             Ok(Err(e)) => Decision::NoAnswer(format!("redis error: {e}")),
             Err(_) => Decision::NoAnswer(format!(
                 "redis did not answer within {} ms",
@@ -466,13 +486,19 @@ impl Leases {
         }
     }
 
-    /// Keeps `tokens` leased for `life` from `now`.
-    fn keep(&self, key: &str, tokens: u32, now: Instant) {
+    /// Keeps `tokens` leased for `life` from `now`, and `then`, the refusal Redis
+    /// would give once they are spent (another batch would not fit yet), for as long as
+    /// it said (`life` at most).
+    fn keep(&self, key: &str, tokens: u32, then: Option<(Limited, Duration)>, now: Instant) {
+        if tokens == 0 && then.is_none() {
+            return;
+        }
         let expires = now + self.life;
+        let refused = then.map(|(limited, wait)| (now + wait.min(self.life), limited));
         self.update(key, now, |lease| {
             lease.tokens = lease.tokens.saturating_add(tokens);
             lease.expires = Some(expires);
-            lease.refused = None;
+            lease.refused = refused;
         });
     }
 
@@ -568,7 +594,7 @@ mod tests {
         let leases = Leases::new(Duration::from_millis(50), 10_000);
         let t0 = Instant::now();
         assert_eq!(leases.take("k", t0), Local::Ask { give_back: 0 });
-        leases.keep("k", 3, t0);
+        leases.keep("k", 3, None, t0);
         for _ in 0..3 {
             assert_eq!(
                 leases.take("k", t0 + Duration::from_millis(10)),
@@ -581,12 +607,12 @@ mod tests {
             "spent: ask Redis"
         );
         // Two left when the lease lapses: the next ask gives them back, once.
-        leases.keep("k", 2, t0 + Duration::from_millis(20));
+        leases.keep("k", 2, None, t0 + Duration::from_millis(20));
         let lapsed = t0 + Duration::from_millis(70);
         assert_eq!(leases.take("k", lapsed), Local::Ask { give_back: 2 });
         assert_eq!(leases.take("k", lapsed), Local::Ask { give_back: 0 });
         // Another set of buckets has its own lease.
-        leases.keep("other", 1, lapsed);
+        leases.keep("other", 1, None, lapsed);
         assert_eq!(leases.take("k", lapsed), Local::Ask { give_back: 0 });
         assert_eq!(leases.take("other", lapsed), Local::Admitted);
     }
@@ -624,8 +650,21 @@ mod tests {
         );
         // Tokens leased later clear the refusal.
         leases.refuse("k", &refusal(), Duration::from_millis(30), t0);
-        leases.keep("k", 1, t0);
+        leases.keep("k", 1, None, t0);
         assert_eq!(leases.take("k", t0), Local::Admitted);
+        assert_eq!(leases.take("k", t0), Local::Ask { give_back: 0 });
+        // A batch taken when no other would fit: once it is spent, the replica refuses
+        // until one would (as Redis said), without asking.
+        let wait = Duration::from_millis(20);
+        leases.keep("k", 2, Some((refusal(), wait)), t0);
+        assert_eq!(leases.take("k", t0), Local::Admitted);
+        assert_eq!(leases.take("k", t0), Local::Admitted);
+        let later = t0 + Duration::from_millis(5);
+        match leases.take("k", later) {
+            Local::Refused(l) => assert_eq!(l.retry_after, Duration::from_millis(15)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(leases.take("k", t0 + wait), Local::Ask { give_back: 0 });
     }
 
     #[test]
@@ -633,7 +672,7 @@ mod tests {
         let leases = Leases::new(Duration::from_secs(60), 64);
         let t0 = Instant::now();
         for i in 0..10_000 {
-            leases.keep(&format!("tenant{i}"), 1, t0);
+            leases.keep(&format!("tenant{i}"), 1, None, t0);
             assert!(leases.len() <= 64, "{} leases", leases.len());
         }
         assert_eq!(leases.take("tenant9999", t0), Local::Admitted);
