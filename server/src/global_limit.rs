@@ -98,7 +98,23 @@ pub fn connect(redis: &RedisConfig) -> Result<ConnectionManager, String> {
         .url
         .as_deref()
         .ok_or("redis.url: global rate limits and shared caches need a Redis")?;
-    let client = redis::Client::open(url).map_err(|e| format!("redis.url `{url}`: {e}"))?;
+    let client = if url.starts_with("rediss://") {
+        // TLS through rustls (ring); the system's roots unless redis.ca names a CA.
+        let root_cert = match &redis.ca {
+            Some(ca) => Some(std::fs::read(ca).map_err(|e| format!("redis.ca `{ca}`: {e}"))?),
+            None => None,
+        };
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert,
+        };
+        redis::Client::build_with_tls(url, certs).map_err(|e| match &redis.ca {
+            Some(ca) => format!("redis.url `{url}` with redis.ca `{ca}`: {e}"),
+            None => format!("redis.url `{url}`: {e}"),
+        })?
+    } else {
+        redis::Client::open(url).map_err(|e| format!("redis.url `{url}`: {e}"))?
+    };
     let timeout = Duration::from_millis(redis.timeout_ms);
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))

@@ -17,19 +17,26 @@ pub(crate) struct Redis {
     pub(crate) port: u16,
 }
 
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    probe.local_addr().expect("address").port()
+}
+
 impl Redis {
     /// Starts one on `port` (0: a free one) and waits until it answers PING. None when
     /// the binary is missing outside CI (CI must have it: `.ci/run` installs it).
     pub(crate) async fn start(port: u16) -> Option<Redis> {
-        let port = if port == 0 {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            probe.local_addr().expect("address").port()
-        } else {
-            port
-        };
+        Redis::start_with(port, &[]).await
+    }
+
+    /// The same with more arguments for redis-server (its plaintext `port` still
+    /// answers the PING).
+    async fn start_with(port: u16, extra: &[String]) -> Option<Redis> {
+        let port = if port == 0 { free_port() } else { port };
         let child = match Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -148,14 +155,12 @@ async fn offer(addr: std::net::SocketAddr, per_second: u64, seconds: u64) -> (u6
     (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed))
 }
 
+/// Without the lease, then with the default one (4 tokens a round trip, cut to
+/// burst / 3 = 3 here): one after the other, so that the two loads do not share the
+/// box's cores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_global_limit() {
     three_replicas(1).await;
-}
-
-/// The same with the default lease (4 tokens a round trip, cut to burst / 3 = 3 here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_share_one_global_limit_with_leases() {
     three_replicas(infergate::config::RedisConfig::default().lease).await;
 }
 
@@ -269,6 +274,18 @@ async fn without_redis_the_fallback_applies_at_once_and_limits_resume() {
     drop(redis);
 }
 
+/// A global limit per tenant of 0.5/s (an interval of 2 s) with `burst`.
+fn slow_tenant_limit(burst: u32) -> RateLimitConfig {
+    RateLimitConfig {
+        per_tenant: Some(Bucket {
+            rate_per_second: 0.5,
+            burst,
+            scope: Scope::Global,
+        }),
+        ..RateLimitConfig::default()
+    }
+}
+
 /// A replica spends its leased tokens without asking Redis; the tokens it did not spend
 /// when the lease ran out go back to the shared bucket on its next ask, where another
 /// replica can take them; and a refusal Redis gave is kept until a call fits.
@@ -281,14 +298,7 @@ async fn leased_tokens_are_spent_locally_and_given_back() {
     };
     // 0.5/s (an interval of 2 s) with a burst of 10: what refills during the test is
     // far under one token, so every count below is exact.
-    let limits = RateLimitConfig {
-        per_tenant: Some(Bucket {
-            rate_per_second: 0.5,
-            burst: 10,
-            scope: Scope::Global,
-        }),
-        ..RateLimitConfig::default()
-    };
+    let limits = slow_tenant_limit(10);
     let mut store = infergate::config::RedisConfig {
         url: Some(redis.url()),
         key_prefix: format!("lease-{}", redis.port),
@@ -346,4 +356,91 @@ async fn leased_tokens_are_spent_locally_and_given_back() {
     assert_eq!(b.round_trips(), 1, "one admitted, then the refusal kept");
     assert_eq!(b.leased_decisions(), 19);
     assert_eq!(a.decisions_without_store() + b.decisions_without_store(), 0);
+}
+
+/// `rediss://`: global limits decided in a redis-server that serves TLS only on the
+/// port the gateway is given, its certificate signed by a CA named in `redis.ca`; a
+/// CA that did not sign it gets no answer, and the fallback applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_limits_over_tls_to_redis() {
+    use infergate::global_limit::GlobalLimiter;
+    use infergate::ratelimit::RateKey;
+    use infergate::tls::MadeCa;
+    let dir = std::env::temp_dir().join(format!("infergate-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp folder");
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path.to_string_lossy().into_owned()
+    };
+    let ca = MadeCa::new("redis CA").expect("CA");
+    let leaf = ca.leaf(&["127.0.0.1"], None, "redis").expect("leaf");
+    let other = MadeCa::new("another CA").expect("CA");
+    let (ca_pem, cert, key) = (
+        write("ca.pem", &ca.cert_pem),
+        write("redis.pem", &leaf.cert_pem),
+        write("redis.key", &leaf.key_pem),
+    );
+    let other_pem = write("other-ca.pem", &other.cert_pem);
+    let tls_port = free_port();
+    let args: Vec<String> = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_pem,
+        "--tls-auth-clients",
+        "no",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let Some(redis) = Redis::start_with(0, &args).await else {
+        return;
+    };
+    let limits = slow_tenant_limit(3);
+    let store = |ca: &str| infergate::config::RedisConfig {
+        url: Some(format!("rediss://127.0.0.1:{tls_port}")),
+        ca: Some(ca.to_owned()),
+        key_prefix: format!("tls-{}", redis.port),
+        timeout_ms: 2000,
+        lease: 1,
+        ..Default::default()
+    };
+    let good = GlobalLimiter::new(&limits, &store(&ca_pem), Default::default()).expect("limiter");
+    let key = RateKey::new("team-a", "simple");
+    let mut admitted = 0;
+    for _ in 0..5 {
+        if good.check(&key).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    // The burst of 3, decided in Redis over TLS (nothing fell back).
+    assert_eq!(admitted, 3);
+    assert_eq!(good.round_trips(), 5);
+    assert_eq!(good.decisions_without_store(), 0);
+    assert!(good.store_up());
+
+    // A CA that did not sign the server's certificate: no decision reaches Redis.
+    let wrong = infergate::config::RedisConfig {
+        timeout_ms: 200,
+        ..store(&other_pem)
+    };
+    let wrong = GlobalLimiter::new(&limits, &wrong, Default::default()).expect("limiter");
+    let _ = wrong.check(&key).await;
+    assert!(!wrong.store_up(), "the handshake failed");
+    assert_eq!(wrong.decisions_without_store(), 1);
+
+    // A CA file that is not there is named at start.
+    let missing = dir.join("missing.pem").to_string_lossy().into_owned();
+    let err =
+        GlobalLimiter::new(&limits, &store(&missing), Default::default()).expect_err("no file");
+    assert!(
+        err.contains("redis.ca") && err.contains("missing.pem"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

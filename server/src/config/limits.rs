@@ -57,8 +57,12 @@ pub enum OnRedisError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`; absent = no global limits. Default absent.
+    /// `redis://[:password@]host:port[/db]`, `rediss://…` for TLS (rustls), or
+    /// `redis+unix:///path`; absent = no global limits. Default absent.
     pub url: Option<String>,
+    /// PEM file of the CA(s) to trust for a `rediss://` URL instead of the system's
+    /// trust store. Default absent (the system's roots).
+    pub ca: Option<String>,
     /// Prefix of every key, so several fleets can share one Redis. Default `infergate`.
     pub key_prefix: String,
     /// Longest a decision waits for Redis before `on_redis_error` applies. Default 5 ms.
@@ -83,6 +87,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            ca: None,
             key_prefix: "infergate".into(),
             timeout_ms: 5,
             on_redis_error: OnRedisError::Local,
@@ -99,13 +104,39 @@ impl RedisConfig {
 
     /// Checks values serde cannot check; the message names the field.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if let Some(url) = &self.url {
-            if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+        let tls = match &self.url {
+            Some(url) if url.starts_with("rediss://") => {
+                if url.contains('#') {
+                    return Err(FieldError::new(
+                        "url",
+                        format!(
+                            "`{url}`: a URL fragment such as #insecure is not supported \
+                             (the server's certificate is always checked; name its CA in redis.ca)"
+                        ),
+                    ));
+                }
+                true
+            }
+            Some(url) if url.starts_with("redis://") || url.starts_with("redis+unix://") => false,
+            Some(url) => {
                 return Err(FieldError::new(
                     "url",
-                    format!("`{url}` is not a redis:// URL (rediss:// needs TLS, which this build does not have)"),
+                    format!("`{url}` is not a redis://, rediss:// (TLS) or redis+unix:// URL"),
                 ));
             }
+            None => false,
+        };
+        match &self.ca {
+            Some(ca) if !tls => {
+                return Err(FieldError::new(
+                    "ca",
+                    format!("`{ca}` is for TLS to Redis: give redis.url as rediss://"),
+                ));
+            }
+            Some(ca) if ca.is_empty() => {
+                return Err(FieldError::new("ca", "must not be empty"));
+            }
+            _ => {}
         }
         if self.timeout_ms == 0 || self.timeout_ms > 10_000 {
             return Err(FieldError::new(
