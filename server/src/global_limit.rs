@@ -99,18 +99,28 @@ pub fn connect(redis: &RedisConfig) -> Result<ConnectionManager, String> {
         .as_deref()
         .ok_or("redis.url: global rate limits and shared caches need a Redis")?;
     let client = if url.starts_with("rediss://") {
-        // TLS through rustls (ring); the system's roots unless redis.ca names a CA.
-        let root_cert = match &redis.ca {
-            Some(ca) => Some(std::fs::read(ca).map_err(|e| format!("redis.ca `{ca}`: {e}"))?),
-            None => None,
+        // TLS through rustls (ring); the system's roots unless redis.ca names a CA, and
+        // a client certificate when redis.cert and redis.key name one.
+        let read = |field: &str, path: &Option<String>| match path {
+            Some(path) => std::fs::read(path)
+                .map(Some)
+                .map_err(|e| format!("redis.{field} `{path}`: {e}")),
+            None => Ok(None),
+        };
+        let root_cert = read("ca", &redis.ca)?;
+        let client_tls = match (read("cert", &redis.cert)?, read("key", &redis.key)?) {
+            (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+            _ => None,
         };
         let certs = redis::TlsCertificates {
-            client_tls: None,
+            client_tls,
             root_cert,
         };
-        redis::Client::build_with_tls(url, certs).map_err(|e| match &redis.ca {
-            Some(ca) => format!("redis.url `{url}` with redis.ca `{ca}`: {e}"),
-            None => format!("redis.url `{url}`: {e}"),
+        redis::Client::build_with_tls(url, certs).map_err(|e| {
+            format!("redis.url `{url}` (TLS, with redis.ca / redis.cert / redis.key): {e}")
         })?
     } else {
         redis::Client::open(url).map_err(|e| format!("redis.url `{url}`: {e}"))?

@@ -358,9 +358,10 @@ async fn leased_tokens_are_spent_locally_and_given_back() {
     assert_eq!(a.decisions_without_store() + b.decisions_without_store(), 0);
 }
 
-/// `rediss://`: global limits decided in a redis-server that serves TLS only on the
-/// port the gateway is given, its certificate signed by a CA named in `redis.ca`; a
-/// CA that did not sign it gets no answer, and the fallback applies.
+/// `rediss://`: global limits decided in a redis-server that serves TLS on the port the
+/// gateway is given, its certificate signed by a CA named in `redis.ca`, and that asks
+/// for a client certificate (`redis.cert`, `redis.key`). A CA that did not sign the
+/// server's certificate, or no client certificate, gets no answer: the fallback applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_limits_over_tls_to_redis() {
     use infergate::global_limit::GlobalLimiter;
@@ -376,7 +377,7 @@ async fn global_limits_over_tls_to_redis() {
     let ca = MadeCa::new("redis CA").expect("CA");
     let leaf = ca.leaf(&["127.0.0.1"], None, "redis").expect("leaf");
     let other = MadeCa::new("another CA").expect("CA");
-    let (ca_pem, cert, key) = (
+    let (ca_pem, cert_pem, key_pem) = (
         write("ca.pem", &ca.cert_pem),
         write("redis.pem", &leaf.cert_pem),
         write("redis.key", &leaf.key_pem),
@@ -387,13 +388,13 @@ async fn global_limits_over_tls_to_redis() {
         "--tls-port",
         &tls_port.to_string(),
         "--tls-cert-file",
-        &cert,
+        &cert_pem,
         "--tls-key-file",
-        &key,
+        &key_pem,
         "--tls-ca-cert-file",
         &ca_pem,
         "--tls-auth-clients",
-        "no",
+        "yes",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -405,6 +406,8 @@ async fn global_limits_over_tls_to_redis() {
     let store = |ca: &str| infergate::config::RedisConfig {
         url: Some(format!("rediss://127.0.0.1:{tls_port}")),
         ca: Some(ca.to_owned()),
+        cert: Some(cert_pem.clone()),
+        key: Some(key_pem.clone()),
         key_prefix: format!("tls-{}", redis.port),
         timeout_ms: 2000,
         lease: 1,
@@ -433,6 +436,18 @@ async fn global_limits_over_tls_to_redis() {
     let _ = wrong.check(&key).await;
     assert!(!wrong.store_up(), "the handshake failed");
     assert_eq!(wrong.decisions_without_store(), 1);
+
+    // No client certificate: the server refuses the handshake.
+    let anonymous = infergate::config::RedisConfig {
+        timeout_ms: 200,
+        cert: None,
+        key: None,
+        ..store(&ca_pem)
+    };
+    let anonymous = GlobalLimiter::new(&limits, &anonymous, Default::default()).expect("limiter");
+    let _ = anonymous.check(&key).await;
+    assert!(!anonymous.store_up(), "no client certificate, no answer");
+    assert_eq!(anonymous.decisions_without_store(), 1);
 
     // A CA file that is not there is named at start.
     let missing = dir.join("missing.pem").to_string_lossy().into_owned();

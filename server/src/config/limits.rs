@@ -63,6 +63,11 @@ pub struct RedisConfig {
     /// PEM file of the CA(s) to trust for a `rediss://` URL instead of the system's
     /// trust store. Default absent (the system's roots).
     pub ca: Option<String>,
+    /// PEM file of a client certificate, for a `rediss://` Redis that asks for one
+    /// (`tls-auth-clients`); needs `key`. Default absent.
+    pub cert: Option<String>,
+    /// PEM file of the key of `cert`. Default absent.
+    pub key: Option<String>,
     /// Prefix of every key, so several fleets can share one Redis. Default `infergate`.
     pub key_prefix: String,
     /// Longest a decision waits for Redis before `on_redis_error` applies. Default 5 ms.
@@ -88,6 +93,8 @@ impl Default for RedisConfig {
         RedisConfig {
             url: None,
             ca: None,
+            cert: None,
+            key: None,
             key_prefix: "infergate".into(),
             timeout_ms: 5,
             on_redis_error: OnRedisError::Local,
@@ -126,16 +133,23 @@ impl RedisConfig {
             }
             None => false,
         };
-        match &self.ca {
-            Some(ca) if !tls => {
-                return Err(FieldError::new(
-                    "ca",
-                    format!("`{ca}` is for TLS to Redis: give redis.url as rediss://"),
-                ));
+        for (field, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            match path {
+                Some(path) if !tls => {
+                    return Err(FieldError::new(
+                        field,
+                        format!("`{path}` is for TLS to Redis: give redis.url as rediss://"),
+                    ));
+                }
+                Some(path) if path.is_empty() => {
+                    return Err(FieldError::new(field, "must not be empty"));
+                }
+                _ => {}
             }
-            Some(ca) if ca.is_empty() => {
-                return Err(FieldError::new("ca", "must not be empty"));
-            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(FieldError::new("key", "required with `cert`")),
+            (None, Some(_)) => return Err(FieldError::new("cert", "required with `key`")),
             _ => {}
         }
         if self.timeout_ms == 0 || self.timeout_ms > 10_000 {

@@ -1315,6 +1315,21 @@ mod tests {
                 "redis.ca",
                 "empty",
             ),
+            (
+                "[redis]\nurl = \"redis://r:6379\"\ncert = \"c.pem\"\nkey = \"k.pem\"",
+                "redis.cert",
+                "rediss://",
+            ),
+            (
+                "[redis]\nurl = \"rediss://r:6380\"\ncert = \"c.pem\"",
+                "redis.key",
+                "required with `cert`",
+            ),
+            (
+                "[redis]\nurl = \"rediss://r:6380\"\nkey = \"k.pem\"",
+                "redis.cert",
+                "required with `key`",
+            ),
             ("[redis]\nlease = 0", "redis.lease", "between 1"),
             ("[redis]\nlease = 1001", "redis.lease", "1000 tokens"),
             ("[redis]\nlease_ms = 0", "redis.lease_ms", "between 1"),
@@ -1390,6 +1405,7 @@ mod tests {
             "url = \"redis+unix:///run/redis.sock\"",
             "url = \"rediss://redis.internal:6380\"\nlease = 1000\nlease_ms = 10000",
             "url = \"rediss://redis.internal:6380\"\nca = \"/etc/infergate/redis-ca.pem\"",
+            "url = \"rediss://r:6380\"\ncert = \"/etc/infergate/c.pem\"\nkey = \"/etc/infergate/k.pem\"",
         ] {
             let cfg = Config::parse(&format!("[redis]\n{ok}\n"), "gw.toml").expect(ok);
             cfg.validate("gw.toml").expect(ok);
