@@ -19,7 +19,8 @@
 //! to `lease`, cut to `burst / replicas_hint` of each bucket) and the replica spends the
 //! rest of it on the next calls for the same buckets with no round trip ([`Leases`]).
 //! A refusal is kept the same way, until the batch would fit (at most `lease_ms`).
-//! Tokens unspent after `lease_ms` are given back in the next ask's script call. See
+//! Tokens unspent after `lease_ms` are given back in the next ask's script call, and a
+//! batch whose answer comes after `timeout_ms` is kept in the lease, not lost. See
 //! docs/ARCHITECTURE.md for why this stays within the limit.
 //!
 //! When Redis does not answer within `[redis] timeout_ms` (or the connection is down),
@@ -36,7 +37,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -128,7 +129,9 @@ pub fn connect(redis: &RedisConfig) -> Result<ConnectionManager, String> {
     let timeout = Duration::from_millis(redis.timeout_ms);
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(timeout.max(Duration::from_millis(50))))
+        // A decision waits `timeout_ms` only; the connection waits longer, so that an
+        // answer that comes late is still read (its leased tokens are kept).
+        .set_response_timeout(Some((timeout * 10).max(Duration::from_secs(1))))
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_secs(2));
     ConnectionManager::new_lazy_with_config(client, config)
@@ -138,7 +141,7 @@ pub fn connect(redis: &RedisConfig) -> Result<ConnectionManager, String> {
 /// The shared limiter of one gateway.
 pub struct GlobalLimiter {
     connection: ConnectionManager,
-    script: redis::Script,
+    script: Arc<redis::Script>,
     prefix: String,
     timeout: Duration,
     policy: OnRedisError,
@@ -147,7 +150,7 @@ pub struct GlobalLimiter {
     lease: u32,
     replicas: u32,
     /// Leased tokens and refusals kept here (used when `lease > 1`).
-    leases: Leases,
+    leases: Arc<Leases>,
     /// The local stand-in while Redis is away (`on_redis_error = "local"`).
     fallback: LocalRateLimiter,
     store_up: AtomicBool,
@@ -192,14 +195,17 @@ impl GlobalLimiter {
         let fallback = LocalRateLimiter::new(limits.global_as_local(redis.replicas_hint))?;
         Ok(GlobalLimiter {
             connection,
-            script: redis::Script::new(SCRIPT),
+            script: Arc::new(redis::Script::new(SCRIPT)),
             prefix: redis.key_prefix.clone(),
             timeout,
             policy: redis.on_redis_error,
             limits: RwLock::new(limits.clone()),
             lease: redis.lease.max(1),
             replicas: redis.replicas_hint.max(1),
-            leases: Leases::new(Duration::from_millis(redis.lease_ms), limits.max_keys),
+            leases: Arc::new(Leases::new(
+                Duration::from_millis(redis.lease_ms),
+                limits.max_keys,
+            )),
             fallback,
             store_up: AtomicBool::new(true),
             without_store: AtomicU64::new(0),
@@ -235,6 +241,11 @@ impl GlobalLimiter {
     /// Calls admitted on a leased token so far (no round trip).
     pub fn leased_admissions(&self) -> u64 {
         self.lease_admitted.load(Ordering::Relaxed)
+    }
+
+    /// Tokens this replica holds in live leases now (taken from Redis, not yet spent).
+    pub fn leased_tokens(&self) -> u64 {
+        self.leases.tokens(Instant::now())
     }
 
     /// Whether the last decision reached Redis.
@@ -276,7 +287,10 @@ impl GlobalLimiter {
                 Local::Ask { give_back } => back = give_back,
             }
         }
-        match self.decide(&buckets, want, back).await {
+        match self
+            .decide(&buckets, want, back, lease_key.as_deref())
+            .await
+        {
             Decision::Admitted(taken, then) => {
                 self.mark(true, "");
                 if let Some(k) = &lease_key {
@@ -310,26 +324,57 @@ impl GlobalLimiter {
         }
     }
 
+    /// One script call, in its own task: when it answers after `timeout_ms` (the call
+    /// was decided by `on_redis_error` meanwhile), the tokens it took are not lost but
+    /// kept in the lease of `lease_key`, for the next calls.
     async fn decide(
         &self,
         buckets: &[(RateScope, &str, Bucket)],
         want: u32,
         back: u32,
+        lease_key: Option<&str>,
     ) -> Decision {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(want).arg(back);
+        let mut keys = Vec::with_capacity(buckets.len());
+        let mut args = Vec::with_capacity(2 + 2 * buckets.len());
+        args.extend([u64::from(want), u64::from(back)]);
         for (scope, name, bucket) in buckets {
             let interval_us = interval_us(bucket);
-            let capacity_us = interval_us.saturating_mul(u64::from(bucket.burst));
-            invocation
-                .key(format!("{}:{}:{name}", self.prefix, scope.as_str()))
-                .arg(interval_us)
-                .arg(capacity_us);
+            keys.push(format!("{}:{}:{name}", self.prefix, scope.as_str()));
+            args.extend([
+                interval_us,
+                interval_us.saturating_mul(u64::from(bucket.burst)),
+            ]);
         }
-        let mut connection = self.connection.clone();
+        let (script, mut connection) = (Arc::clone(&self.script), self.connection.clone());
+        let mut call = tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async::<Vec<i64>>(&mut connection).await
+        });
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let answer: Result<redis::RedisResult<Vec<i64>>, _> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await;
+        let answer = match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => return Decision::NoAnswer(format!("the limit script's task: {e}")),
+            Err(elapsed) => {
+                if let Some(key) = lease_key {
+                    let (leases, key) = (Arc::clone(&self.leases), key.to_owned());
+                    tokio::spawn(async move {
+                        if let Ok(Ok(v)) = call.await {
+                            if let [1, taken, ..] = v.as_slice() {
+                                let taken = u32::try_from(*taken).unwrap_or(0).min(want);
+                                leases.keep(&key, taken, None, Instant::now());
+                            }
+                        }
+                    });
+                }
+                Err(elapsed)
+            }
+        };
         // The refusal of key `which` (1-based) for `wait_us`.
         let refusal = |wait_us: i64, which: i64| {
             let i = usize::try_from(which.max(1) - 1)
@@ -555,6 +600,21 @@ impl Leases {
         let mut lease = Lease::default();
         change(&mut lease);
         shard.insert(key.to_owned(), lease);
+    }
+
+    /// Tokens held in leases that have not lapsed at `now`.
+    fn tokens(&self, now: Instant) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                let shard = s.lock().unwrap_or_else(PoisonError::into_inner);
+                shard
+                    .values()
+                    .filter(|l| l.expires.is_some_and(|e| e > now))
+                    .map(|l| u64::from(l.tokens))
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     #[cfg(test)]

@@ -459,3 +459,76 @@ async fn global_limits_over_tls_to_redis() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A decision that Redis answers only after `timeout_ms` falls back at once, and the
+/// batch the script took meanwhile is not lost: it lands in the replica's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_keeps_its_tokens_in_the_lease() {
+    use infergate::global_limit::GlobalLimiter;
+    use infergate::ratelimit::RateKey;
+    let args = ["--enable-debug-command".to_owned(), "yes".to_owned()];
+    let Some(redis) = Redis::start_with(0, &args).await else {
+        return;
+    };
+    let store = infergate::config::RedisConfig {
+        url: Some(redis.url()),
+        key_prefix: format!("late-{}", redis.port),
+        timeout_ms: 100,
+        lease: 5,
+        lease_ms: 10_000,
+        on_redis_error: infergate::config::OnRedisError::Allow,
+        ..Default::default()
+    };
+    let a = GlobalLimiter::new(&slow_tenant_limit(10), &store, Default::default()).expect("a");
+    // b only tells when the stall has begun (no lease: a late answer leaves nothing).
+    let probe = infergate::config::RedisConfig {
+        lease: 1,
+        ..store.clone()
+    };
+    let b = GlobalLimiter::new(&slow_tenant_limit(10), &probe, Default::default()).expect("b");
+    let key = RateKey::new("team-a", "simple");
+    // Connect and load the script first (another tenant, whose lease keeps 4).
+    for limiter in [&a, &b] {
+        limiter
+            .check(&RateKey::new("warm-up", "simple"))
+            .await
+            .expect("warm-up");
+        assert!(limiter.store_up());
+    }
+    let held = a.leased_tokens();
+    assert_eq!(held, 4);
+
+    // Redis stalls for 600 ms (DEBUG SLEEP from another connection).
+    let port = redis.port;
+    let sleeper = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"DEBUG SLEEP 0.6\r\n").await?;
+        let mut ok = [0u8; 5];
+        s.read_exact(&mut ok).await?;
+        Ok::<_, std::io::Error>(ok)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while b.store_up() {
+        // Until a decision misses the 100 ms (the stall has begun).
+        assert!(Instant::now() < deadline, "the stall began");
+        i += 1;
+        let _ = b.check(&RateKey::new(format!("probe-{i}"), "simple")).await;
+    }
+    // Within the stall: a's first call for team-a falls back (allow)...
+    a.check(&key).await.expect("allowed");
+    assert!(!a.store_up(), "that decision fell back");
+    let trips = a.round_trips();
+    let answer = sleeper.await.expect("task").expect("DEBUG SLEEP");
+    assert_eq!(&answer, b"+OK\r\n");
+    // ...and the answer that comes after the stall leaves its 5 tokens in the lease.
+    while a.leased_tokens() < held + 5 {
+        assert!(Instant::now() < deadline, "the late batch was kept");
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..5 {
+        a.check(&key).await.expect("a leased token");
+    }
+    assert_eq!(a.round_trips(), trips, "spent without asking Redis");
+}
