@@ -93,8 +93,8 @@ struct ServeArgs {
     /// A backend's host:port; repeat for more. Added to the config file's backends.
     #[arg(long = "backend", value_name = "HOST:PORT")]
     backends: Vec<String>,
-    /// Redis for rate limits with scope = "global" (redis://host:port[/db]); replaces
-    /// the file's [redis] url.
+    /// Redis for rate limits with scope = "global" (redis://host:port[/db], rediss:// for
+    /// TLS); replaces the file's [redis] url.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
     /// Balancing policy for the whole pool: round_robin, weighted, least_request,

@@ -57,8 +57,17 @@ pub enum OnRedisError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`; absent = no global limits. Default absent.
+    /// `redis://[:password@]host:port[/db]`, `rediss://…` for TLS (rustls), or
+    /// `redis+unix:///path`; absent = no global limits. Default absent.
     pub url: Option<String>,
+    /// PEM file of the CA(s) to trust for a `rediss://` URL instead of the system's
+    /// trust store. Default absent (the system's roots).
+    pub ca: Option<String>,
+    /// PEM file of a client certificate, for a `rediss://` Redis that asks for one
+    /// (`tls-auth-clients`); needs `key`. Default absent.
+    pub cert: Option<String>,
+    /// PEM file of the key of `cert`. Default absent.
+    pub key: Option<String>,
     /// Prefix of every key, so several fleets can share one Redis. Default `infergate`.
     pub key_prefix: String,
     /// Longest a decision waits for Redis before `on_redis_error` applies. Default 5 ms.
@@ -66,32 +75,82 @@ pub struct RedisConfig {
     /// What a decision does when Redis does not answer in time. Default `local`.
     pub on_redis_error: OnRedisError,
     /// How many replicas share the global limits, for the local fallback: each then
-    /// allows `rate / replicas_hint`. Default 1.
+    /// allows `rate / replicas_hint`; also caps a lease at `burst / replicas_hint`.
+    /// Default 1.
     pub replicas_hint: u32,
+    /// Tokens one round trip takes from a global bucket: the call's own, and up to
+    /// `lease - 1` more that this replica then spends without asking Redis (never more
+    /// than `burst / replicas_hint`). 1 = every call asks Redis. Default 4.
+    pub lease: u32,
+    /// How long leased tokens, and a refusal Redis gave, are kept by a replica; leased
+    /// tokens unspent by then are given back on the next ask for the same buckets.
+    /// Default 50 ms.
+    pub lease_ms: u64,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            ca: None,
+            cert: None,
+            key: None,
             key_prefix: "infergate".into(),
             timeout_ms: 5,
             on_redis_error: OnRedisError::Local,
             replicas_hint: 1,
+            lease: 4,
+            lease_ms: 50,
         }
     }
 }
 
 impl RedisConfig {
+    /// Most tokens one round trip may lease.
+    pub const MAX_LEASE: u32 = 1000;
+
     /// Checks values serde cannot check; the message names the field.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if let Some(url) = &self.url {
-            if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+        let tls = match &self.url {
+            Some(url) if url.starts_with("rediss://") => {
+                if url.contains('#') {
+                    return Err(FieldError::new(
+                        "url",
+                        format!(
+                            "`{url}`: a URL fragment such as #insecure is not supported \
+                             (the server's certificate is always checked; name its CA in redis.ca)"
+                        ),
+                    ));
+                }
+                true
+            }
+            Some(url) if url.starts_with("redis://") || url.starts_with("redis+unix://") => false,
+            Some(url) => {
                 return Err(FieldError::new(
                     "url",
-                    format!("`{url}` is not a redis:// URL (rediss:// needs TLS, which this build does not have)"),
+                    format!("`{url}` is not a redis://, rediss:// (TLS) or redis+unix:// URL"),
                 ));
             }
+            None => false,
+        };
+        for (field, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            match path {
+                Some(path) if !tls => {
+                    return Err(FieldError::new(
+                        field,
+                        format!("`{path}` is for TLS to Redis: give redis.url as rediss://"),
+                    ));
+                }
+                Some(path) if path.is_empty() => {
+                    return Err(FieldError::new(field, "must not be empty"));
+                }
+                _ => {}
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(FieldError::new("key", "required with `cert`")),
+            (None, Some(_)) => return Err(FieldError::new("cert", "required with `key`")),
+            _ => {}
         }
         if self.timeout_ms == 0 || self.timeout_ms > 10_000 {
             return Err(FieldError::new(
@@ -101,6 +160,22 @@ impl RedisConfig {
         }
         if self.replicas_hint == 0 {
             return Err(FieldError::new("replicas_hint", "must be at least 1"));
+        }
+        if self.lease == 0 || self.lease > Self::MAX_LEASE {
+            return Err(FieldError::new(
+                "lease",
+                format!(
+                    "must be between 1 (off: every call asks Redis) and {} tokens, got {}",
+                    Self::MAX_LEASE,
+                    self.lease
+                ),
+            ));
+        }
+        if self.lease_ms == 0 || self.lease_ms > 10_000 {
+            return Err(FieldError::new(
+                "lease_ms",
+                format!("must be between 1 and 10000 ms, got {}", self.lease_ms),
+            ));
         }
         if self.key_prefix.is_empty() {
             return Err(FieldError::new("key_prefix", "must not be empty"));

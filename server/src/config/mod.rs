@@ -1294,6 +1294,46 @@ mod tests {
                 "max_header_list_bytes",
                 "at least 1024",
             ),
+            (
+                "[redis]\nurl = \"http://127.0.0.1:6379\"",
+                "redis.url",
+                "rediss:// (TLS)",
+            ),
+            (
+                "[redis]\nurl = \"rediss://r:6380/#insecure\"",
+                "redis.url",
+                "#insecure",
+            ),
+            (
+                "[redis]\nurl = \"redis://r:6379\"\nca = \"ca.pem\"",
+                "redis.ca",
+                "rediss://",
+            ),
+            ("[redis]\nca = \"ca.pem\"", "redis.ca", "rediss://"),
+            (
+                "[redis]\nurl = \"rediss://r:6380\"\nca = \"\"",
+                "redis.ca",
+                "empty",
+            ),
+            (
+                "[redis]\nurl = \"redis://r:6379\"\ncert = \"c.pem\"\nkey = \"k.pem\"",
+                "redis.cert",
+                "rediss://",
+            ),
+            (
+                "[redis]\nurl = \"rediss://r:6380\"\ncert = \"c.pem\"",
+                "redis.key",
+                "required with `cert`",
+            ),
+            (
+                "[redis]\nurl = \"rediss://r:6380\"\nkey = \"k.pem\"",
+                "redis.cert",
+                "required with `key`",
+            ),
+            ("[redis]\nlease = 0", "redis.lease", "between 1"),
+            ("[redis]\nlease = 1001", "redis.lease", "1000 tokens"),
+            ("[redis]\nlease_ms = 0", "redis.lease_ms", "between 1"),
+            ("[redis]\nlease_ms = 10001", "redis.lease_ms", "10000 ms"),
         ];
         for (text, field, reason) in cases {
             let err = Config::parse(text, "gw.toml")
@@ -1355,6 +1395,23 @@ mod tests {
         assert_eq!(config.hedge, defaults.hedge);
         assert_eq!(config.tenants, defaults.tenants);
         assert_eq!(config.discovery, defaults.discovery);
+    }
+
+    #[test]
+    fn redis_urls_tls_ca_and_lease_are_accepted() {
+        // (The refusals, by field, are in every_section_names_the_file_the_field_path_and_the_reason.)
+        for ok in [
+            "url = \"redis://127.0.0.1:6379/0\"\nlease = 1",
+            "url = \"redis+unix:///run/redis.sock\"",
+            "url = \"rediss://redis.internal:6380\"\nlease = 1000\nlease_ms = 10000",
+            "url = \"rediss://redis.internal:6380\"\nca = \"/etc/infergate/redis-ca.pem\"",
+            "url = \"rediss://r:6380\"\ncert = \"/etc/infergate/c.pem\"\nkey = \"/etc/infergate/k.pem\"",
+        ] {
+            let cfg = Config::parse(&format!("[redis]\n{ok}\n"), "gw.toml").expect(ok);
+            cfg.validate("gw.toml").expect(ok);
+        }
+        let defaults = RedisConfig::default();
+        assert_eq!((defaults.lease, defaults.lease_ms), (4, 50));
     }
 
     #[test]
