@@ -451,7 +451,11 @@ fn example_config(defaults: &Config) -> Config {
         .insert("key-of-team-a".into(), "team-a".into());
     c.tenants.weights.0.insert("team-a".into(), 3.0);
     c.rate_limit.per_tenant_tokens = Some(infergate::config::TokenRate::default());
-    c.redis.url = Some("redis://127.0.0.1:6379/0".into());
+    // rediss:// (TLS), so that its CA and client certificate are valid to show.
+    c.redis.url = Some("rediss://redis.internal:6380/0".into());
+    c.redis.ca = Some("/etc/infergate/redis-ca.crt".into());
+    c.redis.cert = Some("/etc/infergate/redis-client.crt".into());
+    c.redis.key = Some("/etc/infergate/redis-client.key".into());
     c.tls = TlsConfig {
         cert: Some("/etc/infergate/tls.crt".into()),
         key: Some("/etc/infergate/tls.key".into()),
