@@ -47,10 +47,10 @@ pub struct Endpoint {
     address: String,
     source: String,
     channel: Channel,
-    /// Why its last health check failed (None once one passes): the reason a caller
-    /// is told when no backend can take a call.
     /// Whose failures count against it (`blame`).
     blame: Mutex<crate::blame::Blame>,
+    /// Why its last health check failed (None once one passes): the reason a caller
+    /// is told when no backend can take a call.
     check_failure: Mutex<Option<String>>,
     /// The last check failed because the backend could not be reached.
     unreachable: AtomicBool,

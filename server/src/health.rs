@@ -69,9 +69,6 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     .await;
     match health {
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
-        Ok(Err(status)) if status.code() == Code::Unavailable || status.code() == Code::Unknown => {
-            Err(format!("backend unreachable: {}", with_causes(&status)))
-        }
         Ok(Ok(response)) => {
             let status = response.into_inner().status();
             if status == ServingStatus::Serving {
@@ -95,11 +92,24 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
                 Err("ServerReady says not ready".into())
             }
         }
-        Ok(Err(status)) => Err(format!(
-            "health check failed: {:?} {}",
-            status.code(),
-            status.message()
-        )),
+        Ok(Err(status)) => Err(failed("health check", &status)),
+    }
+}
+
+/// The reason a health call (`what`: a Check or the Watch) that ended in `status`
+/// gives, for Check and Watch alike: UNAVAILABLE, UNKNOWN and CANCELLED are the
+/// transport's (the backend could not be reached; tonic reports a connection that dies
+/// under a call, a TLS handshake refused after it seemed done, as CANCELLED, and the
+/// gateway never cancels its own checks: a timeout is reported as such), with the
+/// causes under the status.
+fn failed(what: &str, status: &tonic::Status) -> String {
+    if matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) {
+        format!("backend unreachable: {}", with_causes(status))
+    } else {
+        format!("{what} failed: {:?} {}", status.code(), status.message())
     }
 }
 
@@ -330,12 +340,7 @@ impl EndpointCheck {
                 return WatchEnd::Unsupported
             }
             Ok(Err(status)) => {
-                let reason = format!(
-                    "health watch failed: {:?} {}",
-                    status.code(),
-                    status.message()
-                );
-                if self.apply(pool, e, cfg, Err(reason)) {
+                if self.apply(pool, e, cfg, Err(failed("health watch", &status))) {
                     publisher.publish(pool).await;
                 }
                 return WatchEnd::Broken;

@@ -50,7 +50,7 @@ pub enum RouteError {
         model: String,
         /// How many backends were asked.
         backends: usize,
-        /// Backends whose last health check failed, so that the answer may be wrong:
+        /// Backends its health checks cannot reach, so that the answer may be wrong:
         /// how many, and the first one's address and reason.
         unreachable: Option<(usize, String)>,
     },
@@ -92,12 +92,12 @@ impl fmt::Display for RouteError {
     }
 }
 
-/// The backends whose last health check failed: how many, and the first one's address
-/// and reason (None when every check passed or none has run yet).
+/// The backends that health checks cannot reach (so they could not be asked either):
+/// how many, and the first one's address and reason (None when there are none).
 fn unreachable(endpoints: &[Arc<Endpoint>]) -> Option<(usize, String)> {
     let mut failed = endpoints
         .iter()
-        .filter(|e| e.health() != Health::Ready)
+        .filter(|e| e.is_unreachable())
         .filter_map(|e| Some(format!("{}: {}", e.address(), e.check_failure()?)));
     let first = failed.next()?;
     Some((1 + failed.count(), first))
