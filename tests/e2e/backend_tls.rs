@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tonic::Code;
 
-/// A fresh folder for one test's PEM files.
-fn folder(test: &str) -> PathBuf {
+/// A fresh folder for one test's PEM files (shared with `front_tls`).
+pub(crate) fn folder(test: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "infergate-backend-tls-{}-{test}-{}",
+        "infergate-tls-test-{}-{test}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
@@ -24,9 +24,13 @@ fn folder(test: &str) -> PathBuf {
     dir
 }
 
-fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
+/// Writes `text` to `dir/name` through a rename, so that a reader (the certificate
+/// watcher of a rotation test) never sees half a file.
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, pem).expect("write PEM");
+    let part = dir.join(format!("{name}.part"));
+    std::fs::write(&part, text).expect("write PEM");
+    std::fs::rename(&part, &path).expect("rename PEM");
     path
 }
 

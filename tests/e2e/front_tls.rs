@@ -3,6 +3,7 @@
 //! tenant the backend is told, and certificate rotation while calls flow (no call
 //! fails, new connections see the new certificate).
 
+use crate::backend_tls::{folder, write};
 use crate::common::*;
 use infergate::config::{BackendTlsConfig, TlsConfig};
 use infergate::tls::MadeCa;
@@ -12,30 +13,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
-
-fn folder(test: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "infergate-front-tls-{}-{test}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp folder");
-    dir
-}
-
-/// Writes `text` to `dir/name` through a rename, so a reader never sees half a file.
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    let part = dir.join(format!("{name}.part"));
-    std::fs::write(&part, text).expect("write PEM");
-    std::fs::rename(&part, &path).expect("rename PEM");
-    path
-}
 
 /// A leaf of `ca` for `localhost` with SAN URI `uri`, written as NAME.pem / NAME.key.
 fn leaf(dir: &Path, ca: &MadeCa, name: &str, uri: &str) -> (PathBuf, PathBuf, String) {
