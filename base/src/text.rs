@@ -1,5 +1,6 @@
 //! Text the gateway and the simulator echo back to callers: a caller's name, cut short
-//! enough that it cannot blow up a status message or a log line.
+//! enough that it cannot blow up a status message or a log line, and an error told with
+//! its causes.
 
 use std::borrow::Cow;
 
@@ -14,6 +15,23 @@ pub fn shown(name: &str) -> Cow<'_, str> {
         None => Cow::Borrowed(name),
         Some((cut, _)) => Cow::Owned(format!("{}… ({} bytes)", &name[..cut], name.len())),
     }
+}
+
+/// `text` followed by every error under `err` (its `source()` chain), each one that
+/// `text` does not already say: a transport error's own message is often only
+/// "transport error" or "connection error", and what happened (refused, reset, a
+/// certificate no CA signed) is in its sources.
+pub fn with_causes(mut text: String, err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -14,16 +14,20 @@
 //! cannot set (a caller's own is removed first).
 
 use crate::config::TenantConfig;
+use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
 /// The header in which the backend receives the resolved tenant.
-pub const TENANT_HEADER_OUT: &str = "infergate-tenant";
+pub const TENANT_HEADER_OUT: HeaderName = HeaderName::from_static("infergate-tenant");
 
 /// The header in which the inference port's connection layer passes on the identity
 /// of the client's certificate (it removes any a caller sent first).
-pub const IDENTITY_HEADER: &str = "infergate-peer-identity";
+pub const IDENTITY_HEADER: HeaderName = HeaderName::from_static("infergate-peer-identity");
+
+/// The other header an API key may come in.
+const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The tenant of calls that carry no key (or no tenant at all).
 pub const ANONYMOUS: &str = "anonymous";
@@ -32,7 +36,9 @@ pub const ANONYMOUS: &str = "anonymous";
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
     keys: Vec<([u8; 32], String)>,
-    header: String,
+    /// The tenant header, parsed once (header names are looked up on every call); a
+    /// name that is no valid header name can never be sent, so it is `None`.
+    header: Option<HeaderName>,
     require: bool,
     trust_header: bool,
     identities: std::collections::BTreeMap<String, String>,
@@ -53,7 +59,7 @@ impl ApiKeys {
         }
         Ok(ApiKeys {
             keys,
-            header: cfg.header.clone(),
+            header: HeaderName::try_from(cfg.header.as_str()).ok(),
             require: cfg.require_api_key,
             trust_header: cfg.trust_header,
             identities: cfg.identities.clone(),
@@ -70,18 +76,18 @@ impl ApiKeys {
                 .cloned()
                 .unwrap_or_else(|| id.to_owned()));
         }
-        let value = |name: &str| {
+        let value = |name: &HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
         };
-        let presented = value("authorization")
+        let presented = value(&AUTHORIZATION)
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .or_else(|| value("x-api-key"));
-        let from_header = || value(&self.header).map(str::to_owned);
+            .or_else(|| value(&API_KEY));
+        let from_header = || self.header.as_ref().and_then(value).map(str::to_owned);
         if self.keys.is_empty() && !self.require {
             // No keys configured: the tenant header is the only word on it.
             return Ok(from_header().unwrap_or_else(|| ANONYMOUS.to_owned()));
@@ -116,15 +122,12 @@ impl ApiKeys {
     /// The metadata to send on: without the caller's credentials and tenant header,
     /// with the resolved tenant in [`TENANT_HEADER_OUT`].
     pub fn outgoing(&self, headers: &mut HeaderMap, tenant: &str) {
-        for name in [
-            "authorization",
-            "x-api-key",
-            TENANT_HEADER_OUT,
-            IDENTITY_HEADER,
-        ] {
+        for name in [AUTHORIZATION, API_KEY, TENANT_HEADER_OUT, IDENTITY_HEADER] {
             headers.remove(name);
         }
-        headers.remove(self.header.as_str());
+        if let Some(name) = &self.header {
+            headers.remove(name);
+        }
         if let Ok(v) = HeaderValue::from_str(tenant) {
             headers.insert(TENANT_HEADER_OUT, v);
         }
@@ -245,16 +248,19 @@ mod tests {
         let t = |h: &[(&'static str, &str)]| k.tenant(&headers(h)).expect("tenant");
         assert_eq!(
             t(&[
-                (IDENTITY_HEADER, "spiffe://example.org/a"),
+                ("infergate-peer-identity", "spiffe://example.org/a"),
                 ("x-infergate-tenant", "team-b"),
                 ("authorization", "Bearer key-b"),
             ]),
             "team-a"
         );
         // An identity not in the map is its own tenant.
-        assert_eq!(t(&[(IDENTITY_HEADER, "client.example")]), "client.example");
+        assert_eq!(
+            t(&[("infergate-peer-identity", "client.example")]),
+            "client.example"
+        );
         // It never reaches the backend.
-        let mut h = headers(&[(IDENTITY_HEADER, "client.example")]);
+        let mut h = headers(&[("infergate-peer-identity", "client.example")]);
         k.outgoing(&mut h, "client.example");
         assert!(h.get(IDENTITY_HEADER).is_none());
     }

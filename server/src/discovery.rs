@@ -15,8 +15,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn client(endpoint: &Endpoint) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
-    GrpcInferenceServiceClient::new(endpoint.channel())
+fn client(endpoint: &Endpoint) -> GrpcInferenceServiceClient<crate::connection::Connection> {
+    GrpcInferenceServiceClient::new(endpoint.connection())
 }
 
 /// Asks every endpoint `ModelReady(model)` at once; returns those that said yes.

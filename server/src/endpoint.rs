@@ -10,6 +10,7 @@ use crate::breaker::{BreakerState, SharedBreaker};
 use crate::clock;
 use crate::config::BackendConfig;
 use crate::config::{BackendTlsConfig, BreakerConfig, ConnectionConfig, ScrapeConfig};
+use crate::connection::Connection;
 use crate::load::{Load, LoadState, Source};
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
@@ -17,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 /// What active health checks last concluded about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Health {
 pub struct Endpoint {
     address: String,
     source: String,
-    channel: Channel,
+    connection: Connection,
     /// Whose failures count against it (`blame`).
     blame: Mutex<crate::blame::Blame>,
     /// Why its last health check failed (None once one passes): the reason a caller
@@ -182,17 +182,7 @@ impl Endpoint {
         let models = config.models.clone();
         let weight = config.weight;
         let tls = config.uses_tls(backend_tls.is_some());
-        let scheme = if tls { "https" } else { "http" };
-        let builder = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
-            .map_err(|e| format!("backend `{address}`: {e}"))?
-            .connect_timeout(Duration::from_millis(connection.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
-            .http2_keep_alive_interval(Duration::from_millis(connection.keepalive_interval_ms))
-            .keep_alive_timeout(Duration::from_millis(connection.keepalive_timeout_ms))
-            .keep_alive_while_idle(true);
-        let channel = if tls {
+        let connector = if tls {
             let client = crate::tls::client_config(backend_tls)
                 .map_err(|e| format!("backend `{address}`: {e}"))?;
             let (host, _) = crate::config::parse_host_port(address)
@@ -202,17 +192,20 @@ impl Endpoint {
                 .clone()
                 .or_else(|| backend_tls.and_then(|t| t.server_name.clone()))
                 .unwrap_or(host);
-            let connector = infergate_base::tls::Connector::new(client, &name, address)
-                .map_err(|e| format!("backend `{address}`: server_name: {e}"))?;
-            builder.connect_with_connector_lazy(connector)
+            Some(
+                infergate_base::tls::Connector::new(client, &name, address)
+                    .map_err(|e| format!("backend `{address}`: server_name: {e}"))?,
+            )
         } else {
-            builder.connect_lazy()
+            None
         };
+        let connection = Connection::new(address, connector, connection)
+            .map_err(|e| format!("backend `{address}`: {e}"))?;
         let models_pinned = !models.is_empty();
         Ok(Arc::new(Endpoint {
             address: address.to_owned(),
             source: source.to_owned(),
-            channel,
+            connection,
             health: AtomicU8::new(Health::Unknown as u8),
             check_failure: Mutex::new(None),
             unreachable: AtomicBool::new(false),
@@ -294,8 +287,8 @@ impl Endpoint {
     }
 
     /// A handle on the connection (cheap to clone).
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    pub fn connection(&self) -> Connection {
+        self.connection.clone()
     }
 
     /// Whether it can take a call for `model` now, and if not, the first reason why.

@@ -64,7 +64,7 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
     };
     let health = tokio::time::timeout(
         timeout,
-        HealthClient::new(endpoint.channel()).check(request),
+        HealthClient::new(endpoint.connection()).check(request),
     )
     .await;
     match health {
@@ -80,7 +80,7 @@ pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<(), String>
         Ok(Err(status)) if status.code() == Code::Unimplemented => {
             let ready = tokio::time::timeout(
                 timeout,
-                GrpcInferenceServiceClient::new(endpoint.channel())
+                GrpcInferenceServiceClient::new(endpoint.connection())
                     .server_ready(ServerReadyRequest {}),
             )
             .await
@@ -113,21 +113,9 @@ fn failed(what: &str, status: &tonic::Status) -> String {
     }
 }
 
-/// A failed check's status message with the errors under it: a transport error's own
-/// message is only "transport error", the cause (refused, reset, a certificate the CA
-/// did not sign) is in its sources.
+/// A failed check's status message with the errors under it.
 fn with_causes(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut cause = std::error::Error::source(status);
-    while let Some(e) = cause {
-        let line = e.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        cause = e.source();
-    }
-    text
+    infergate_base::text::with_causes(status.message().to_owned(), status)
 }
 
 /// Keeps the gateway's own `grpc.health.v1` entries in step with the pool; an entry is
@@ -331,9 +319,11 @@ impl EndpointCheck {
         let request = HealthCheckRequest {
             service: String::new(),
         };
-        let opened =
-            tokio::time::timeout(cfg.timeout(), HealthClient::new(e.channel()).watch(request))
-                .await;
+        let opened = tokio::time::timeout(
+            cfg.timeout(),
+            HealthClient::new(e.connection()).watch(request),
+        )
+        .await;
         let mut stream = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) if status.code() == Code::Unimplemented => {
@@ -451,7 +441,7 @@ impl EndpointCheck {
             };
             let ready = tokio::time::timeout(
                 cfg.timeout(),
-                GrpcInferenceServiceClient::new(e.channel()).model_ready(request),
+                GrpcInferenceServiceClient::new(e.connection()).model_ready(request),
             )
             .await;
             let ready = match ready {

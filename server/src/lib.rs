@@ -11,7 +11,8 @@
 //!   [`attempt`]: one attempt on one backend, recorded once;
 //! - [`wire`]: reading routing fields from raw bytes; [`proxy`]: HTTP/2 plumbing;
 //! - [`pool`]: backends and per-model routes; [`balance`]: the pick;
-//!   [`endpoint`]: one backend, its connection and in-flight accounting;
+//!   [`endpoint`]: one backend, its in-flight accounting; [`connection`]: its HTTP/2
+//!   connection;
 //! - beside the path: [`health`] (active checks), [`discovery`] (who serves what),
 //!   [`telemetry`] (metrics), [`admin`] (control plane), [`config`];
 //! - [`server`]: starting and stopping it all (the simulated GPU backend is the
@@ -31,6 +32,7 @@ pub mod cache;
 pub mod capacity;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod control;
 pub mod demo;
 pub mod discovery;

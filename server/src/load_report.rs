@@ -146,16 +146,20 @@ pub fn reduce_bytes(mut bytes: &[u8], cfg: &LoadConfig) -> Option<Load> {
     })
 }
 
+/// The per-call ORCA report's header (base64 protobuf), and its text and JSON form.
+const ORCA_BIN: http::HeaderName = http::HeaderName::from_static("endpoint-load-metrics-bin");
+const ORCA_TEXT: http::HeaderName = http::HeaderName::from_static("endpoint-load-metrics");
+
 /// Reads an ORCA report from response headers or trailers, in any of the forms backends
 /// send: `endpoint-load-metrics-bin` (base64 protobuf) or `endpoint-load-metrics` with a
 /// `TEXT ` (`key=value` or `key:value`, comma separated) or `JSON ` body.
 pub fn from_headers(headers: &HeaderMap) -> Option<(OrcaLoadReport, Source)> {
-    if let Some(value) = headers.get("endpoint-load-metrics-bin") {
+    if let Some(value) = headers.get(ORCA_BIN) {
         let bytes = decode_base64(value.as_bytes())?;
         let report = <OrcaLoadReport as prost::Message>::decode(bytes.as_slice()).ok()?;
         return Some((report, Source::OrcaPerCall));
     }
-    let text = headers.get("endpoint-load-metrics")?.to_str().ok()?.trim();
+    let text = headers.get(ORCA_TEXT)?.to_str().ok()?.trim();
     if let Some(body) = text.strip_prefix("TEXT") {
         return Some((parse_text(body), Source::OrcaText));
     }
@@ -165,20 +169,27 @@ pub fn from_headers(headers: &HeaderMap) -> Option<(OrcaLoadReport, Source)> {
     None
 }
 
-/// Applies the report found in `headers`, if any, to `endpoint`.
-pub fn observe(endpoint: &Endpoint, headers: &HeaderMap, cfg: &LoadConfig) {
+/// Applies the report found in `headers`, if any, to `endpoint`, and takes it out of
+/// the headers: a backend's load report is the gateway's to read. The caller would learn
+/// from it how loaded its backend is by other tenants' calls, and an ORCA-aware client
+/// would mistake it for the gateway's own load.
+pub fn observe(endpoint: &Endpoint, headers: &mut HeaderMap, cfg: &LoadConfig) {
     // The per-call binary report is read without building the message (no maps, no
     // strings): it arrives on every response, so this is on the request path.
-    if let Some(value) = headers.get("endpoint-load-metrics-bin") {
+    if let Some(value) = headers.remove(ORCA_BIN) {
         if let Some(load) = decode_base64(value.as_bytes()).and_then(|b| reduce_bytes(&b, cfg)) {
             endpoint.report_load(load, Source::OrcaPerCall, true);
         }
+        return;
+    }
+    if !headers.contains_key(ORCA_TEXT) {
         return;
     }
     if let Some((report, source)) = from_headers(headers) {
         let load = reduce(&report, cfg);
         endpoint.report_load(load, source, true);
     }
+    headers.remove(ORCA_TEXT);
 }
 
 fn set_field(report: &mut OrcaLoadReport, key: &str, value: f64) {
@@ -302,7 +313,7 @@ pub async fn run_oob(
             }),
             request_cost_names: Vec::new(),
         };
-        let mut client = OpenRcaServiceClient::new(e.channel());
+        let mut client = OpenRcaServiceClient::new(e.connection());
         let address = e.address().to_owned();
         drop(e);
         let opened = tokio::select! {

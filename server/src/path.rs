@@ -52,7 +52,7 @@ use crate::sequence::Sequences;
 use crate::telemetry;
 use crate::wire::{self, Deframer, Message, RouteKey};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use infergate_base::trace::{self, attr, CallSpan};
@@ -66,7 +66,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::{Code, Status};
-use tower::{Service, ServiceExt};
 
 /// The RPCs the gateway forwards as bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +143,9 @@ pub struct Gateway {
     pub models: Models,
     /// Tenant and priority extraction.
     pub tenants: TenantConfig,
+    /// `tenants.priority_header`, parsed once (`None`: not a valid header name, so
+    /// never sent).
+    priority_header: Option<HeaderName>,
     /// API keys, compared as digests; what credentials stay at the gateway.
     pub keys: ApiKeys,
     /// Rate limits kept in this process (a trait object, so another can replace it).
@@ -216,6 +218,7 @@ impl Gateway {
             load,
             models: Models::new(config),
             tenants: config.tenants.clone(),
+            priority_header: HeaderName::try_from(config.tenants.priority_header.as_str()).ok(),
             limiter,
             deadline_margin: Duration::from_millis(config.deadline_margin_ms),
             sequences: Sequences::new(&config.sequences),
@@ -247,15 +250,11 @@ impl Gateway {
     /// the priority (header, or Triton's `priority` parameter: 1 is its highest level,
     /// so it maps to a high priority here; 0, its default, stays 0).
     fn caller(&self, headers: &HeaderMap, payload: Option<&[u8]>) -> Result<Caller, Status> {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
         let tenant = self.keys.tenant(headers)?;
-        let priority = header(&self.tenants.priority_header)
-            .and_then(|p| p.parse::<i32>().ok())
+        let priority = (self.priority_header.as_ref())
+            .and_then(|name| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|p| p.trim().parse::<i32>().ok())
             .or_else(|| {
                 payload
                     .and_then(|p| wire::peek_int_parameter(p, "priority"))
@@ -423,7 +422,8 @@ impl Gateway {
                         && policy.fallback.is_some()
                         && key.sequence.is_none() =>
                 {
-                    let (route, policy) = self.fallback_route(&policy, &rejected.message()).await?;
+                    let (route, policy) =
+                        Box::pin(self.fallback_route(&policy, &rejected.message())).await?;
                     let slot = self
                         .bulkhead(&policy, &caller, cost, deadline)
                         .await
@@ -478,7 +478,10 @@ impl Gateway {
             answer_by: deadline.map(|d| self.answer_by(d)),
             deadline: deadline.map(|d| d.saturating_duration_since(started)),
         };
-        let answer = lookup.serve(wait, forward).await?;
+        // Boxed, as are the other rare branches below (hedging, fallback): a future is as
+        // large as its largest state and is moved whole at every level that awaits it,
+        // so an inline cache lookup made every call copy kilobytes (BENCHMARKS.md).
+        let answer = Box::pin(lookup.serve(wait, forward)).await?;
         let served = answer.served();
         if served != cache::Served::Miss {
             span.set_attr(attr::CACHE, served.as_str());
@@ -574,8 +577,7 @@ impl Gateway {
             weight: self.tenants.weights.of(&caller.tenant),
         };
         let slot = bulkhead.acquire_claim(claim, deadline).await;
-        metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => policy.name.clone())
-            .record(waited.elapsed().as_secs_f64());
+        telemetry::bulkhead_waited(&policy.name, waited.elapsed());
         if let Err(rejected) = &slot {
             metrics::counter!("infergate_bulkhead_rejected_total", "model" => policy.name.clone(), "reason" => rejected.reason())
                 .increment(1);
@@ -611,7 +613,7 @@ impl Gateway {
         mut fallback: Option<String>,
     ) -> Result<(http::Response<Body>, Attempt), Status> {
         if let Some(seq) = call.sequence {
-            return self.sequenced(call, &route, &policy, seq).await;
+            return Box::pin(self.sequenced(call, &route, &policy, seq)).await;
         }
         let original = policy.clone();
         original.budget.record_request(Instant::now());
@@ -638,7 +640,7 @@ impl Gateway {
                 Ok(p) => p,
                 Err(e) if fallback.is_none() && policy.fallback.is_some() => {
                     let why = e.to_string();
-                    let (r, p) = self.fallback_route(&policy, &why).await?;
+                    let (r, p) = Box::pin(self.fallback_route(&policy, &why)).await?;
                     fallback = Some(r.model.clone());
                     primary_failure = Some(why);
                     route = r;
@@ -663,7 +665,7 @@ impl Gateway {
             };
             let outcome = match hedge_delay {
                 Some(delay) => {
-                    self.hedged(
+                    Box::pin(self.hedged(
                         call,
                         &route,
                         &policy,
@@ -671,7 +673,7 @@ impl Gateway {
                         delay,
                         fallback.as_deref(),
                         &mut tried,
-                    )
+                    ))
                     .await
                 }
                 None => {
@@ -870,12 +872,12 @@ impl Gateway {
                 .saturating_duration_since(began)
                 .saturating_sub(self.deadline_margin);
             if let Ok(v) = HeaderValue::from_str(&wire::format_grpc_timeout(remaining)) {
-                headers.insert("grpc-timeout", v);
+                headers.insert(GRPC_TIMEOUT, v);
             }
         }
         if attempt_no > 1 {
             headers.insert(
-                "grpc-previous-rpc-attempts",
+                HeaderName::from_static("grpc-previous-rpc-attempts"),
                 HeaderValue::from(attempt_no - 1),
             );
         }
@@ -923,20 +925,17 @@ impl Gateway {
         // 9. endpoint
         let mut response = match response {
             Ok(r) => r,
+            // The connection failed (the request path's timers are the only ones).
             Err(status) => {
-                let (outcome, failure) = match status.code() {
-                    // The channel's own timer: the deadline passed on with the call.
-                    Code::DeadlineExceeded => {
-                        (Outcome::Deadline, Failure::Status(Code::DeadlineExceeded))
-                    }
-                    _ => (Outcome::Transport, Failure::Connect),
-                };
-                attempt.finish(outcome, Some(&status));
-                return Err(AttemptFailed { failure, status });
+                attempt.finish(Outcome::Transport, Some(&status));
+                return Err(AttemptFailed {
+                    failure: Failure::Connect,
+                    status,
+                });
             }
         };
         attempt.answered();
-        load_report::observe(&endpoint, response.headers(), &self.load);
+        load_report::observe(&endpoint, response.headers_mut(), &self.load);
         if let Some(status) =
             Status::from_header_map(response.headers()).filter(|s| s.code() != Code::Ok)
         {
@@ -1117,8 +1116,8 @@ impl Gateway {
                     }
                 },
                 frame = next_frame(&mut upstream) => match frame {
-                    Some(Ok(frame)) => {
-                        if let Some(trailers) = frame.trailers_ref() {
+                    Some(Ok(mut frame)) => {
+                        if let Some(trailers) = frame.trailers_mut() {
                             let code = proxy::grpc_code(trailers).unwrap_or(Code::Unknown);
                             if let Some(up) = upstream.take() {
                                 load_report::observe(up.attempt.endpoint(), trailers, &self.load);
@@ -1445,10 +1444,12 @@ thread_local! {
     static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
 }
 
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
 /// The time the caller asked for (`grpc-timeout`), if any.
 fn asked_timeout(headers: &HeaderMap) -> Option<Duration> {
     headers
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(wire::parse_grpc_timeout)
 }
@@ -1730,13 +1731,9 @@ async fn send(
     *request.uri_mut() = http::Uri::from_static(rpc.path());
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
-    let mut channel = endpoint.channel();
-    let ready = channel
-        .ready()
-        .await
-        .map_err(|e| proxy::transport_status(endpoint.address(), &e))?;
-    ready
-        .call(request)
+    endpoint
+        .connection()
+        .send(request)
         .await
         .map_err(|e| proxy::transport_status(endpoint.address(), &e))
 }

@@ -3,7 +3,8 @@
 //! answer go by without touching it.
 //!
 //! Responses are passed through frame by frame: the gateway neither decodes nor copies
-//! them. [`ObservedBody`] reads only the trailers (for `grpc-status`) and owns the call's
+//! them. [`ObservedBody`] reads only the trailers (for `grpc-status`, and the backend's load
+//! report, which it takes out: see [`load_report::observe`]) and owns the call's
 //! [`Attempt`], so its accounting happens once, exactly when the body ends or is
 //! dropped by a caller that went away.
 
@@ -12,7 +13,7 @@ use crate::config::LoadConfig;
 use crate::load_report;
 use crate::wire::{self, Deframer, FrameError, Message, RequestLimits};
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use std::future::Future;
@@ -24,24 +25,26 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 
 /// Headers that belong to one connection, not to the call, and never cross the gateway.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
+/// Parsed names, not strings: a lookup by `&str` parses the name again every time.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
 ];
+
+/// `grpc-status`, read from every response.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The call metadata of `src` to send on, without hop-by-hop headers: one clone of the
 /// map (its values are reference-counted) and a few removals.
 pub fn forwarded_headers(src: &HeaderMap) -> HeaderMap {
     let mut headers = src.clone();
-    for name in HOP_BY_HOP {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     headers
 }
@@ -108,7 +111,7 @@ async fn read_one(
 /// Reads `grpc-status` from a header map, if present.
 pub fn grpc_code(headers: &HeaderMap) -> Option<Code> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map(Code::from_i32)
@@ -118,7 +121,7 @@ pub fn grpc_code(headers: &HeaderMap) -> Option<Code> {
 pub fn status_trailers(status: &Status) -> Frame<Bytes> {
     let mut trailers = HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {
-        trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+        trailers.insert(GRPC_STATUS, HeaderValue::from(status.code() as i32));
     }
     Frame::trailers(trailers)
 }
@@ -126,10 +129,7 @@ pub fn status_trailers(status: &Status) -> Frame<Bytes> {
 /// Trailers of a successful call.
 pub fn ok_trailers() -> Frame<Bytes> {
     let mut trailers = HeaderMap::new();
-    trailers.insert(
-        HeaderName::from_static("grpc-status"),
-        HeaderValue::from_static("0"),
-    );
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
     Frame::trailers(trailers)
 }
 
@@ -223,11 +223,11 @@ impl http_body::Body for ObservedBody {
             }
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                 }
-                if let Some(trailers) = frame.trailers_ref() {
+                if let Some(trailers) = frame.trailers_mut() {
                     // Trailers are the last frame of a gRPC response: the call ends here,
                     // whether or not the server polls the body again before dropping it.
                     let code = grpc_code(trailers).unwrap_or(Code::Unknown);
@@ -351,25 +351,10 @@ pub fn grpc_response(body: Body) -> http::Response<Body> {
 
 /// Turns a transport error into the status a caller sees, naming the backend.
 pub fn transport_status(address: &str, err: &(dyn std::error::Error + 'static)) -> Status {
-    // The channel enforces the `grpc-timeout` it forwards: running out of it is the
-    // caller's deadline, not an unreachable backend.
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cause {
-        if e.is::<tonic::TimeoutExpired>() {
-            return Status::deadline_exceeded(format!(
-                "deadline exceeded while waiting for backend {address}"
-            ));
-        }
-        cause = e.source();
-    }
-    let mut message = format!("backend {address} unreachable: {err}");
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    Status::unavailable(message)
+    Status::unavailable(infergate_base::text::with_causes(
+        format!("backend {address} unreachable: {err}"),
+        err,
+    ))
 }
 
 #[cfg(test)]

@@ -296,6 +296,25 @@ pub fn response_bytes(bytes: u64) {
     }
 }
 
+/// How long a call of `model` waited for its bulkhead slot (admitted or not).
+pub fn bulkhead_waited(model: &str, waited: Duration) {
+    let secs = waited.as_secs_f64();
+    let Some(h) = handles() else {
+        metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => model.to_owned())
+            .record(secs);
+        return;
+    };
+    if let Some(histogram) = h.queue_wait.get(model) {
+        return histogram.record(secs);
+    }
+    h.queue_wait
+        .entry(model.to_owned())
+        .or_insert_with(|| {
+            metrics::histogram!("infergate_bulkhead_queue_wait_seconds", "model" => model.to_owned())
+        })
+        .record(secs);
+}
+
 /// Metric handles of the per-call series, resolved once and then reused: a `metrics`
 /// macro builds its key (label strings included) and looks it up in the registry on
 /// every use, which on the request path cost more than the counting itself. Only kept
@@ -304,6 +323,7 @@ pub fn response_bytes(bytes: u64) {
 struct Handles {
     by_method: dashmap::DashMap<&'static str, MethodHandles>,
     calls: dashmap::DashMap<String, Vec<(&'static str, Arc<CallHandles>)>>,
+    queue_wait: dashmap::DashMap<String, metrics::Histogram>,
     response_bytes: metrics::Histogram,
 }
 
@@ -341,6 +361,7 @@ fn handles() -> Option<&'static Handles> {
     Some(HANDLES.get_or_init(|| Handles {
         by_method: dashmap::DashMap::new(),
         calls: dashmap::DashMap::new(),
+        queue_wait: dashmap::DashMap::new(),
         response_bytes: metrics::histogram!("infergate_response_bytes"),
     }))
 }

@@ -183,3 +183,40 @@ async fn reports_that_stop_go_stale() {
     })
     .await;
 }
+
+/// A backend's per-call load report is the gateway's to read: it steers the next pick,
+/// and the caller, who would learn from it how busy other tenants keep its backend,
+/// never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_load_reports_stay_at_the_gateway() {
+    let sims = sims(Path::PerCall);
+    let gw = gateway(gateway_config(&sims, Path::PerCall, PolicyKind::GpuAware)).await;
+    // (whom to call, whether the answer carries the report): the sim itself sends one
+    // on every answer; through the gateway, none arrives.
+    let paths = [(sims[1].addr(), true), (gw.addr(), false)];
+    for (addr, carries) in paths {
+        let mut c = client(addr).await;
+        for i in 0..3 {
+            let request = simple_request(&format!("{addr}-{i}"), 1);
+            let metadata = c.model_infer(request).await.expect("a call").into_parts().0;
+            assert_eq!(
+                metadata.get_bin("endpoint-load-metrics-bin").is_some(),
+                carries,
+                "calling {addr} (the gateway is {}): {metadata:?}",
+                gw.addr()
+            );
+        }
+    }
+    let now = tokio::time::Instant::now();
+    let read = gw
+        .pool()
+        .endpoints()
+        .iter()
+        .filter(|e| {
+            e.load()
+                .read(now)
+                .is_some_and(|r| r.source == Source::OrcaPerCall)
+        })
+        .count();
+    assert!(read > 0, "the gateway read no per-call report");
+}
