@@ -119,18 +119,33 @@ impl ApiKeys {
         found
     }
 
-    /// The metadata to send on: without the caller's credentials and tenant header,
-    /// with the resolved tenant in [`TENANT_HEADER_OUT`].
-    pub fn outgoing(&self, headers: &mut HeaderMap, tenant: &str) {
-        for name in [AUTHORIZATION, API_KEY, TENANT_HEADER_OUT, IDENTITY_HEADER] {
-            headers.remove(name);
+    /// Whether the caller's header `name` stays at the gateway: its credentials, its
+    /// tenant header, and the headers only the gateway sets.
+    pub fn stays_here(&self, name: &HeaderName) -> bool {
+        [AUTHORIZATION, API_KEY, TENANT_HEADER_OUT, IDENTITY_HEADER].contains(name)
+            || self.header.as_ref() == Some(name)
+    }
+
+    /// The metadata to send on, in one pass over the caller's `src`: without the
+    /// headers that [stay here](Self::stays_here) or that `also_drop` names (the
+    /// connection's own), with the resolved `tenant`, when there is one, in
+    /// [`TENANT_HEADER_OUT`].
+    pub fn outgoing(
+        &self,
+        src: &HeaderMap,
+        tenant: Option<&str>,
+        also_drop: impl Fn(&HeaderName) -> bool,
+    ) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(src.len() + 1);
+        for (name, value) in src {
+            if !also_drop(name) && !self.stays_here(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
-        if let Some(name) = &self.header {
-            headers.remove(name);
+        if let Some(value) = tenant.and_then(|t| HeaderValue::from_str(t).ok()) {
+            headers.insert(TENANT_HEADER_OUT, value);
         }
-        if let Ok(v) = HeaderValue::from_str(tenant) {
-            headers.insert(TENANT_HEADER_OUT, v);
-        }
+        headers
     }
 }
 
@@ -217,14 +232,16 @@ mod tests {
     #[test]
     fn credentials_stay_and_the_resolved_tenant_goes_on() {
         let k = keys(false, false);
-        let mut h = headers(&[
+        let src = headers(&[
             ("authorization", "Bearer key-a"),
             ("x-api-key", "key-a"),
             ("x-infergate-tenant", "someone-else"),
             ("infergate-tenant", "forged"),
             ("x-request-id", "r-1"),
+            ("connection", "close"),
         ]);
-        k.outgoing(&mut h, "team-a");
+        let h = k.outgoing(&src, Some("team-a"), |name| name == "connection");
+        assert!(h.get("connection").is_none());
         assert!(h.get("authorization").is_none() && h.get("x-api-key").is_none());
         assert!(h.get("x-infergate-tenant").is_none());
         assert_eq!(
@@ -260,9 +277,9 @@ mod tests {
             "client.example"
         );
         // It never reaches the backend.
-        let mut h = headers(&[("infergate-peer-identity", "client.example")]);
-        k.outgoing(&mut h, "client.example");
-        assert!(h.get(IDENTITY_HEADER).is_none());
+        let src = headers(&[("infergate-peer-identity", "client.example")]);
+        let h = k.outgoing(&src, None, |_| false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -265,6 +265,13 @@ impl Gateway {
         Ok(Caller { tenant, priority })
     }
 
+    /// The metadata a call sends its backend: the caller's, without its connection's
+    /// headers and the credentials that stay here, with the resolved tenant (none for
+    /// a `ModelStatistics` of every model, which is not admitted per tenant).
+    fn outgoing(&self, src: &HeaderMap, tenant: Option<&str>) -> HeaderMap {
+        self.keys.outgoing(src, tenant, proxy::is_hop_by_hop)
+    }
+
     /// Local limits first, then the global ones (one Redis round trip at most).
     async fn rate_limit(&self, caller: &Caller, model: &str) -> Result<(), Status> {
         if self.limiter.is_none() && self.global.is_none() {
@@ -862,8 +869,7 @@ impl Gateway {
         attempt.for_tenant(call.tenant);
         let endpoint = Arc::clone(attempt.endpoint());
         let began = attempt.began();
-        let mut headers = proxy::forwarded_headers(call.headers);
-        self.keys.outgoing(&mut headers, call.tenant);
+        let mut headers = self.outgoing(call.headers, Some(call.tenant));
         if let Some(span) = attempt.span() {
             span.inject(&mut headers);
         }
@@ -988,7 +994,7 @@ impl Gateway {
         let response = match send(
             &endpoint,
             rpc,
-            proxy::forwarded_headers(headers),
+            self.outgoing(headers, None),
             proxy::full_body(message.framed()),
         )
         .await
@@ -1235,8 +1241,7 @@ impl Gateway {
             );
             attempt.for_tenant(&caller.tenant);
             let endpoint = Arc::clone(attempt.endpoint());
-            let mut headers = proxy::forwarded_headers(headers);
-            self.keys.outgoing(&mut headers, &caller.tenant);
+            let mut headers = self.outgoing(headers, Some(&caller.tenant));
             if let Some(s) = attempt.span() {
                 s.inject(&mut headers);
             }
