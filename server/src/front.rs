@@ -19,30 +19,33 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
-use tonic::server::NamedService;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use tower::Service;
 
-/// The tower service registered with the tonic server for the inference API.
+/// The inference port's one service: forwarded RPCs go straight down the path; the
+/// rest (the gateway's own inference RPCs, health, reflection) through tonic's routes.
+/// Forwarded calls skip the router, which per call matched the path, stored its
+/// parameters and wrapped the response body three times over.
 #[derive(Clone)]
 pub struct InferenceFront {
     gateway: Arc<Gateway>,
-    local: GrpcInferenceServiceServer<LocalInference>,
+    others: Routes,
 }
 
 impl InferenceFront {
-    /// The front door over `gateway`.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
+    /// The front door over `gateway`; `others` are the port's other services, to which
+    /// the gateway's own inference RPCs ([`LocalInference`]) are added.
+    pub fn new(gateway: Arc<Gateway>, others: Routes) -> Self {
         let local = GrpcInferenceServiceServer::new(LocalInference {
             gateway: Arc::clone(&gateway),
         })
         .max_decoding_message_size(gateway.max_message_bytes);
-        InferenceFront { gateway, local }
+        InferenceFront {
+            gateway,
+            others: others.add_service(local),
+        }
     }
-}
-
-impl NamedService for InferenceFront {
-    const NAME: &'static str = "inference.GRPCInferenceService";
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
@@ -63,7 +66,7 @@ impl Service<http::Request<Body>> for InferenceFront {
                 Box::pin(async move { Ok(gateway.stream(request).await) })
             }
             Some(rpc) => Box::pin(async move { Ok(gateway.unary(rpc, request).await) }),
-            None => Box::pin(self.local.call(request)),
+            None => Box::pin(self.others.call(request)),
         }
     }
 }

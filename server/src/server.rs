@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -250,11 +251,13 @@ pub async fn start_with_file(
             config.client_keepalive_timeout_ms,
         )))
         .layer(conn::CallsLayer::new(&client_limits))
-        .add_service(health_service.clone())
-        .add_service(v1)
-        .add_service(v1alpha)
-        .add_service(InferenceFront::new(Arc::clone(&gateway)))
         .serve_with_incoming_shutdown(
+            InferenceFront::new(
+                Arc::clone(&gateway),
+                Routes::new(health_service.clone())
+                    .add_service(v1)
+                    .add_service(v1alpha),
+            ),
             conn::Incoming::new(listener, Arc::clone(&client_limits), front_tls.clone()),
             signal(shutdown_rx.clone()),
         );
