@@ -2,7 +2,8 @@
 # Two builds of the gateway, A and B, in turns on the same box: on a shared machine
 # whose speed drifts from minute to minute, only alternating runs of the same workload
 # compare two builds fairly. Each round starts a fresh release sim (zero service time)
-# and one gateway (`serve --worker-threads 1`, the shipped defaults), sends a warm-up,
+# and one gateway (`serve --worker-threads 1` unless THREADS_A/THREADS_B say otherwise,
+# the shipped defaults), sends a warm-up,
 # then N `simple` ModelInfer calls with h2load (-c 8 -m 16, one h2load thread), checks
 # that every call was answered 2xx, and prints req/s and the gateway's user and system
 # CPU per call (/proc/PID/stat). Ends with the median of each column per build.
@@ -12,6 +13,7 @@
 #   ... change, rebuild ...
 #   scripts/bench-ab.sh /tmp/infergate-a target/release/infergate
 #   ROUNDS=7 N=200000 scripts/bench-ab.sh A B
+#   THREADS_B=2 scripts/bench-ab.sh target/release/infergate target/release/infergate  # scaling
 #
 # A benchmark, not a test: loopback only, every run bounded by count and by `timeout`.
 set -euo pipefail
@@ -20,6 +22,7 @@ BIN="$ROOT/target/release"
 [ $# -eq 2 ] || { echo "usage: $0 GATEWAY_A GATEWAY_B" >&2; exit 2; }
 A="$1" B="$2"
 N="${N:-100000}" ROUNDS="${ROUNDS:-5}" WARM="${WARM:-10000}"
+THREADS_A="${THREADS_A:-1}" THREADS_B="${THREADS_B:-1}"   # the gateways' --worker-threads
 SIM_PORT=18311 GW_PORT=18312
 WORK="$(mktemp -d)"
 pids=()
@@ -35,12 +38,12 @@ load() { # calls -> h2load output
   timeout 120 h2load -n "$1" -c 8 -m 16 -t 1 -d "$WORK/simple.bin" -H 'content-type: application/grpc' \
     -H 'te: trailers' "http://127.0.0.1:$GW_PORT/inference.GRPCInferenceService/ModelInfer" 2>&1
 }
-one() { # gateway binary -> "req/s user_ns sys_ns"
+one() { # gateway binary, worker threads -> "req/s user_ns sys_ns"
   "$BIN/infergate" sim --listen 127.0.0.1:$SIM_PORT --name d --slots 256 --latency-ms 0 --no-orca-oob \
     >"$WORK/sim.log" 2>&1 &
   local sim=$!
   "$1" serve --backend 127.0.0.1:$SIM_PORT --listen 127.0.0.1:$GW_PORT --metrics-listen 127.0.0.1:18313 \
-    --admin-listen 127.0.0.1:18314 --worker-threads 1 >"$WORK/gw.log" 2>&1 &
+    --admin-listen 127.0.0.1:18314 --worker-threads "$2" >"$WORK/gw.log" 2>&1 &
   local gw=$!
   pids=("$sim" "$gw")
   for _ in $(seq 100); do  # readiness: a real call answered, bounded at 10 s
@@ -62,8 +65,8 @@ median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 printf '%-6s %-5s %10s %12s %12s\n' round build "req/s" "user ns/call" "sys ns/call"
 for r in $(seq "$ROUNDS"); do
   for side in A B; do
-    bin="$A"; [ "$side" = B ] && bin="$B"
-    one "$bin" >"$WORK/result"
+    bin="$A" threads="$THREADS_A"; [ "$side" = B ] && bin="$B" threads="$THREADS_B"
+    one "$bin" "$threads" >"$WORK/result"
     read -r rps user sys <"$WORK/result"
     printf '%-6s %-5s %10s %12s %12s\n' "$r" "$side" "$rps" "$user" "$sys" | tee -a "$WORK/$side"
   done
